@@ -1,0 +1,3 @@
+//! llm-d routing sidecar: a P/D (prefill/decode) reverse proxy for vLLM.
+
+pub mod sim;

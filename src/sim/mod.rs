@@ -1,0 +1,1 @@
+//! vLLM P/D simulator (`vllm-sim`).
