@@ -1,3 +1,27 @@
 //! llm-d routing sidecar: a P/D (prefill/decode) reverse proxy for vLLM.
+//!
+//! Module map:
+//! - [`cli`] flags (Go-style spellings accepted) and [`config`] their validated form;
+//! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
+//! - [`disagg`] the P/D request path; [`connector`] one file per connector's rewrites;
+//! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
+//! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
+//! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod connector;
+pub mod disagg;
+pub mod error;
+pub mod headers;
+pub mod json_edit;
+pub mod logging;
+pub mod proxy;
+pub mod server;
 pub mod sim;
+pub mod upstream;
+
+pub use config::Config;
+pub use connector::Connector;
+pub use server::run;

@@ -1,0 +1,339 @@
+//! Command-line flags, spelled as the Go sidecar's manifests spell them.
+//!
+//! Go's `flag` package accepts `-name=value`, `-name value`, `--name=value` and bare booleans
+//! (`-secure-proxy`, `-secure-proxy=false`). clap wants `--name`, so single-dash long flags
+//! are rewritten before clap sees them. Flags are raw here; `config.rs` validates them.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+use crate::connector::Connector;
+
+/// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
+///
+/// Runs next to a vLLM decode server. Completions carrying `x-prefiller-host-port` (or
+/// `x-prefiller-url`) are prefilled on that server, then decoded locally; everything else
+/// passes straight through to vLLM.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "llm-d-routing-sidecar",
+    version,
+    after_help = "Flags may be written Go-style too: -port=8000, -port 8000, -secure-proxy=false."
+)]
+pub struct Args {
+    /// Port the sidecar listens on
+    #[arg(long, default_value_t = 8000, value_name = "PORT")]
+    pub port: u16,
+
+    /// Port of the local vLLM (decode) server
+    #[arg(long = "vllm-port", default_value_t = 8001, value_name = "PORT")]
+    pub vllm_port: u16,
+
+    /// Host of the local vLLM (decode) server
+    #[arg(long = "vllm-host", default_value = "localhost", value_name = "HOST")]
+    pub vllm_host: String,
+
+    /// P/D connector: nixlv2 (vLLM NixlConnector), nixl (legacy llm-d v1) or lmcache
+    #[arg(long, default_value = "nixlv2", value_parser = parse_connector, value_name = "NAME")]
+    pub connector: Connector,
+
+    /// Address the sidecar binds
+    #[arg(long = "bind-address", default_value = "0.0.0.0", value_name = "IP")]
+    pub bind_address: IpAddr,
+
+    /// Largest request body accepted on P/D routes (bytes; KiB, MiB, GiB suffixes allowed)
+    #[arg(long = "max-request-body-size", default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_request_body_size: usize,
+
+    /// Time allowed to connect to an upstream (e.g. 5s, 500ms)
+    #[arg(long = "connect-timeout", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may run before exit
+    #[arg(long = "drain-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// Log verbosity, as klog's -v: 0-3 info, 4 debug (routing decisions), 5 trace (bodies).
+    /// RUST_LOG, when set, takes precedence
+    #[arg(long = "v", default_value_t = 0, value_name = "N")]
+    pub verbosity: u8,
+
+    /// Serve TLS on -port (the Go sidecar's default was true; ours is plain HTTP)
+    #[arg(long = "secure-proxy", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub secure_proxy: bool,
+
+    /// Directory holding tls.crt and tls.key for -secure-proxy
+    #[arg(long = "cert-path", value_name = "DIR")]
+    pub cert_path: Option<String>,
+
+    /// Use TLS to prefillers
+    #[arg(long = "prefiller-use-tls", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub prefiller_use_tls: bool,
+
+    /// Use TLS to the decoder
+    #[arg(long = "decoder-use-tls", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub decoder_use_tls: bool,
+
+    /// Skip certificate verification to prefillers
+    #[arg(long = "prefiller-tls-insecure-skip-verify", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub prefiller_tls_insecure_skip_verify: bool,
+
+    /// Skip certificate verification to the decoder
+    #[arg(long = "decoder-tls-insecure-skip-verify", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub decoder_tls_insecure_skip_verify: bool,
+
+    /// Allow only prefillers of the InferencePool (SSRF protection)
+    #[arg(long = "enable-ssrf-protection", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
+    pub enable_ssrf_protection: bool,
+
+    /// Namespace of the InferencePool
+    #[arg(
+        long = "inference-pool-namespace",
+        env = "INFERENCE_POOL_NAMESPACE",
+        value_name = "NS"
+    )]
+    pub inference_pool_namespace: Option<String>,
+
+    /// Name of the InferencePool
+    #[arg(
+        long = "inference-pool-name",
+        env = "INFERENCE_POOL_NAME",
+        value_name = "NAME"
+    )]
+    pub inference_pool_name: Option<String>,
+
+    /// Accepted and ignored: klog's logging destination flags (logs always go to stderr)
+    #[arg(long = "logtostderr", hide = true, default_value = "true", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub logtostderr: bool,
+
+    /// Accepted and ignored, as -logtostderr
+    #[arg(long = "alsologtostderr", hide = true, default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub alsologtostderr: bool,
+}
+
+/// Parses flags from `args` (program name first), accepting Go's single-dash spelling.
+pub fn parse_from<I, T>(args: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    Args::try_parse_from(go_style(args))
+}
+
+/// Prints a parse failure. Help and version go to stdout with exit 0; errors are one line on
+/// stderr with exit 2, as Go's flag package does.
+pub fn report(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let line = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    eprintln!(
+        "llm-d-routing-sidecar: {} (see -help)",
+        line.trim_start_matches("error: ")
+    );
+    ExitCode::from(2)
+}
+
+/// Rewrites `-name[=value]` to `--name[=value]`, and `-h`/`-help` to `--help`.
+fn go_style<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let mut out = Vec::new();
+    let mut verbatim = false;
+    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
+        let text = arg.to_str().map(str::to_owned);
+        match text {
+            Some(t) if i > 0 && !verbatim && t == "--" => {
+                verbatim = true;
+                out.push(arg);
+            }
+            Some(t)
+                if i > 0
+                    && !verbatim
+                    && t.len() > 1
+                    && t.starts_with('-')
+                    && !t.starts_with("--") =>
+            {
+                let body = &t[1..];
+                let name = body.split('=').next().unwrap_or(body);
+                if name == "h" || name == "help" {
+                    out.push("--help".into());
+                } else {
+                    out.push(format!("-{t}").into());
+                }
+            }
+            Some(t) if i > 0 && !verbatim && (t == "--h") => out.push("--help".into()),
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+fn parse_connector(s: &str) -> Result<Connector, String> {
+    s.parse()
+}
+
+/// Go's `strconv.ParseBool` spellings.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(format!("'{other}' is not a boolean (use true or false)")),
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 30s, 500ms)"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{s}' is out of range"))
+}
+
+/// A byte count with an optional binary or decimal suffix.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: usize = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 32MiB)"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "KiB" | "Ki" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "MiB" | "Mi" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "GiB" | "Gi" => 1 << 30,
+        _ => return Err(format!("'{s}' has an unknown unit (use KiB, MiB or GiB)")),
+    };
+    value
+        .checked_mul(scale)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("'{s}' is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        parse_from(std::iter::once("sidecar").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn go_and_gnu_spellings_are_equivalent() {
+        for args in [
+            &["-port=9000", "-vllm-port=9001", "-connector=lmcache"][..],
+            &[
+                "-port",
+                "9000",
+                "-vllm-port",
+                "9001",
+                "-connector",
+                "lmcache",
+            ],
+            &["--port=9000", "--vllm-port", "9001", "--connector=lmcache"],
+        ] {
+            let a = parse(args).unwrap();
+            assert_eq!(
+                (a.port, a.vllm_port, a.connector),
+                (9000, 9001, Connector::LmCache)
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_go_sidecar() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            (a.port, a.vllm_port, a.connector),
+            (8000, 8001, Connector::NixlV2)
+        );
+        assert_eq!(a.max_request_body_size, 32 << 20);
+        assert!(!a.secure_proxy);
+    }
+
+    #[test]
+    fn booleans_are_bare_or_assigned() {
+        assert!(
+            parse(&["-enable-ssrf-protection"])
+                .unwrap()
+                .enable_ssrf_protection
+        );
+        assert!(!parse(&["-secure-proxy=false"]).unwrap().secure_proxy);
+        assert!(parse(&["--secure-proxy=T"]).unwrap().secure_proxy);
+        assert!(parse(&["-secure-proxy=maybe"]).is_err());
+    }
+
+    #[test]
+    fn klog_verbosity_is_accepted() {
+        assert_eq!(parse(&["-v=5"]).unwrap().verbosity, 5);
+        assert_eq!(parse(&["-v", "4"]).unwrap().verbosity, 4);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(parse(&["-port=http"]).is_err());
+        assert!(parse(&["-connector=sglang"]).is_err());
+        assert!(parse(&["-no-such-flag"]).is_err());
+        assert!(parse(&["-max-request-body-size=0"]).is_err());
+    }
+
+    #[test]
+    fn help_is_requested_by_every_spelling() {
+        for h in ["-h", "-help", "--help"] {
+            assert_eq!(
+                parse(&[h]).unwrap_err().kind(),
+                clap::error::ErrorKind::DisplayHelp
+            );
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 days").is_err());
+        assert_eq!(parse_size("1KiB").unwrap(), 1024);
+        assert_eq!(parse_size("5").unwrap(), 5);
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,34 @@
+//! LMCache: the prefiller writes the KV cache to shared storage; the decoder finds it by prefix.
+
+use bytes::Bytes;
+
+use super::{prefill_edits, DecodePlan, Handoff};
+use crate::json_edit::JsonObject;
+
+pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
+    request.rewrite(&prefill_edits(&[]))
+}
+
+/// The decoder gets the client's bytes untouched: the prompt must match for the prefix lookup.
+pub(super) fn decode_plan(original: &Bytes) -> DecodePlan {
+    DecodePlan {
+        body: original.clone(),
+        handoff: Handoff::SharedStorage,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_is_one_token_and_decode_is_untouched() {
+        let original = Bytes::from_static(br#"{"prompt":"hi", "max_tokens":9,"stream":true}"#);
+        let obj = JsonObject::parse(&original).unwrap();
+        assert_eq!(
+            String::from_utf8(prefill_body(&obj)).unwrap(),
+            r#"{"prompt":"hi","max_tokens":1,"stream":false,"max_completion_tokens":1}"#
+        );
+        assert_eq!(decode_plan(&original).body, original);
+    }
+}

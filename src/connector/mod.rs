@@ -1,0 +1,153 @@
+//! The P/D connectors: how each one rewrites the prefill leg and builds the decode leg.
+//!
+//! Connectors are pure functions over request bytes; the network flow lives in `disagg.rs`
+//! and is written once for all of them.
+
+mod lmcache;
+mod nixl;
+mod nixlv2;
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+
+use crate::json_edit::{Edit, JsonObject};
+
+/// The connector selected by `-connector`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connector {
+    /// vLLM's NixlConnector: handoff through `kv_transfer_params` (the default).
+    NixlV2,
+    /// The legacy llm-d fork protocol: top-level `do_remote_*` and `remote_*` fields.
+    Nixl,
+    /// LMCache shared storage: prefill with one token, then the untouched request.
+    LmCache,
+}
+
+/// What the decoder was told about the prefilled KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// The decoder got the prefiller's remote KV parameters and will pull the blocks.
+    Remote,
+    /// The KV cache moves through shared storage the decoder looks up by prefix.
+    SharedStorage,
+    /// The prefiller returned no usable parameters: the decoder prefills locally.
+    LocalPrefill(&'static str),
+}
+
+/// The decode leg's body and what it carries.
+#[derive(Debug)]
+pub struct DecodePlan {
+    pub body: Bytes,
+    pub handoff: Handoff,
+}
+
+/// Why the prefiller's successful reply cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplyError {
+    /// The reply is not a JSON object.
+    NotJson(String),
+    /// The reply's transfer parameters have the wrong type.
+    BadParams(String),
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyError::NotJson(e) => write!(f, "reply is not a JSON object: {e}"),
+            ReplyError::BadParams(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Edits every prefill leg gets: one token, no streaming, and no option vLLM rejects with
+/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`).
+const PREFILL_ONLY: [(&str, Edit<'static>); 6] = [
+    ("stream", Edit::Set("false")),
+    ("stream_options", Edit::Remove),
+    ("max_tokens", Edit::Set("1")),
+    ("max_completion_tokens", Edit::Set("1")),
+    ("min_tokens", Edit::Remove),
+    ("min_completion_tokens", Edit::Remove),
+];
+
+impl Connector {
+    /// The flag value naming this connector.
+    pub fn name(self) -> &'static str {
+        match self {
+            Connector::NixlV2 => "nixlv2",
+            Connector::Nixl => "nixl",
+            Connector::LmCache => "lmcache",
+        }
+    }
+
+    /// Whether the prefiller pins KV blocks for the decoder after answering. For these
+    /// connectors a decode that is never sent strands the blocks until vLLM's timeout.
+    pub fn pins_prefill_blocks(self) -> bool {
+        matches!(self, Connector::NixlV2 | Connector::Nixl)
+    }
+
+    /// The prefill leg's body.
+    pub fn prefill_body(self, request: &JsonObject<'_>) -> Vec<u8> {
+        match self {
+            Connector::NixlV2 => nixlv2::prefill_body(request),
+            Connector::Nixl => nixl::prefill_body(request),
+            Connector::LmCache => lmcache::prefill_body(request),
+        }
+    }
+
+    /// The decode leg, built from the client's request and the prefiller's 2xx reply.
+    pub fn decode_plan(
+        self,
+        request: &JsonObject<'_>,
+        original: &Bytes,
+        reply: &[u8],
+    ) -> Result<DecodePlan, ReplyError> {
+        match self {
+            Connector::NixlV2 => nixlv2::decode_plan(request, reply),
+            Connector::Nixl => nixl::decode_plan(request, reply),
+            Connector::LmCache => Ok(lmcache::decode_plan(original)),
+        }
+    }
+}
+
+impl FromStr for Connector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nixlv2" => Ok(Connector::NixlV2),
+            "nixl" => Ok(Connector::Nixl),
+            "lmcache" => Ok(Connector::LmCache),
+            other => Err(format!(
+                "unknown connector '{other}' (expected nixlv2, nixl or lmcache)"
+            )),
+        }
+    }
+}
+
+/// `PREFILL_ONLY` followed by a connector's own edits.
+fn prefill_edits<'v>(own: &[(&'static str, Edit<'v>)]) -> Vec<(&'static str, Edit<'v>)> {
+    PREFILL_ONLY
+        .iter()
+        .copied()
+        .chain(own.iter().copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connector_names_round_trip() {
+        for c in [Connector::NixlV2, Connector::Nixl, Connector::LmCache] {
+            assert_eq!(c.name().parse::<Connector>().unwrap(), c);
+        }
+        assert!("sglang"
+            .parse::<Connector>()
+            .unwrap_err()
+            .contains("nixlv2"));
+    }
+}

@@ -1,0 +1,114 @@
+//! NIXL v2: vLLM's `kv_transfer_params` handoff.
+
+use bytes::Bytes;
+
+use super::{prefill_edits, DecodePlan, Handoff, ReplyError};
+use crate::json_edit::{Edit, JsonObject};
+
+/// What vLLM's NixlConnector expects on the prefill leg (the same as vLLM's toy proxy sends).
+const PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+
+pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
+    request.rewrite(&prefill_edits(&[(
+        "kv_transfer_params",
+        Edit::Set(PREFILL_PARAMS),
+    )]))
+}
+
+/// The original request plus the prefiller's `kv_transfer_params`, verbatim: new vLLM versions
+/// add fields, so the value is opaque to us.
+pub(super) fn decode_plan(
+    request: &JsonObject<'_>,
+    reply: &[u8],
+) -> Result<DecodePlan, ReplyError> {
+    let reply = JsonObject::parse(reply).map_err(|e| ReplyError::NotJson(e.to_string()))?;
+    let (edit, handoff) = match reply.get("kv_transfer_params") {
+        // Never forward what the client sent in its place: it would aim the decoder's KV pull.
+        None => (
+            Edit::Remove,
+            Handoff::LocalPrefill("no kv_transfer_params in the prefill reply"),
+        ),
+        Some(v) if v.get() == "null" => (
+            Edit::Set("null"),
+            Handoff::LocalPrefill("the prefiller returned null kv_transfer_params"),
+        ),
+        Some(v) if v.get().starts_with('{') => (Edit::Set(v.get()), Handoff::Remote),
+        Some(v) => {
+            return Err(ReplyError::BadParams(format!(
+                "kv_transfer_params must be an object, got {}",
+                truncate(v.get())
+            )))
+        }
+    };
+    let body = request.rewrite(&[("kv_transfer_params", edit)]);
+    Ok(DecodePlan {
+        body: Bytes::from(body),
+        handoff,
+    })
+}
+
+fn truncate(s: &str) -> &str {
+    s.get(..64).unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(v: Vec<u8>) -> String {
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn prefill_sets_params_one_token_and_no_streaming() {
+        let req = br#"{"model":"m","prompt":"hi","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"min_tokens":4,"kv_transfer_params":{"evil":1}}"#;
+        let obj = JsonObject::parse(req).unwrap();
+        assert_eq!(
+            text(prefill_body(&obj)),
+            format!(
+                r#"{{"model":"m","prompt":"hi","stream":false,"max_tokens":1,"kv_transfer_params":{PREFILL_PARAMS},"max_completion_tokens":1}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn decode_restores_the_original_and_adds_params_verbatim() {
+        let req =
+            br#"{"prompt":"hi","stream":true,"max_tokens":50,"kv_transfer_params":{"evil":1}}"#;
+        let obj = JsonObject::parse(req).unwrap();
+        let reply = br#"{"id":"x","kv_transfer_params":{"remote_block_ids":[[1,2]],"future_field":{"a":9007199254740993}},"usage":{}}"#;
+        let plan = decode_plan(&obj, reply).unwrap();
+        assert_eq!(plan.handoff, Handoff::Remote);
+        assert_eq!(
+            plan.body,
+            Bytes::from_static(br#"{"prompt":"hi","stream":true,"max_tokens":50,"kv_transfer_params":{"remote_block_ids":[[1,2]],"future_field":{"a":9007199254740993}}}"#)
+        );
+    }
+
+    #[test]
+    fn missing_or_null_params_mean_local_prefill() {
+        let obj = JsonObject::parse(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#).unwrap();
+        let plan = decode_plan(&obj, br#"{"id":"x"}"#).unwrap();
+        assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
+        assert_eq!(plan.body, Bytes::from_static(br#"{"prompt":"hi"}"#));
+        let plan = decode_plan(&obj, br#"{"kv_transfer_params":null}"#).unwrap();
+        assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
+        assert_eq!(
+            plan.body,
+            Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":null}"#)
+        );
+    }
+
+    #[test]
+    fn bad_replies_are_errors() {
+        let obj = JsonObject::parse(br#"{"prompt":"hi"}"#).unwrap();
+        assert!(matches!(
+            decode_plan(&obj, b"<html>"),
+            Err(ReplyError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_plan(&obj, br#"{"kv_transfer_params":[1]}"#),
+            Err(ReplyError::BadParams(_))
+        ));
+    }
+}

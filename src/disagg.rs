@@ -1,0 +1,305 @@
+//! The P/D request path: read the body, prefill, build the decode leg, stream the decode back.
+//!
+//! Cancellation is by ownership: the handler future owns the prefill call, and the response
+//! body owns the decoder's body, so a client that leaves drops them and hyper closes those
+//! upstream connections at once. The one exception is the short hand-off after a prefill that
+//! pinned KV blocks: see [`dispatch_decode`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, trace, warn};
+
+use crate::body::{self, CollectError, ProxyBody, SentSignal};
+use crate::connector::Handoff;
+use crate::error::{describe, ProxyError};
+use crate::headers::{self, REQUEST_ID};
+use crate::json_edit::{Edit, JsonObject};
+use crate::proxy::{relay_response, Proxy};
+use crate::upstream::{Target, Upstream};
+
+/// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
+const PREFILL_REPLY_LIMIT: usize = 4 << 20;
+
+/// How long a decode request, once fully written, may run after its client left before we
+/// close it. The decoder must admit it first: vLLM frees the prefiller's blocks only for a
+/// request it knew about (an abort while queued notifies the prefiller).
+const ADMISSION_GRACE: Duration = Duration::from_millis(50);
+
+type UpstreamResult = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+/// Runs the connector's P/D flow for one request.
+pub async fn serve(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    prefiller: Target,
+    client: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let original = body::collect_limited(body, proxy.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            CollectError::TooLarge => ProxyError::BodyTooLarge {
+                limit: proxy.max_body_bytes,
+            },
+            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
+        })?;
+    let request = JsonObject::parse(&original).map_err(|e| match e {
+        crate::json_edit::ParseError::Invalid(e) => ProxyError::InvalidJson(e),
+        crate::json_edit::ParseError::NotObject => ProxyError::NotAnObject,
+    })?;
+    let request_id = headers::request_id(&parts.headers);
+    headers::for_upstream(&mut parts.headers);
+    headers::append_forwarded_for(&mut parts.headers, client.ip());
+    parts.headers.insert(REQUEST_ID, request_id.clone());
+    // Both legs carry rewritten bodies; hyper sets the right length for each.
+    parts.headers.remove(CONTENT_LENGTH);
+    let span = tracing::info_span!("pd", request_id = ?request_id, connector = proxy.connector.name(), prefiller = prefiller.authority());
+    let _enter = span.enter();
+    trace!(body = %String::from_utf8_lossy(&original), "client request");
+
+    // 1. Prefill.
+    let prefill_body = Bytes::from(proxy.connector.prefill_body(&request));
+    trace!(body = %String::from_utf8_lossy(&prefill_body), "prefill request");
+    let prefill_req = leg(
+        &parts,
+        prefiller.uri(parts.uri.path_and_query()),
+        body::full(prefill_body),
+    );
+    let reply = match prefill(&proxy.upstream, prefill_req, &prefiller).await? {
+        Prefilled::Reply(reply) => reply,
+        Prefilled::Rejected(resp) => return Ok(with_request_id(resp, request_id)),
+    };
+    let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    // 2. The decode leg, from the original request and the prefiller's reply.
+    let plan = proxy
+        .connector
+        .decode_plan(&request, &original, &reply)
+        .map_err(|e| ProxyError::PrefillBadReply {
+            prefiller: prefiller.authority().to_string(),
+            detail: e.to_string(),
+        })?;
+    if let Handoff::LocalPrefill(why) = plan.handoff {
+        warn!(reason = why, "decoder will prefill locally: no KV handoff");
+    }
+    trace!(body = %String::from_utf8_lossy(&plan.body), "decode request");
+
+    // 3. Decode, streamed back unbuffered.
+    let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
+    let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
+    let result = if pinned {
+        dispatch_decode(
+            &proxy.upstream,
+            leg_parts(&parts, decode_uri),
+            plan.body.clone(),
+        )
+        .await
+    } else {
+        proxy
+            .upstream
+            .send(leg(&parts, decode_uri, body::full(plan.body.clone())))
+            .await
+            .map_err(|e| describe(&e))
+    };
+    match result {
+        Ok(resp) => {
+            info!(
+                prefill_ms = format_args!("{prefill_ms:.1}"),
+                handoff = ?plan.handoff,
+                status = resp.status().as_u16(),
+                "decode started"
+            );
+            Ok(with_request_id(relay_response(resp), request_id))
+        }
+        Err(e) => {
+            if pinned {
+                release_via_prefiller(&proxy.upstream, &parts, &prefiller, &plan.body);
+            }
+            Err(ProxyError::DecoderUnreachable {
+                decoder: proxy.decoder.authority().to_string(),
+                detail: e,
+            })
+        }
+    }
+}
+
+enum Prefilled {
+    /// The prefiller's 2xx body.
+    Reply(Bytes),
+    /// The prefiller refused the request (4xx): the client gets that answer as is.
+    Rejected(Response<ProxyBody>),
+}
+
+async fn prefill(
+    upstream: &Upstream,
+    req: Request<ProxyBody>,
+    prefiller: &Target,
+) -> Result<Prefilled, ProxyError> {
+    let name = || prefiller.authority().to_string();
+    let resp = upstream
+        .send(req)
+        .await
+        .map_err(|e| ProxyError::PrefillUnreachable {
+            prefiller: name(),
+            detail: describe(&e),
+        })?;
+    let status = resp.status();
+    let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+    let body = body::collect_limited(resp.into_body(), PREFILL_REPLY_LIMIT)
+        .await
+        .map_err(|e| {
+            let detail = match e {
+                CollectError::TooLarge => format!("reply longer than {PREFILL_REPLY_LIMIT} bytes"),
+                CollectError::Read(e) => describe(&*e),
+            };
+            ProxyError::PrefillBadReply {
+                prefiller: name(),
+                detail,
+            }
+        })?;
+    debug!(status = status.as_u16(), bytes = body.len(), "prefill done");
+    trace!(body = %String::from_utf8_lossy(&body), "prefill reply");
+    if status.is_success() {
+        return Ok(Prefilled::Reply(body));
+    }
+    if status.is_client_error() {
+        // The prefiller judged the client's request: its answer is the client's answer.
+        let mut resp = Response::new(body::full(body));
+        *resp.status_mut() = status;
+        if let Some(ct) = content_type {
+            resp.headers_mut().insert(CONTENT_TYPE, ct);
+        }
+        return Ok(Prefilled::Rejected(resp));
+    }
+    Err(ProxyError::PrefillFailed {
+        prefiller: name(),
+        status,
+        detail: upstream_message(&body),
+    })
+}
+
+/// The `error.message` of a vLLM error body, else the start of the body.
+fn upstream_message(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("message"))
+            .and_then(|m| m.as_str())
+    });
+    match message {
+        Some(m) => m.to_string(),
+        None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+    }
+}
+
+/// Sends the decode leg of a request whose prefiller pinned KV blocks for it.
+///
+/// If the client leaves before the decoder answered, the request is still written out in
+/// full and given [`ADMISSION_GRACE`] before we close it: a decoder that saw the request
+/// aborts it and tells the prefiller to free the blocks, where a decode never sent would
+/// strand them until vLLM's lease timeout (30 s to 480 s, by version).
+async fn dispatch_decode(
+    upstream: &Upstream,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response<Incoming>, String> {
+    let mut guard = AbandonOnDrop::send(upstream, parts, body);
+    let joined = (&mut guard.pending).await;
+    guard.sent = None;
+    match joined {
+        Ok(result) => result.map_err(|e| describe(&e)),
+        Err(e) => Err(format!("decode task failed: {e}")),
+    }
+}
+
+/// An upstream request in its own task; dropped before completion, it lets the request be
+/// written out and admitted, then closes it.
+struct AbandonOnDrop {
+    pending: JoinHandle<UpstreamResult>,
+    /// Resolves once hyper took the whole body; `None` once the result was collected.
+    sent: Option<oneshot::Receiver<()>>,
+}
+
+impl AbandonOnDrop {
+    fn send(upstream: &Upstream, parts: Parts, body: Bytes) -> Self {
+        let (body, sent) = SentSignal::new(body);
+        let req = Request::from_parts(parts, body::relay(body));
+        let upstream = upstream.clone();
+        Self {
+            pending: tokio::spawn(async move { upstream.send(req).await }),
+            sent: Some(sent),
+        }
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        let Some(sent) = self.sent.take() else { return };
+        debug!("closing an abandoned upstream request once it is admitted");
+        let abort = self.pending.abort_handle();
+        tokio::spawn(async move {
+            // The sender drops if the request failed before being written: no wait then.
+            let _ = sent.await;
+            tokio::time::sleep(ADMISSION_GRACE).await;
+            // With no JoinHandle left, a finished task's response is already dropped (closing
+            // its connection); aborting an unfinished one drops its connection too.
+            abort.abort();
+        });
+    }
+}
+
+/// The decoder is gone but the prefiller pinned blocks for it. Vanilla vLLM has no "free
+/// these blocks" call, so we hand the decode request to the prefiller itself and close it
+/// once admitted: it aborts the request and frees its own blocks, as a decoder would.
+/// Best effort, in the background; failing that, vLLM's lease expiry frees them.
+fn release_via_prefiller(
+    upstream: &Upstream,
+    parts: &Parts,
+    prefiller: &Target,
+    decode_body: &Bytes,
+) {
+    let Ok(request) = JsonObject::parse(decode_body) else {
+        return;
+    };
+    // Streaming makes vLLM answer as soon as it admits the request; one token bounds the work.
+    let body = Bytes::from(request.rewrite(&[
+        ("stream", Edit::Set("true")),
+        ("stream_options", Edit::Remove),
+        ("max_tokens", Edit::Set("1")),
+        ("max_completion_tokens", Edit::Set("1")),
+    ]));
+    warn!("decoder unreachable after prefill; asking the prefiller to release its KV blocks");
+    let uri = prefiller.uri(parts.uri.path_and_query());
+    drop(AbandonOnDrop::send(upstream, leg_parts(parts, uri), body));
+}
+
+fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {
+    let (mut leg, ()) = Request::new(()).into_parts();
+    leg.method = Method::POST;
+    leg.uri = uri;
+    leg.version = Version::HTTP_11;
+    leg.headers = parts.headers.clone();
+    leg
+}
+
+fn leg(parts: &Parts, uri: http::Uri, body: ProxyBody) -> Request<ProxyBody> {
+    Request::from_parts(leg_parts(parts, uri), body)
+}
+
+/// Tells the client which id both legs used, unless the decoder already did.
+fn with_request_id(mut resp: Response<ProxyBody>, id: HeaderValue) -> Response<ProxyBody> {
+    resp.headers_mut().entry(REQUEST_ID).or_insert(id);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().remove(REQUEST_ID);
+    }
+    resp
+}

@@ -1,0 +1,245 @@
+//! Every failure the proxy reports, and the one table mapping them to HTTP.
+//!
+//! Bodies use current vLLM's error shape, `{"error":{"message","type","param","code"}}`, so
+//! OpenAI clients parse them as they parse vLLM's own errors.
+
+use std::fmt;
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::body::{self, ProxyBody};
+
+/// Which leg an upstream failure happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    Prefill,
+    Decode,
+}
+
+impl fmt::Display for Leg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        })
+    }
+}
+
+/// A request the proxy could not complete, sorted by who caused it.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// The client's body is not valid JSON.
+    InvalidJson(String),
+    /// The client's body is JSON but not an object.
+    NotAnObject,
+    /// The client's body exceeds `-max-request-body-size`.
+    BodyTooLarge { limit: usize },
+    /// The client stopped sending its body midway.
+    BodyRead(String),
+    /// The prefiller header names no usable address.
+    BadPrefillerHeader(String),
+    /// The prefiller could not be reached.
+    PrefillUnreachable { prefiller: String, detail: String },
+    /// The prefiller answered with a server error.
+    PrefillFailed {
+        prefiller: String,
+        status: StatusCode,
+        detail: String,
+    },
+    /// The prefiller answered 2xx with something we cannot use.
+    PrefillBadReply { prefiller: String, detail: String },
+    /// The local vLLM (decoder) gave no response.
+    DecoderUnreachable { decoder: String, detail: String },
+}
+
+impl ProxyError {
+    /// The status the client gets: 4xx when the client's request is at fault, 502/503 when an
+    /// upstream is, so retries and alerts go to the right place.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::InvalidJson(_)
+            | ProxyError::NotAnObject
+            | ProxyError::BodyRead(_)
+            | ProxyError::BadPrefillerHeader(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::PrefillFailed { status, .. }
+                if *status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::PrefillUnreachable { .. }
+            | ProxyError::PrefillFailed { .. }
+            | ProxyError::PrefillBadReply { .. }
+            | ProxyError::DecoderUnreachable { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The upstream leg at fault, if any.
+    pub fn leg(&self) -> Option<Leg> {
+        match self {
+            ProxyError::PrefillUnreachable { .. }
+            | ProxyError::PrefillFailed { .. }
+            | ProxyError::PrefillBadReply { .. } => Some(Leg::Prefill),
+            ProxyError::DecoderUnreachable { .. } => Some(Leg::Decode),
+            _ => None,
+        }
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let param = match self {
+            ProxyError::BadPrefillerHeader(_) => Some("x-prefiller-host-port"),
+            _ => None,
+        };
+        error_response(self.status(), &self.to_string(), param)
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::InvalidJson(e) => write!(f, "Invalid JSON in request body: {e}"),
+            ProxyError::NotAnObject => f.write_str("The request body must be a JSON object"),
+            ProxyError::BodyTooLarge { limit } => {
+                write!(
+                    f,
+                    "Request body is larger than the sidecar's limit of {limit} bytes"
+                )
+            }
+            ProxyError::BodyRead(e) => write!(f, "Could not read the request body: {e}"),
+            ProxyError::BadPrefillerHeader(e) => write!(f, "Invalid prefiller address: {e}"),
+            ProxyError::PrefillUnreachable { prefiller, detail } => {
+                write!(f, "Prefiller {prefiller} is unreachable: {detail}")
+            }
+            ProxyError::PrefillFailed {
+                prefiller,
+                status,
+                detail,
+            } => write!(
+                f,
+                "Prefiller {prefiller} failed with HTTP {}: {detail}",
+                status.as_u16()
+            ),
+            ProxyError::PrefillBadReply { prefiller, detail } => {
+                write!(f, "Prefiller {prefiller} sent an unusable reply: {detail}")
+            }
+            ProxyError::DecoderUnreachable { decoder, detail } => {
+                write!(
+                    f,
+                    "The decode vLLM server at {decoder} gave no response: {detail}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// An error and its causes on one line: hyper's errors put the useful part (e.g. "connection
+/// refused") in their sources.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The `type` field for a status, named as OpenAI's clients name their exception classes.
+pub fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        403 => "PermissionDeniedError",
+        404 => "NotFoundError",
+        413 => "RequestTooLargeError",
+        429 => "RateLimitError",
+        502 => "BadGatewayError",
+        503 => "ServiceUnavailableError",
+        504 => "GatewayTimeoutError",
+        s if s >= 500 => "InternalServerError",
+        _ => "BadRequestError",
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'a str>,
+    code: u16,
+}
+
+/// A vLLM-shaped JSON error response.
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+) -> Response<ProxyBody> {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind: error_type(status),
+            param,
+            code: status.as_u16(),
+        },
+    };
+    // Serializing plain strings and integers cannot fail.
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut resp = Response::new(body::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_have_vllm_shape_and_status() {
+        let e = ProxyError::PrefillUnreachable {
+            prefiller: "10.0.0.1:8000".into(),
+            detail: "connection refused".into(),
+        };
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"]["type"], "BadGatewayError");
+        assert_eq!(v["error"]["code"], 502);
+        assert!(v["error"]["param"].is_null());
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("10.0.0.1:8000"));
+    }
+
+    #[test]
+    fn prefill_503_stays_503() {
+        let e = ProxyError::PrefillFailed {
+            prefiller: "p".into(),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            detail: String::new(),
+        };
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            ProxyError::BodyTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}

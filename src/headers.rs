@@ -1,0 +1,117 @@
+//! Header hygiene for forwarded requests and responses.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The header naming the prefiller (`host:port`), set by the llm-d scheduler.
+pub const PREFILLER_HOST_PORT: HeaderName = HeaderName::from_static("x-prefiller-host-port");
+/// The legacy header naming the prefiller (`http://host:port` or `host:port`).
+pub const PREFILLER_URL: HeaderName = HeaderName::from_static("x-prefiller-url");
+/// The request id both legs share; vLLM reads it as its own request id.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Connection-scoped headers a proxy must not forward (RFC 9110 §7.6.1: "a proxy or gateway
+/// MUST … remove any header or trailer fields listed in Connection, and also these"), plus
+/// the pre-standard ones that behave the same way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every name listed in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Prepares client headers for an upstream leg: no hop-by-hop headers, no routing headers
+/// (they are for us, not vLLM), and no `Host` (the client sets the upstream's).
+pub fn for_upstream(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    // hyper's client sends bodies without waiting for "100 Continue"; the header would mislead.
+    headers.remove(header::EXPECT);
+    headers.remove(PREFILLER_HOST_PORT);
+    headers.remove(PREFILLER_URL);
+}
+
+/// The client's `x-request-id` if it sent a usable one, else a fresh UUID.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            // A hex string is always a valid header value.
+            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("sidecar"))
+        })
+}
+
+/// Appends the client address to `x-forwarded-for`, as reverse proxies conventionally do.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert(PREFILLER_HOST_PORT, HeaderValue::from_static("p:1"));
+        h.insert(header::HOST, HeaderValue::from_static("sidecar"));
+        for_upstream(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[header::AUTHORIZATION], "Bearer t");
+    }
+
+    #[test]
+    fn keeps_the_client_request_id() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        append_forwarded_for(&mut h, "10.0.0.9".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+    }
+}
