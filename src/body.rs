@@ -8,6 +8,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// Error type of every body the proxy relays.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,12 +68,13 @@ where
 /// request has been handed to the connection in full.
 pub struct SentSignal {
     inner: Full<Bytes>,
-    sent: Option<oneshot::Sender<()>>,
+    sent: Option<oneshot::Sender<Instant>>,
 }
 
 impl SentSignal {
-    /// Wraps `bytes`; the receiver resolves once the bytes were handed over (or the body dropped).
-    pub fn new(bytes: Bytes) -> (Self, oneshot::Receiver<()>) {
+    /// Wraps `bytes`; the receiver resolves with the time the bytes were handed over (or
+    /// fails once the body is dropped unsent).
+    pub fn new(bytes: Bytes) -> (Self, oneshot::Receiver<Instant>) {
         let (tx, rx) = oneshot::channel();
         let body = Self {
             inner: Full::new(bytes),
@@ -94,7 +96,7 @@ impl Body for SentSignal {
         // hyper stops polling once `is_end_stream` is true, so signal on the last frame itself.
         if polled.is_ready() && self.inner.is_end_stream() {
             if let Some(tx) = self.sent.take() {
-                let _ = tx.send(());
+                let _ = tx.send(Instant::now());
             }
         }
         polled

@@ -6,7 +6,9 @@
 //! pinned KV blocks: see [`dispatch_decode`].
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -225,8 +227,8 @@ async fn dispatch_decode(
 /// written out and admitted, then closes it.
 struct AbandonOnDrop {
     pending: JoinHandle<UpstreamResult>,
-    /// Resolves once hyper took the whole body; `None` once the result was collected.
-    sent: Option<oneshot::Receiver<()>>,
+    /// Resolves with when hyper took the whole body; `None` once the result was collected.
+    sent: Option<oneshot::Receiver<Instant>>,
 }
 
 impl AbandonOnDrop {
@@ -248,8 +250,10 @@ impl Drop for AbandonOnDrop {
         let abort = self.pending.abort_handle();
         tokio::spawn(async move {
             // The sender drops if the request failed before being written: no wait then.
-            let _ = sent.await;
-            tokio::time::sleep(ADMISSION_GRACE).await;
+            // A request written long ago has been admitted already: close it at once.
+            if let Ok(sent_at) = sent.await {
+                tokio::time::sleep_until(sent_at + ADMISSION_GRACE).await;
+            }
             // With no JoinHandle left, a finished task's response is already dropped (closing
             // its connection); aborting an unfinished one drops its connection too.
             abort.abort();
