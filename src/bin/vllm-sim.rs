@@ -1,1 +1,53 @@
-fn main() {}
+//! `vllm-sim`: a simulated vLLM instance for P/D tests (see `sidecar::sim`).
+
+use clap::Parser;
+use sidecar::sim::{spawn, SimArgs};
+use std::io::Write;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cfg = SimArgs::parse().into_config();
+    let server = match spawn(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to bind");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Machine-readable readiness line for harnesses using ephemeral ports (spec §7.2).
+    let line = serde_json::json!({
+        "event": "listening",
+        "port": server.api_addr().port(),
+        "side_channel_port": server.side_channel_addr().port(),
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    drop(out);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    std::process::ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,259 @@
+//! vLLM-shaped response bodies and SSE chunks, with key order preserved (serde_json's map
+//! sorts keys, so bodies are assembled with an ordered writer instead).
+
+use super::config::Era;
+use super::validate::Endpoint;
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Writes a JSON object whose keys keep insertion order.
+pub struct Obj(String);
+
+impl Obj {
+    pub fn new() -> Self {
+        Obj(String::from("{"))
+    }
+    fn key(&mut self, k: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push_str(&serde_json::Value::from(k).to_string());
+        self.0.push(':');
+    }
+    pub fn field<T: Serialize + ?Sized>(mut self, k: &str, v: &T) -> Self {
+        self.key(k);
+        self.0
+            .push_str(&serde_json::to_string(v).unwrap_or_else(|_| "null".into()));
+        self
+    }
+    pub fn raw(mut self, k: &str, json: &str) -> Self {
+        self.key(k);
+        self.0.push_str(json);
+        self
+    }
+    pub fn null(self, k: &str) -> Self {
+        self.raw(k, "null")
+    }
+    pub fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+impl Default for Obj {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What P tells D about its KV blocks (§7.7 step 4).
+#[derive(Clone, Debug)]
+pub struct PrefillParams {
+    pub era: Era,
+    pub block_ids: Vec<u32>,
+    pub engine_id: String,
+    pub remote_request_id: String,
+    pub host: String,
+    pub port: u16,
+    pub prompt_tokens: u64,
+}
+
+impl PrefillParams {
+    /// Era A/B/C `kv_transfer_params`, keys in vLLM's order.
+    pub fn to_json(&self) -> String {
+        let mut o = Obj::new()
+            .field("do_remote_prefill", &true)
+            .field("do_remote_decode", &false);
+        o = match self.era {
+            Era::C => o.field("remote_block_ids", &[&self.block_ids]),
+            _ => o.field("remote_block_ids", &self.block_ids),
+        };
+        o = o.field("remote_engine_id", &self.engine_id);
+        if self.era != Era::A {
+            o = o.field("remote_request_id", &self.remote_request_id);
+        }
+        o = o
+            .field("remote_host", &self.host)
+            .field("remote_port", &self.port)
+            .field("tp_size", &1);
+        if self.era == Era::C {
+            o = o
+                .field("dcp_size", &1)
+                .field("pp_size", &1)
+                .field("remote_num_tokens", &self.prompt_tokens)
+                .null("remote_blocks_expiry_time")
+                .field("transfer_mode", "pull");
+        }
+        o.finish()
+    }
+}
+
+/// How `kv_transfer_params` appears in a non-streaming response.
+#[derive(Clone, Debug)]
+pub enum KvOut {
+    /// Key absent (fault `omit_kv_params`).
+    Omit,
+    Null,
+    Params(PrefillParams),
+    /// NIXL v1: top-level `remote_*` keys and `kv_transfer_params: null`.
+    V1(PrefillParams),
+}
+
+/// Common fields of one response or chunk.
+pub struct Head<'a> {
+    pub endpoint: Endpoint,
+    pub id: &'a str,
+    pub created: u64,
+    pub model: &'a str,
+}
+
+impl Head<'_> {
+    fn start(&self, chunk: bool) -> Obj {
+        let object = match (self.endpoint, chunk) {
+            (Endpoint::Completions, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+        };
+        Obj::new()
+            .field("id", self.id)
+            .field("object", object)
+            .field("created", &self.created)
+            .field("model", self.model)
+    }
+}
+
+fn usage(prompt: u64, completion: u64, details: bool) -> String {
+    let o = Obj::new()
+        .field("prompt_tokens", &prompt)
+        .field("total_tokens", &(prompt + completion))
+        .field("completion_tokens", &completion);
+    if details { o.null("prompt_tokens_details") } else { o }.finish()
+}
+
+/// The full non-streaming body (§1.3 example shape).
+pub fn full_response(h: &Head, text: &str, finish: &str, prompt: u64, completion: u64, kv: &KvOut) -> String {
+    let choice = match h.endpoint {
+        Endpoint::Completions => Obj::new()
+            .field("index", &0)
+            .field("text", text)
+            .null("logprobs")
+            .field("finish_reason", finish)
+            .null("stop_reason")
+            .null("prompt_logprobs")
+            .finish(),
+        Endpoint::Chat => {
+            let msg = Obj::new()
+                .field("role", "assistant")
+                .field("content", text)
+                .null("refusal")
+                .null("annotations")
+                .null("audio")
+                .null("function_call")
+                .raw("tool_calls", "[]")
+                .null("reasoning_content")
+                .finish();
+            Obj::new()
+                .field("index", &0)
+                .raw("message", &msg)
+                .null("logprobs")
+                .field("finish_reason", finish)
+                .null("stop_reason")
+                .finish()
+        }
+    };
+    let mut o = h
+        .start(false)
+        .raw("choices", &format!("[{choice}]"))
+        .null("service_tier")
+        .null("system_fingerprint")
+        .raw("usage", &usage(prompt, completion, true));
+    if h.endpoint == Endpoint::Chat {
+        o = o.null("prompt_logprobs");
+    }
+    match kv {
+        KvOut::Omit => {}
+        KvOut::Null => o = o.null("kv_transfer_params"),
+        KvOut::Params(p) => o = o.raw("kv_transfer_params", &p.to_json()),
+        KvOut::V1(p) => {
+            o = o
+                .field("remote_block_ids", &p.block_ids)
+                .field("remote_engine_id", &p.engine_id)
+                .field("remote_host", &p.host)
+                .field("remote_port", &p.port)
+                .null("kv_transfer_params")
+        }
+    }
+    o.finish()
+}
+
+fn sse(json: &str) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// Chat's first chunk: the assistant role with empty content.
+pub fn role_chunk(h: &Head) -> Bytes {
+    let choice = Obj::new()
+        .field("index", &0)
+        .raw("delta", r#"{"role":"assistant","content":""}"#)
+        .null("logprobs")
+        .null("finish_reason")
+        .finish();
+    sse(&h.start(true).raw("choices", &format!("[{choice}]")).finish())
+}
+
+/// One token chunk; the last carries `finish_reason`.
+pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>) -> Bytes {
+    let mut c = Obj::new().field("index", &0);
+    c = match h.endpoint {
+        Endpoint::Completions => c.field("text", text),
+        Endpoint::Chat => c.raw("delta", &Obj::new().field("content", text).finish()),
+    };
+    let choice = c
+        .null("logprobs")
+        .field("finish_reason", &finish)
+        .null("stop_reason")
+        .finish();
+    sse(&h.start(true).raw("choices", &format!("[{choice}]")).finish())
+}
+
+/// The usage chunk (`choices: []`), serialized with exclude_none as vLLM does.
+pub fn usage_chunk(h: &Head, prompt: u64, completion: u64) -> Bytes {
+    sse(&h
+        .start(true)
+        .raw("choices", "[]")
+        .raw("usage", &usage(prompt, completion, false))
+        .finish())
+}
+
+pub fn done_event() -> Bytes {
+    Bytes::from_static(b"data: [DONE]\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(era: Era) -> PrefillParams {
+        PrefillParams {
+            era,
+            block_ids: vec![1, 2],
+            engine_id: "E".into(),
+            remote_request_id: "R".into(),
+            host: "h".into(),
+            port: 5,
+            prompt_tokens: 20,
+        }
+    }
+
+    #[test]
+    fn era_key_order() {
+        assert_eq!(
+            params(Era::A).to_json(),
+            r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[1,2],"remote_engine_id":"E","remote_host":"h","remote_port":5,"tp_size":1}"#
+        );
+        assert_eq!(
+            params(Era::C).to_json(),
+            r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[[1,2]],"remote_engine_id":"E","remote_request_id":"R","remote_host":"h","remote_port":5,"tp_size":1,"dcp_size":1,"pp_size":1,"remote_num_tokens":20,"remote_blocks_expiry_time":null,"transfer_mode":"pull"}"#
+        );
+    }
+}

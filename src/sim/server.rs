@@ -1,0 +1,103 @@
+//! Listeners and lifecycle: binds the API and side-channel ports, runs background loops,
+//! and stops every task on shutdown or drop.
+
+use super::config::SimConfig;
+use super::state::Shared;
+use super::{api, decode, side_channel};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Copy)]
+enum Listener {
+    Api,
+    SideChannel,
+}
+
+/// A running simulated vLLM instance. Dropping it aborts all of its tasks.
+pub struct SimServer {
+    shared: Arc<Shared>,
+}
+
+impl SimServer {
+    pub fn api_addr(&self) -> SocketAddr {
+        self.shared.api_addr
+    }
+
+    pub fn side_channel_addr(&self) -> SocketAddr {
+        self.shared.side_addr
+    }
+
+    pub fn engine_id(&self) -> &str {
+        &self.shared.engine_id
+    }
+
+    /// Stops both listeners and every request/background task.
+    pub async fn shutdown(self) {
+        self.shared.abort_all();
+        // Let aborted tasks observe cancellation before the caller proceeds.
+        tokio::task::yield_now().await;
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        self.shared.abort_all();
+    }
+}
+
+/// Binds both listeners (ready to accept when this returns) and starts serving.
+pub async fn spawn(cfg: SimConfig) -> std::io::Result<SimServer> {
+    let api = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
+    let side = TcpListener::bind((cfg.host.as_str(), cfg.side_channel_port)).await?;
+    let shared = Arc::new(Shared::new(cfg, api.local_addr()?, side.local_addr()?));
+    shared.spawn(accept_loop(api, shared.clone(), Listener::Api));
+    shared.spawn(accept_loop(side, shared.clone(), Listener::SideChannel));
+    shared.spawn(side_channel::sweep_loop(shared.clone()));
+    shared.spawn(decode::heartbeat_loop(shared.clone()));
+    tracing::info!(api = %shared.api_addr, side_channel = %shared.side_addr, engine_id = %shared.engine_id, "vllm-sim listening");
+    Ok(SimServer { shared })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, which: Listener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Transient (e.g. EMFILE): back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if matches!(which, Listener::SideChannel) && shared.read(|i| i.faults.side_channel_down) {
+            // Fault `side_channel_down`: the peer sees the connection closed at once.
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let s = shared.clone();
+        shared.spawn(async move {
+            let svc = service_fn(move |req| {
+                let s = s.clone();
+                async move {
+                    match which {
+                        Listener::Api => api::handle(s, req).await,
+                        Listener::SideChannel => side_channel::handle(s, req).await,
+                    }
+                }
+            });
+            // half_close stays off: an EOF from the client closes the connection and drops
+            // the in-flight service future/body, which is how aborts are detected.
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with error");
+            }
+        });
+    }
+}
