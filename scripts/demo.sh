@@ -65,7 +65,7 @@ p_body, d_body = json.loads(p_req[-1]["body"]), json.loads(d_req[-1]["body"])
 rid = lambda r: (r["headers"].get("x-request-id") or ["?"])[0]
 print("\ntrace")
 print(f"  1. prefill leg -> :{sys.argv[2]}  x-request-id={rid(p_req[-1])}")
-print(f"     max_tokens={p_body.get('max_tokens')} stream={p_body.get('stream')} kv_transfer_params={json.dumps(p_body.get('kv_transfer_params'))}")
+print(f"     max_tokens={p_body.get('max_tokens')} stream={json.dumps(p_body.get('stream'))} kv_transfer_params={json.dumps(p_body.get('kv_transfer_params'))}")
 print(f"  2. prefiller returned kv_transfer_params:")
 print(f"     {json.dumps(d_body.get('kv_transfer_params'))}")
 print(f"  3. decode leg  -> :{sys.argv[3]}  x-request-id={rid(d_req[-1])}  max_tokens={d_body.get('max_tokens')}")

@@ -18,20 +18,35 @@ async fn leaving_during_prefill_closes_the_prefill_and_never_calls_the_decoder()
     let p = sim(|c| c.ttft_ms = 60_000).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let client = send(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"long prompt","max_tokens":4}"#)).await;
+    let client = send(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"long prompt","max_tokens":4}"#,
+        ),
+    )
+    .await;
     assert!(sim_wait(&p, "busy", LIMIT).await, "the prefill started");
 
     let left = Instant::now();
     drop(client);
     assert!(sim_wait(&p, "idle", LIMIT).await);
     let closed_after = left.elapsed();
-    assert!(closed_after < CLOSE_BOUND, "prefill closed {closed_after:?} after the client left");
+    assert!(
+        closed_after < CLOSE_BOUND,
+        "prefill closed {closed_after:?} after the client left"
+    );
 
     let state = sim_state(&p).await;
     assert_eq!(counter(&state, "requests_aborted/prefill"), 1, "{state}");
     assert_eq!(counter(&state, "leases_created"), 0);
     assert_eq!(state["kv"]["free_blocks"], state["kv"]["total_blocks"]);
-    assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0, "no decode for a client that left");
+    assert_eq!(
+        counter(&sim_state(&d).await, "requests_total"),
+        0,
+        "no decode for a client that left"
+    );
 }
 
 #[tokio::test]
@@ -39,7 +54,15 @@ async fn leaving_during_decode_closes_the_decode_and_the_blocks_were_pulled() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let mut client = send(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p","max_tokens":5,"stream":true}"#)).await;
+    let mut client = send(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
+        ),
+    )
+    .await;
     assert_eq!(client.head().await.status(), 200);
     let first = client.next_data().await.expect("a first token");
     assert!(first.starts_with(b"data: "));
@@ -48,7 +71,10 @@ async fn leaving_during_decode_closes_the_decode_and_the_blocks_were_pulled() {
     drop(client);
     assert!(sim_wait(&d, "idle", LIMIT).await);
     let closed_after = left.elapsed();
-    assert!(closed_after < CLOSE_BOUND, "decode closed {closed_after:?} after the client left");
+    assert!(
+        closed_after < CLOSE_BOUND,
+        "decode closed {closed_after:?} after the client left"
+    );
     assert_eq!(counter(&sim_state(&d).await, "requests_aborted/decode"), 1);
     assert!(sim_wait(&p, "no_leases", LIMIT).await);
     assert_eq!(counter(&sim_state(&p).await, "leases_pulled"), 1);
@@ -62,15 +88,33 @@ async fn leaving_before_the_decoder_ran_the_request_releases_the_prefill_blocks(
     // The decoder admits nothing: the decode waits in its queue, as under load.
     sim_config(&d, r#"{"max_num_seqs":0}"#).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let client = send(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p","max_tokens":5}"#)).await;
+    let client = send(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"p","max_tokens":5}"#,
+        ),
+    )
+    .await;
     assert!(sim_wait(&d, "queued", LIMIT).await);
     assert_eq!(sim_state(&p).await["kv"]["leases_held"], 1);
 
     drop(client);
-    assert!(sim_wait(&p, "no_leases", Duration::from_secs(2)).await, "released long before the 60 s lease");
+    assert!(
+        sim_wait(&p, "no_leases", Duration::from_secs(2)).await,
+        "released long before the 60 s lease"
+    );
     let p_state = sim_state(&p).await;
-    assert_eq!(counter(&p_state, "leases_released_by_notify"), 1, "{p_state}");
-    assert_eq!(counter(&sim_state(&d).await, "decode_abort_notifies_sent"), 1);
+    assert_eq!(
+        counter(&p_state, "leases_released_by_notify"),
+        1,
+        "{p_state}"
+    );
+    assert_eq!(
+        counter(&sim_state(&d).await, "decode_abort_notifies_sent"),
+        1
+    );
 }
 
 #[tokio::test]
@@ -78,9 +122,20 @@ async fn a_decoder_down_after_prefill_still_gets_the_blocks_released() {
     let p = sim(|_| {}).await;
     sim_config(&p, LONG_LEASE).await;
     let sidecar = Sidecar::for_decoder(dead_addr().await, Connector::NixlV2).await;
-    let (resp, _) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p","max_tokens":5}"#)).await;
+    let (resp, _) = call(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"p","max_tokens":5}"#,
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 502);
-    assert!(sim_wait(&p, "idle_and_no_leases", Duration::from_secs(2)).await, "released long before the 60 s lease");
+    assert!(
+        sim_wait(&p, "idle_and_no_leases", Duration::from_secs(2)).await,
+        "released long before the 60 s lease"
+    );
     let state = sim_state(&p).await;
     assert_eq!(counter(&state, "leases_created"), 1);
     assert_eq!(counter(&state, "leases_expired"), 0, "{state}");
@@ -92,12 +147,24 @@ async fn leaving_during_a_non_streaming_decode_closes_it() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let client = send(sidecar.addr, post("/v1/chat/completions", Some(p.api_addr()), r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#)).await;
+    let client = send(
+        sidecar.addr,
+        post(
+            "/v1/chat/completions",
+            Some(p.api_addr()),
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+        ),
+    )
+    .await;
     assert!(sim_wait(&d, "busy", LIMIT).await);
     let left = Instant::now();
     drop(client);
     assert!(sim_wait(&d, "idle", LIMIT).await);
-    assert!(left.elapsed() < CLOSE_BOUND, "decode closed {:?} after the client left", left.elapsed());
+    assert!(
+        left.elapsed() < CLOSE_BOUND,
+        "decode closed {:?} after the client left",
+        left.elapsed()
+    );
     assert_eq!(counter(&sim_state(&d).await, "requests_aborted/decode"), 1);
     assert!(sim_wait(&p, "no_leases", LIMIT).await);
 }

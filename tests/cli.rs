@@ -16,9 +16,19 @@ fn help_names_every_flag_and_exits_zero() {
         assert!(out.status.success(), "{flag}");
         let text = String::from_utf8(out.stdout).unwrap();
         for name in [
-            "--port", "--vllm-port", "--connector", "--max-request-body-size", "--drain-timeout",
-            "--connect-timeout", "--v ", "--secure-proxy", "--cert-path", "--prefiller-use-tls",
-            "--decoder-use-tls", "--enable-ssrf-protection", "--inference-pool-name",
+            "--port",
+            "--vllm-port",
+            "--connector",
+            "--max-request-body-size",
+            "--drain-timeout",
+            "--connect-timeout",
+            "--v ",
+            "--secure-proxy",
+            "--cert-path",
+            "--prefiller-use-tls",
+            "--decoder-use-tls",
+            "--enable-ssrf-protection",
+            "--inference-pool-name",
         ] {
             assert!(text.contains(name), "{name} missing from help:\n{text}");
         }
@@ -66,7 +76,11 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()) {
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+            {
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(addr.parse::<std::net::SocketAddr>().unwrap());
                 }
@@ -74,12 +88,26 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
         }
     });
     let addr = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
-    let (resp, body) = call(addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"hi","max_tokens":2}"#)).await;
+    let (resp, body) = call(
+        addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"hi","max_tokens":2}"#,
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(counter(&sim_state(&p).await, "leases_pulled"), 1);
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 }

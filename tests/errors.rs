@@ -15,18 +15,28 @@ fn assert_error(status: u16, body: &[u8], want_status: u16, want_type: &str) -> 
     let v = json(body);
     assert_eq!(v["error"]["type"], want_type, "{v}");
     assert_eq!(v["error"]["code"], want_status);
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     v
 }
 
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+const OK: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
 
 #[tokio::test]
 async fn malformed_bodies_are_400_and_reach_no_upstream() {
     let p = Recorder::start(OK).await;
     let d = Recorder::start(OK).await;
     let sidecar = Sidecar::for_decoder(d.addr, Connector::NixlV2).await;
-    for body in ["{\"prompt\": ", "not json", "", "[1,2]", "\"text\"", "{} {}"] {
+    for body in [
+        "{\"prompt\": ",
+        "not json",
+        "",
+        "[1,2]",
+        "\"text\"",
+        "{} {}",
+    ] {
         let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(p.addr), body)).await;
         assert_eq!(resp.headers()["content-type"], "application/json");
         assert_error(resp.status().as_u16(), &bytes, 400, "BadRequestError");
@@ -39,7 +49,11 @@ async fn the_sidecar_keeps_serving_after_bad_requests() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let (resp, _) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), "{oops")).await;
+    let (resp, _) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), "{oops"),
+    )
+    .await;
     assert_eq!(resp.status(), 400);
     let bad_header = Request::post("/v1/completions")
         .header("x-prefiller-host-port", "host:notaport")
@@ -48,7 +62,11 @@ async fn the_sidecar_keeps_serving_after_bad_requests() {
     let (resp, bytes) = call(sidecar.addr, bad_header).await;
     let v = assert_error(resp.status().as_u16(), &bytes, 400, "BadRequestError");
     assert_eq!(v["error"]["param"], "x-prefiller-host-port");
-    let (resp, _) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"ok"}"#)).await;
+    let (resp, _) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"ok"}"#),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -65,7 +83,10 @@ async fn oversized_bodies_are_413_whether_sized_or_chunked() {
 
     // A chunked body has no length up front: the limit applies as it streams in.
     let stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let chunks = Chunks(big.into_bytes(), 0);
     let req = Request::post("/v1/completions")
@@ -104,10 +125,25 @@ async fn a_prefiller_4xx_reaches_the_client_with_its_body() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"model":"no-such-model","prompt":"x"}"#)).await;
+    let (resp, bytes) = call(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"model":"no-such-model","prompt":"x"}"#,
+        ),
+    )
+    .await;
     let v = assert_error(resp.status().as_u16(), &bytes, 404, "NotFoundError");
-    assert!(v["error"]["message"].as_str().unwrap().contains("no-such-model"));
-    assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0, "no decode after a refused prefill");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-model"));
+    assert_eq!(
+        counter(&sim_state(&d).await, "requests_total"),
+        0,
+        "no decode after a refused prefill"
+    );
 }
 
 #[tokio::test]
@@ -115,12 +151,22 @@ async fn prefiller_5xx_is_502_and_503_stays_503_naming_the_prefiller() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    for (fault, status, kind) in [("prefill_http_500", 502, "BadGatewayError"), ("prefill_http_503", 503, "ServiceUnavailableError")] {
+    for (fault, status, kind) in [
+        ("prefill_http_500", 502, "BadGatewayError"),
+        ("prefill_http_503", 503, "ServiceUnavailableError"),
+    ] {
         let mut req = post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#);
-        req.headers_mut().insert("x-sim-fault", fault.parse().unwrap());
+        req.headers_mut()
+            .insert("x-sim-fault", fault.parse().unwrap());
         let (resp, bytes) = call(sidecar.addr, req).await;
         let v = assert_error(resp.status().as_u16(), &bytes, status, kind);
-        assert!(v["error"]["message"].as_str().unwrap().contains(&p.api_addr().to_string()), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&p.api_addr().to_string()),
+            "{v}"
+        );
     }
     assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0);
 }
@@ -130,19 +176,31 @@ async fn an_unreachable_prefiller_is_502_and_the_decoder_is_not_called() {
     let d = Recorder::start(OK).await;
     let sidecar = Sidecar::for_decoder(d.addr, Connector::NixlV2).await;
     let gone = dead_addr().await;
-    let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(gone), r#"{"prompt":"x"}"#)).await;
+    let (resp, bytes) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(gone), r#"{"prompt":"x"}"#),
+    )
+    .await;
     let v = assert_error(resp.status().as_u16(), &bytes, 502, "BadGatewayError");
-    assert!(v["error"]["message"].as_str().unwrap().contains(&gone.to_string()));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&gone.to_string()));
     assert_eq!(d.count(), 0);
 }
 
 #[tokio::test]
 async fn a_prefiller_reply_that_is_not_json_is_502() {
-    const HTML: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>";
+    const HTML: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>";
     let p = Recorder::start(HTML).await;
     let d = Recorder::start(OK).await;
     let sidecar = Sidecar::for_decoder(d.addr, Connector::NixlV2).await;
-    let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(p.addr), r#"{"prompt":"x"}"#)).await;
+    let (resp, bytes) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.addr), r#"{"prompt":"x"}"#),
+    )
+    .await;
     assert_error(resp.status().as_u16(), &bytes, 502, "BadGatewayError");
     assert_eq!(d.count(), 0);
 }
@@ -151,7 +209,14 @@ async fn a_prefiller_reply_that_is_not_json_is_502() {
 async fn a_down_decoder_after_prefill_is_502() {
     let p = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(dead_addr().await, Connector::NixlV2).await;
-    let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#)).await;
+    let (resp, bytes) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#),
+    )
+    .await;
     let v = assert_error(resp.status().as_u16(), &bytes, 502, "BadGatewayError");
-    assert!(v["error"]["message"].as_str().unwrap().contains("decode"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("decode"),
+        "{v}"
+    );
 }

@@ -33,9 +33,17 @@ async fn completions_without_prefiller_pass_through_byte_for_byte() {
     assert_eq!(&bytes[..], b"{\"ok\":true}");
 
     let got = decoder.next().await;
-    assert!(got.head.starts_with("POST /v1/completions?trace=1&x=%20 HTTP/1.1\r\n"), "{}", got.head);
+    assert!(
+        got.head
+            .starts_with("POST /v1/completions?trace=1&x=%20 HTTP/1.1\r\n"),
+        "{}",
+        got.head
+    );
     assert_eq!(got.body, body.as_bytes());
-    assert_eq!(got.header("authorization").as_deref(), Some("Bearer secret"));
+    assert_eq!(
+        got.header("authorization").as_deref(),
+        Some("Bearer secret")
+    );
     assert_eq!(got.header("x-custom").as_deref(), Some("kept"));
     assert_eq!(got.header("host"), Some(decoder.addr.to_string()));
     assert_eq!(got.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
@@ -65,7 +73,11 @@ async fn other_paths_and_methods_pass_through_and_routing_headers_are_dropped() 
         let (resp, _) = call(sidecar.addr, req).await;
         assert_eq!(resp.status(), 201, "{method} {path}");
         let got = decoder.next().await;
-        assert!(got.head.starts_with(&format!("{method} {path} HTTP/1.1")), "{}", got.head);
+        assert!(
+            got.head.starts_with(&format!("{method} {path} HTTP/1.1")),
+            "{}",
+            got.head
+        );
         assert_eq!(got.header("x-prefiller-host-port"), None);
         assert_eq!(got.header("x-prefiller-url"), None);
     }
@@ -121,21 +133,29 @@ async fn h2c_clients_are_served() {
     let mut decoder = Recorder::start(OK).await;
     let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
     let stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for path in ["/health", "/v1/models"] {
         let req = Request::get(format!("http://sidecar{path}"))
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let resp = tokio::time::timeout(LIMIT, sender.send_request(req)).await.unwrap().unwrap();
+        let resp = tokio::time::timeout(LIMIT, sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
         let status = resp.status();
         let _ = resp.into_body().collect().await.unwrap();
         assert!(status == 200 || status == 201, "{path}: {status}");
     }
     let got = decoder.next().await;
-    assert!(got.head.starts_with("GET /v1/models HTTP/1.1"), "{}", got.head);
+    assert!(
+        got.head.starts_with("GET /v1/models HTTP/1.1"),
+        "{}",
+        got.head
+    );
 }
 
 #[tokio::test]
@@ -143,9 +163,12 @@ async fn chunked_upstream_bodies_stream_back() {
     const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
     let decoder = Recorder::start(CHUNKED).await;
     let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
-    let (resp, body) = tokio::time::timeout(Duration::from_secs(10), call(sidecar.addr, get("/anything")))
-        .await
-        .unwrap();
+    let (resp, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        call(sidecar.addr, get("/anything")),
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(&body[..], b"hello world");
 }

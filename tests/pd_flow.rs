@@ -25,7 +25,11 @@ async fn nixlv2_prefills_then_decodes_with_the_prefillers_params_verbatim() {
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     // Big integers, odd key order, escapes and a client-injected kv_transfer_params.
     let original = r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":5,"min_tokens":2,"kv_transfer_params":{"remote_host":"evil"},"zz":[1.0e2]}"#;
-    let (resp, body) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), original)).await;
+    let (resp, body) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), original),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     let reply = json(&body);
     assert_eq!(reply["choices"][0]["text"], " t0 t1 t2 t3 t4");
@@ -72,15 +76,26 @@ async fn nixlv2_chat_streams_with_the_original_stream_options_restored() {
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     let original = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":3}"#;
     let mut req = post("/v1/chat/completions", None, original);
-    req.headers_mut().insert("x-prefiller-url", format!("http://{}", p.api_addr()).parse().unwrap());
-    req.headers_mut().insert("x-request-id", "client-chosen-id".parse().unwrap());
+    req.headers_mut().insert(
+        "x-prefiller-url",
+        format!("http://{}", p.api_addr()).parse().unwrap(),
+    );
+    req.headers_mut()
+        .insert("x-request-id", "client-chosen-id".parse().unwrap());
     let (resp, body) = call(sidecar.addr, req).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let text = String::from_utf8(body.to_vec()).unwrap();
     let events: Vec<&str> = text.split_terminator("\n\n").collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
-    let usage = json(events[events.len() - 2].trim_start_matches("data: ").as_bytes());
+    let usage = json(
+        events[events.len() - 2]
+            .trim_start_matches("data: ")
+            .as_bytes(),
+    );
     assert_eq!(usage["usage"]["completion_tokens"], 3);
 
     let p_req = &sim_requests(&p).await[0];
@@ -96,7 +111,11 @@ async fn nixlv2_chat_streams_with_the_original_stream_options_restored() {
     assert_eq!(d_body["max_completion_tokens"], 3);
     assert!(d_body.get("max_tokens").is_none(), "absent stays absent");
     for r in [p_req, d_req] {
-        assert_eq!(r["headers"]["x-request-id"], json!(["client-chosen-id"]), "set once, not appended");
+        assert_eq!(
+            r["headers"]["x-request-id"],
+            json!(["client-chosen-id"]),
+            "set once, not appended"
+        );
         assert!(r["headers"].get("x-prefiller-url").is_none());
     }
     assert_no_leak(&p, 1).await;
@@ -111,8 +130,21 @@ async fn every_era_of_kv_params_is_relayed_and_pulled() {
             sim_config(s, &format!(r#"{{"kv_params_era":"{era}"}}"#)).await;
         }
         let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-        let (resp, body) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x y z","max_tokens":2}"#)).await;
-        assert_eq!(resp.status(), 200, "era {era}: {}", String::from_utf8_lossy(&body));
+        let (resp, body) = call(
+            sidecar.addr,
+            post(
+                "/v1/completions",
+                Some(p.api_addr()),
+                r#"{"prompt":"x y z","max_tokens":2}"#,
+            ),
+        )
+        .await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "era {era}: {}",
+            String::from_utf8_lossy(&body)
+        );
         assert_no_leak(&p, 1).await;
     }
 }
@@ -123,7 +155,11 @@ async fn legacy_nixl_uses_top_level_fields_and_one_request_id() {
     let d = sim(|c| c.protocol = "nixl-v1".parse().unwrap()).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::Nixl).await;
     let original = r#"{"prompt":"hello there","max_tokens":4,"stream":true}"#;
-    let (resp, body) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), original)).await;
+    let (resp, body) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), original),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
     let p_body = record_body(&sim_requests(&p).await[0]);
@@ -132,7 +168,12 @@ async fn legacy_nixl_uses_top_level_fields_and_one_request_id() {
     assert!(p_body.get("kv_transfer_params").is_none());
     let d_body = record_body(&sim_requests(&d).await[0]);
     assert_eq!(d_body["do_remote_prefill"], true);
-    for k in ["remote_block_ids", "remote_engine_id", "remote_host", "remote_port"] {
+    for k in [
+        "remote_block_ids",
+        "remote_engine_id",
+        "remote_host",
+        "remote_port",
+    ] {
         assert!(!d_body[k].is_null(), "{k} missing in {d_body}");
     }
     assert_eq!(d_body["stream"], true);
@@ -153,13 +194,24 @@ async fn lmcache_prefills_one_token_then_sends_the_untouched_request() {
     .await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::LmCache).await;
     let original = r#"{"prompt": "shared prefix", "max_tokens": 3, "stream": false}"#;
-    let (resp, body) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), original)).await;
+    let (resp, body) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), original),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     let p_req = &sim_requests(&p).await[0];
     assert_eq!(record_body(p_req)["max_tokens"], 1);
     let d_req = &sim_requests(&d).await[0];
-    assert_eq!(d_req["body"].as_str().unwrap(), original, "the decoder gets the client's bytes");
-    assert_eq!(record_header(p_req, "x-request-id"), record_header(d_req, "x-request-id"));
+    assert_eq!(
+        d_req["body"].as_str().unwrap(),
+        original,
+        "the decoder gets the client's bytes"
+    );
+    assert_eq!(
+        record_header(p_req, "x-request-id"),
+        record_header(d_req, "x-request-id")
+    );
     assert_eq!(counter(&sim_state(&d).await, "lmcache_hits"), 1);
 }
 
@@ -172,8 +224,14 @@ async fn concurrent_requests_leave_no_leases_behind() {
     for i in 0..16 {
         let (addr, pa) = (sidecar.addr, p.api_addr());
         tasks.push(tokio::spawn(async move {
-            let body = format!(r#"{{"prompt":"request number {i}","max_tokens":3,"stream":{}}}"#, i % 2 == 0);
-            call(addr, post("/v1/completions", Some(pa), &body)).await.0.status()
+            let body = format!(
+                r#"{{"prompt":"request number {i}","max_tokens":3,"stream":{}}}"#,
+                i % 2 == 0
+            );
+            call(addr, post("/v1/completions", Some(pa), &body))
+                .await
+                .0
+                .status()
         }));
     }
     for t in tasks {

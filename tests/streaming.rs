@@ -12,7 +12,11 @@ async fn each_event_reaches_the_client_before_the_next_is_written() {
     let d = sim(|c| c.itl_ms = 60_000).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true}"#;
-    let mut client = send(sidecar.addr, post("/v1/chat/completions", Some(p.api_addr()), body)).await;
+    let mut client = send(
+        sidecar.addr,
+        post("/v1/chat/completions", Some(p.api_addr()), body),
+    )
+    .await;
     assert_eq!(client.head().await.status(), 200);
     let mut received = Vec::new();
     // The role chunk and token 0 come at once; both must arrive while token 1 is a minute away.
@@ -32,7 +36,11 @@ async fn the_stream_is_relayed_event_for_event() {
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     let body = r#"{"prompt":"a b c","max_tokens":8,"stream":true,"stream_options":{"include_usage":true}}"#;
-    let (resp, bytes) = call(sidecar.addr, post("/v1/completions", Some(p.api_addr()), body)).await;
+    let (resp, bytes) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), body),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = String::from_utf8(bytes.to_vec()).unwrap();
     let events: Vec<&str> = text.split_terminator("\n\n").collect();

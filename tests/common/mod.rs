@@ -161,7 +161,8 @@ pub fn post(path: &str, prefiller: Option<SocketAddr>, body: &str) -> Request<Fu
     if let Some(p) = prefiller {
         b = b.header("x-prefiller-host-port", p.to_string());
     }
-    b.body(Full::new(Bytes::from(body.to_owned()))).expect("request")
+    b.body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
 }
 
 /// A GET.
@@ -174,7 +175,8 @@ pub fn get(path: &str) -> Request<Full<Bytes>> {
 
 /// Parses a JSON body.
 pub fn json(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
 }
 
 /// `GET /sim/state` of a simulator.
@@ -213,7 +215,12 @@ pub async fn sim_config(sim: &SimServer, patch: &str) {
 
 /// The recorded body of a simulator request record, as JSON.
 pub fn record_body(record: &Value) -> Value {
-    json(record["body"].as_str().expect("body is a string").as_bytes())
+    json(
+        record["body"]
+            .as_str()
+            .expect("body is a string")
+            .as_bytes(),
+    )
 }
 
 /// The first value of a header in a simulator request record.

@@ -21,7 +21,9 @@ impl Recorded {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 
@@ -30,7 +32,10 @@ impl Recorded {
         self.head
             .lines()
             .skip(1)
-            .filter(|l| l.split_once(':').is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name)))
+            .filter(|l| {
+                l.split_once(':')
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            })
             .count()
     }
 }
@@ -110,8 +115,13 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Recorded> {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut rest = buf[head_end..].to_vec();
-    let rec = Recorded { head, body: Vec::new() };
-    let len = rec.header("content-length").and_then(|v| v.parse::<usize>().ok());
+    let rec = Recorded {
+        head,
+        body: Vec::new(),
+    };
+    let len = rec
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok());
     let chunked = rec
         .header("transfer-encoding")
         .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
@@ -148,7 +158,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(i) = find(data, b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..i]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..i]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
