@@ -44,8 +44,8 @@ impl Reply {
 
 /// A request whose connection is owned by the caller, so the test can disconnect.
 pub struct Pending {
-    conn: JoinHandle<()>,
-    resp: JoinHandle<Result<hyper::Response<Incoming>, hyper::Error>>,
+    pub conn: JoinHandle<()>,
+    pub resp: JoinHandle<Result<hyper::Response<Incoming>, hyper::Error>>,
 }
 
 impl Pending {
