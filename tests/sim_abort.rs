@@ -12,7 +12,14 @@ async fn disconnect_during_prefill_leaves_no_lease() {
     bounded(async {
         let p = sim(|_| {}).await;
         let body = prefill_body(&json!({"prompt": "a b c d e", "max_tokens": 4}));
-        let pending = start(p.api_addr(), "POST", COMPLETIONS, &body, &[("x-sim-ttft-ms", "5000")]).await;
+        let pending = start(
+            p.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &body,
+            &[("x-sim-ttft-ms", "5000")],
+        )
+        .await;
         assert_eq!(wait(&p, "running", 2000).await.0, 200);
         assert_eq!(state(&p).await["kv"]["running_blocks"], 1);
         pending.disconnect().await;
@@ -53,8 +60,17 @@ async fn decode_aborted_while_queued_notifies_prefiller() {
         let p = sim(|_| {}).await;
         let d = sim(|c| c.max_num_seqs = 0).await;
         let original = json!({"prompt": "a b c", "max_tokens": 3});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
-        let pending = start(d.api_addr(), "POST", COMPLETIONS, &decode_body(&original, &prj), &[]).await;
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
+        let pending = start(
+            d.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &decode_body(&original, &prj),
+            &[],
+        )
+        .await;
         assert_eq!(wait(&d, "queued", 2000).await.0, 200);
         pending.disconnect().await;
         let (code, ds) = wait(&d, "idle", 2000).await;
@@ -76,10 +92,19 @@ async fn decode_aborted_during_transfer_still_pulls() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 3});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
         // x-sim-ttft-ms on a decode sets the transfer time.
         let hdr = [("x-sim-ttft-ms", "400")];
-        let pending = start(d.api_addr(), "POST", COMPLETIONS, &decode_body(&original, &prj), &hdr).await;
+        let pending = start(
+            d.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &decode_body(&original, &prj),
+            &hdr,
+        )
+        .await;
         assert_eq!(wait(&d, "running", 2000).await.0, 200);
         pending.disconnect().await;
         let (code, ds) = wait(&d, "idle", 3000).await;
@@ -98,7 +123,14 @@ async fn disconnect_between_stream_tokens() {
     bounded(async {
         let s = sim(|_| {}).await;
         let body = json!({"prompt": "a", "max_tokens": 50, "stream": true}).to_string();
-        let pending = start(s.api_addr(), "POST", COMPLETIONS, &body, &[("x-sim-itl-ms", "10000"), ("x-sim-ttft-ms", "0")]).await;
+        let pending = start(
+            s.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &body,
+            &[("x-sim-itl-ms", "10000"), ("x-sim-ttft-ms", "0")],
+        )
+        .await;
         let (resp, conn) = pending.response().await;
         assert_eq!(resp.status(), 200);
         let mut b = resp.into_body();
@@ -123,7 +155,14 @@ async fn disconnect_while_non_streaming_response_pending() {
     bounded(async {
         let s = sim(|_| {}).await;
         let body = json!({"prompt": "a", "max_tokens": 20}).to_string();
-        let pending = start(s.api_addr(), "POST", COMPLETIONS, &body, &[("x-sim-itl-ms", "1000"), ("x-sim-ttft-ms", "0")]).await;
+        let pending = start(
+            s.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &body,
+            &[("x-sim-itl-ms", "1000"), ("x-sim-ttft-ms", "0")],
+        )
+        .await;
         assert_eq!(wait(&s, "running", 2000).await.0, 200);
         pending.disconnect().await;
         let (code, st) = wait(&s, "idle", 2000).await;

@@ -131,7 +131,9 @@ async fn unknown_lease_with_stale_policy_succeeds() {
         let p = sim(|_| {}).await;
         let d = sim(|c| c.on_unknown_lease = sidecar::sim::OnUnknownLease::Stale).await;
         let original = json!({"prompt": "x y", "max_tokens": 1});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
         post(p.api_addr(), "/sim/expire_leases", "{}").await;
         let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
         assert_eq!(dr.status, 200);
@@ -146,7 +148,9 @@ async fn invalid_params_rejected_and_prefiller_notified() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
         let mut body: Value = serde_json::from_str(&decode_body(&original, &prj)).expect("json");
         body["kv_transfer_params"]
             .as_object_mut()
@@ -164,7 +168,9 @@ async fn invalid_params_rejected_and_prefiller_notified() {
         assert_eq!(ps["kv"]["leases_held"], 0);
 
         // A §7.4 failure (unknown model) on a remote-prefill request also notifies P.
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
         let mut body: Value = serde_json::from_str(&decode_body(&original, &prj)).expect("json");
         body["model"] = "nope".into();
         let dr = post(d.api_addr(), COMPLETIONS, &body.to_string()).await;
@@ -180,13 +186,33 @@ async fn era_a_requires_matching_request_ids() {
         let p = sim(|c| c.kv_params_era = Era::A).await;
         let d = sim(|c| c.kv_params_era = Era::A).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = send(p.api_addr(), "POST", COMPLETIONS, &prefill_body(&original), &[("x-request-id", "same")])
-            .await
-            .json();
+        let prj = send(
+            p.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &prefill_body(&original),
+            &[("x-request-id", "same")],
+        )
+        .await
+        .json();
         assert!(prj["kv_transfer_params"].get("remote_request_id").is_none());
-        let other = send(d.api_addr(), "POST", COMPLETIONS, &decode_body(&original, &prj), &[("x-request-id", "other")]).await;
+        let other = send(
+            d.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &decode_body(&original, &prj),
+            &[("x-request-id", "other")],
+        )
+        .await;
         assert_eq!(other.status, 500, "mismatched ids cannot find the lease");
-        let same = send(d.api_addr(), "POST", COMPLETIONS, &decode_body(&original, &prj), &[("x-request-id", "same")]).await;
+        let same = send(
+            d.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &decode_body(&original, &prj),
+            &[("x-request-id", "same")],
+        )
+        .await;
         assert_eq!(same.status, 200, "{}", same.text());
         assert_eq!(counter(&state(&p).await, "leases_pulled"), 1);
     })
@@ -199,11 +225,17 @@ async fn prompt_change_between_legs_is_detected() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
         let changed = json!({"prompt": "a b d", "max_tokens": 2});
         let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&changed, &prj)).await;
         assert_eq!(dr.status, 500);
-        assert_eq!(state(&p).await["kv"]["leases_held"], 1, "prompt_mismatch keeps the lease");
+        assert_eq!(
+            state(&p).await["kv"]["leases_held"],
+            1,
+            "prompt_mismatch keeps the lease"
+        );
     })
     .await;
 }
@@ -216,7 +248,12 @@ async fn fixed_lease_expires_by_timeout() {
             c.abort_request_timeout_ms = 50;
         })
         .await;
-        post(p.api_addr(), COMPLETIONS, &prefill_body(&json!({"prompt": "a"}))).await;
+        post(
+            p.api_addr(),
+            COMPLETIONS,
+            &prefill_body(&json!({"prompt": "a"})),
+        )
+        .await;
         let (code, ps) = wait(&p, "no_leases", 3000).await;
         assert_eq!(code, 200);
         assert_eq!(counter(&ps, "leases_expired"), 1);
@@ -235,8 +272,17 @@ async fn heartbeats_keep_a_queued_decode_lease_alive() {
         })
         .await;
         let original = json!({"prompt": "a b", "max_tokens": 1});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
-        let pending = start(d.api_addr(), "POST", COMPLETIONS, &decode_body(&original, &prj), &[]).await;
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
+        let pending = start(
+            d.api_addr(),
+            "POST",
+            COMPLETIONS,
+            &decode_body(&original, &prj),
+            &[],
+        )
+        .await;
         assert_eq!(wait(&d, "queued", 2000).await.0, 200);
         // Without heartbeats the 300 ms lease would be gone well within 900 ms.
         let (code, ps) = wait(&p, "no_leases", 900).await;
@@ -265,7 +311,12 @@ async fn nixl_v1_top_level_fields() {
         assert_eq!(prj["kv_transfer_params"], Value::Null);
         assert_eq!(prj["remote_block_ids"], json!([1]));
         let mut dec = json!({"prompt": "a b c", "max_tokens": 2, "do_remote_prefill": true});
-        for k in ["remote_block_ids", "remote_engine_id", "remote_host", "remote_port"] {
+        for k in [
+            "remote_block_ids",
+            "remote_engine_id",
+            "remote_host",
+            "remote_port",
+        ] {
             dec[k] = prj[k].clone();
         }
         let dr = send(d.api_addr(), "POST", COMPLETIONS, &dec.to_string(), &hdr).await;
@@ -286,11 +337,26 @@ async fn lmcache_store_then_hit_via_peer() {
         })
         .await;
         let body = json!({"prompt": "shared prefix here", "max_tokens": 1});
-        assert_eq!(post(p.api_addr(), COMPLETIONS, &body.to_string()).await.status, 200);
+        assert_eq!(
+            post(p.api_addr(), COMPLETIONS, &body.to_string())
+                .await
+                .status,
+            200
+        );
         let full = json!({"prompt": "shared prefix here", "max_tokens": 4});
-        assert_eq!(post(d.api_addr(), COMPLETIONS, &full.to_string()).await.status, 200);
+        assert_eq!(
+            post(d.api_addr(), COMPLETIONS, &full.to_string())
+                .await
+                .status,
+            200
+        );
         let other = json!({"prompt": "something else", "max_tokens": 4});
-        assert_eq!(post(d.api_addr(), COMPLETIONS, &other.to_string()).await.status, 200);
+        assert_eq!(
+            post(d.api_addr(), COMPLETIONS, &other.to_string())
+                .await
+                .status,
+            200
+        );
         let ds = state(&d).await;
         assert_eq!(counter(&ds, "lmcache_hits"), 1);
         assert_eq!(counter(&ds, "lmcache_misses"), 1);

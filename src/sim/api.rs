@@ -19,8 +19,12 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let mut resp = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => generate::handle(shared.clone(), Endpoint::Completions, req).await?,
-        (&Method::POST, "/v1/chat/completions") => generate::handle(shared.clone(), Endpoint::Chat, req).await?,
+        (&Method::POST, "/v1/completions") => {
+            generate::handle(shared.clone(), Endpoint::Completions, req).await?
+        }
+        (&Method::POST, "/v1/chat/completions") => {
+            generate::handle(shared.clone(), Endpoint::Chat, req).await?
+        }
         (_, p) if p.starts_with("/sim/") => {
             let query = req.uri().query().unwrap_or("").to_string();
             let raw = collect(req).await?;
@@ -28,7 +32,11 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
         }
         (&Method::GET, "/health") => {
             let dead = shared.read(|i| i.faults.dead);
-            empty_response(if dead { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK })
+            empty_response(if dead {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            })
         }
         (&Method::GET, "/metrics") => metrics(&shared),
         _ => {
@@ -37,12 +45,22 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
             log_request(&shared, method.as_str(), &path, &headers, &raw);
             match (&method, path.as_str()) {
                 (&Method::GET, "/v1/models") => models(&shared),
-                (&Method::GET, "/version") => {
-                    json_response(StatusCode::OK, &json!({"version": concat!("sim-", env!("CARGO_PKG_VERSION"))}))
-                }
-                (_, "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/version" | "/health" | "/metrics") => {
-                    json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"detail": "Method Not Allowed"}))
-                }
+                (&Method::GET, "/version") => json_response(
+                    StatusCode::OK,
+                    &json!({"version": concat!("sim-", env!("CARGO_PKG_VERSION"))}),
+                ),
+                (
+                    _,
+                    "/v1/completions"
+                    | "/v1/chat/completions"
+                    | "/v1/models"
+                    | "/version"
+                    | "/health"
+                    | "/metrics",
+                ) => json_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &json!({"detail": "Method Not Allowed"}),
+                ),
                 _ => not_found(),
             }
         }
@@ -110,17 +128,44 @@ fn metrics(shared: &Shared) -> Resp {
         g("vllm:num_requests_running", "gauge", running.to_string());
         g("vllm:num_requests_waiting", "gauge", waiting.to_string());
         g("vllm:kv_cache_usage_perc", "gauge", format!("{usage}"));
-        g("vllm:prompt_tokens_total", "counter", c.prompt_tokens_total.to_string());
-        g("vllm:generation_tokens_total", "counter", c.generation_tokens_total.to_string());
-        g("vllm:http_requests_client_disconnected_total", "counter", c.http_client_disconnected.to_string());
-        g("vllm_sim:kv_leases_active", "gauge", i.kv.leases_held().to_string());
-        g("vllm_sim:kv_leased_blocks", "gauge", i.kv.leased_blocks().to_string());
+        g(
+            "vllm:prompt_tokens_total",
+            "counter",
+            c.prompt_tokens_total.to_string(),
+        );
+        g(
+            "vllm:generation_tokens_total",
+            "counter",
+            c.generation_tokens_total.to_string(),
+        );
+        g(
+            "vllm:http_requests_client_disconnected_total",
+            "counter",
+            c.http_client_disconnected.to_string(),
+        );
+        g(
+            "vllm_sim:kv_leases_active",
+            "gauge",
+            i.kv.leases_held().to_string(),
+        );
+        g(
+            "vllm_sim:kv_leased_blocks",
+            "gauge",
+            i.kv.leased_blocks().to_string(),
+        );
         let _ = writeln!(s, "# TYPE vllm:request_success_total counter");
         for reason in ["stop", "length", "abort"] {
             let n = c.success_by_reason.get(reason).copied().unwrap_or(0);
-            let _ = writeln!(s, "vllm:request_success_total{{{l},finished_reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "vllm:request_success_total{{{l},finished_reason=\"{reason}\"}} {n}"
+            );
         }
         s
     });
-    bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(text))
+    bytes_response(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        Bytes::from(text),
+    )
 }

@@ -140,7 +140,10 @@ impl SimConfig {
 
 /// Command-line flags of the `vllm-sim` binary (spec §7.2).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "vllm-sim", about = "Simulated vLLM instance for P/D disaggregation tests")]
+#[command(
+    name = "vllm-sim",
+    about = "Simulated vLLM instance for P/D disaggregation tests"
+)]
 pub struct SimArgs {
     /// Bind address for both listeners.
     #[arg(long, default_value = "127.0.0.1")]

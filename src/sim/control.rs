@@ -20,31 +20,39 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
 }
 
 /// Body as a JSON object; an empty body counts as `{}`.
-fn object(raw: &[u8]) -> Result<Map<String, Value>, Resp> {
+fn object(raw: &[u8]) -> Result<Map<String, Value>, String> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(error(StatusCode::BAD_REQUEST, "body must be a JSON object")),
+        _ => Err("body must be a JSON object".into()),
     }
 }
 
-pub async fn handle(shared: Arc<Shared>, method: &Method, path: &str, query: &str, raw: &[u8]) -> Resp {
+pub async fn handle(
+    shared: Arc<Shared>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    raw: &[u8],
+) -> Resp {
     match (method, path) {
         (&Method::GET, "/sim/state") => json_response(StatusCode::OK, &shared.state_json()),
         (&Method::GET, "/sim/requests") => {
-            let since = query_param(query, "since").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let since = query_param(query, "since")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let recs = shared.read(|i| i.log.since(since));
             json_response(StatusCode::OK, &recs)
         }
         (&Method::POST, "/sim/reset") => match object(raw) {
             Ok(b) => reset(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (&Method::POST, "/sim/config") => match object(raw) {
             Ok(b) => config(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (&Method::GET, "/sim/config") => {
             let v = shared.read(|i| json!({"config": i.cfg, "faults": i.faults.to_json()}));
@@ -53,7 +61,7 @@ pub async fn handle(shared: Arc<Shared>, method: &Method, path: &str, query: &st
         (&Method::GET, "/sim/wait") => wait(&shared, query).await,
         (&Method::POST, "/sim/expire_leases") => match object(raw) {
             Ok(b) => expire(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         _ => not_found(),
     }
@@ -139,20 +147,32 @@ fn condition(until: &str) -> Option<fn(&Inner) -> bool> {
 async fn wait(shared: &Shared, query: &str) -> Resp {
     let until = query_param(query, "until").unwrap_or("idle");
     let Some(pred) = condition(until) else {
-        return error(StatusCode::BAD_REQUEST, format!("unknown condition {until:?}"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown condition {until:?}"),
+        );
     };
-    let ms = query_param(query, "timeout_ms").and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let ms = query_param(query, "timeout_ms")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
     let ok = tokio::time::timeout(Duration::from_millis(ms), shared.wait_until(pred))
         .await
         .is_ok();
-    let status = if ok { StatusCode::OK } else { StatusCode::REQUEST_TIMEOUT };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::REQUEST_TIMEOUT
+    };
     json_response(status, &shared.state_json())
 }
 
 fn expire(shared: &Shared, b: &Map<String, Value>) -> Resp {
     let n = shared.update(|i| {
         let ids: Vec<String> = match b.get("remote_request_ids").and_then(Value::as_array) {
-            Some(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Some(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             None => i.kv.held_ids(),
         };
         ids.iter()

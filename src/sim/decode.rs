@@ -22,7 +22,7 @@ pub struct DecodeTarget {
 }
 
 /// The object holding the remote params for this protocol (top level for nixl-v1).
-pub fn params_object<'a>(protocol: Protocol, body: &'a Map<String, Value>) -> Option<&'a Map<String, Value>> {
+pub fn params_object(protocol: Protocol, body: &Map<String, Value>) -> Option<&Map<String, Value>> {
     match protocol {
         Protocol::NixlV1 => Some(body),
         _ => body.get("kv_transfer_params").and_then(Value::as_object),
@@ -62,7 +62,11 @@ pub struct Validated {
 
 /// §7.10.1 step 1. `own_id` is D's unsuffixed internal id, used when no
 /// `remote_request_id` is part of the protocol.
-pub fn validate_params(cfg: &SimConfig, body: &Map<String, Value>, own_id: &str) -> Result<Validated, String> {
+pub fn validate_params(
+    cfg: &SimConfig,
+    body: &Map<String, Value>,
+    own_id: &str,
+) -> Result<Validated, String> {
     let p = params_object(cfg.protocol, body).ok_or("kv_transfer_params is not an object")?;
     let engine_id = p
         .get("remote_engine_id")
@@ -103,7 +107,10 @@ pub fn validate_params(cfg: &SimConfig, body: &Map<String, Value>, own_id: &str)
         }
         let mut out = Vec::new();
         for g in ids {
-            let g = g.as_array().and_then(|g| as_ids(g)).ok_or("remote_block_ids groups must hold ints")?;
+            let g = g
+                .as_array()
+                .and_then(|g| as_ids(g))
+                .ok_or("remote_block_ids groups must hold ints")?;
             out.extend(g);
         }
         (out, false)
@@ -126,7 +133,11 @@ pub fn validate_params(cfg: &SimConfig, body: &Map<String, Value>, own_id: &str)
 }
 
 /// Best-effort address of P for a reject notify (§7.10.3): needs host, port and an id.
-pub fn reject_target(cfg: &SimConfig, body: &Map<String, Value>, own_id: Option<&str>) -> Option<(String, String)> {
+pub fn reject_target(
+    cfg: &SimConfig,
+    body: &Map<String, Value>,
+    own_id: Option<&str>,
+) -> Option<(String, String)> {
     let p = params_object(cfg.protocol, body)?;
     if !truthy(p.get("do_remote_prefill")) {
         return None;
@@ -134,7 +145,9 @@ pub fn reject_target(cfg: &SimConfig, body: &Map<String, Value>, own_id: Option<
     let host = p.get("remote_host").and_then(Value::as_str)?;
     let port = p.get("remote_port").and_then(Value::as_u64)?;
     let id = if uses_remote_request_id(cfg) {
-        p.get("remote_request_id").and_then(Value::as_str)?.to_string()
+        p.get("remote_request_id")
+            .and_then(Value::as_str)?
+            .to_string()
     } else {
         own_id?.to_string()
     };
@@ -145,7 +158,15 @@ pub fn reject_target(cfg: &SimConfig, body: &Map<String, Value>, own_id: Option<
 /// `side_channel_errors` (the lease then expires on P).
 pub async fn notify(shared: &Shared, endpoint: &str, id: &str, reason: &str) -> bool {
     let body = json!({"remote_request_id": id, "reason": reason}).to_string();
-    match call(endpoint, "POST", "/nixl/notify", Some(body.into_bytes()), SIDE_CHANNEL_TIMEOUT).await {
+    match call(
+        endpoint,
+        "POST",
+        "/nixl/notify",
+        Some(body.into_bytes()),
+        SIDE_CHANNEL_TIMEOUT,
+    )
+    .await
+    {
         Ok((200, _)) => true,
         Ok((s, _)) => {
             tracing::warn!(endpoint, id, status = s, "notify refused");
@@ -213,7 +234,15 @@ pub async fn pull(
         "consumer_engine_id": shared.engine_id,
     })
     .to_string();
-    match call(&t.endpoint, "POST", "/nixl/read", Some(body.into_bytes()), SIDE_CHANNEL_TIMEOUT).await {
+    match call(
+        &t.endpoint,
+        "POST",
+        "/nixl/read",
+        Some(body.into_bytes()),
+        SIDE_CHANNEL_TIMEOUT,
+    )
+    .await
+    {
         Ok((200, _)) => Ok(()),
         Ok((404, _)) => {
             let policy = shared.read(|i| i.cfg.on_unknown_lease);
@@ -226,7 +255,10 @@ pub async fn pull(
                 }
             }
         }
-        Ok((s, b)) => Err(PullError(format!("read status {s}: {}", String::from_utf8_lossy(&b)))),
+        Ok((s, b)) => Err(PullError(format!(
+            "read status {s}: {}",
+            String::from_utf8_lossy(&b)
+        ))),
         Err(e) => {
             shared.update(|i| i.counters.side_channel_errors += 1);
             Err(PullError(e))
@@ -240,7 +272,10 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<Shared>) {
     loop {
         let (interval, on) = shared.read(|i| {
             let on = i.cfg.effective_lease_mode() == super::config::LeaseMode::Heartbeat;
-            (Duration::from_millis((i.cfg.kv_lease_duration_ms / 6).max(10)), on)
+            (
+                Duration::from_millis((i.cfg.kv_lease_duration_ms / 6).max(10)),
+                on,
+            )
         });
         tokio::time::sleep(interval).await;
         if !on {
@@ -256,7 +291,15 @@ pub async fn heartbeat_loop(shared: std::sync::Arc<Shared>) {
         });
         for (ep, ids) in by_ep {
             let body = json!({"remote_request_ids": ids}).to_string();
-            match call(&ep, "POST", "/nixl/heartbeat", Some(body.into_bytes()), SIDE_CHANNEL_TIMEOUT).await {
+            match call(
+                &ep,
+                "POST",
+                "/nixl/heartbeat",
+                Some(body.into_bytes()),
+                SIDE_CHANNEL_TIMEOUT,
+            )
+            .await
+            {
                 Ok((200, _)) => shared.update(|i| i.counters.heartbeats_sent += 1),
                 _ => shared.update(|i| i.counters.side_channel_errors += 1),
             }

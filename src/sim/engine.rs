@@ -116,14 +116,19 @@ impl Job {
         r::Head {
             endpoint: self.parsed.endpoint,
             id: &self.public_id,
-            created: self.shared.created_unix + self.received.duration_since(self.shared.started).as_secs(),
+            created: self.shared.created_unix
+                + self.received.duration_since(self.shared.started).as_secs(),
             model: &self.parsed.model,
         }
     }
 
     async fn drive(&mut self) -> Outcome {
         if let Some(ms) = self.faults.stall_ms {
-            if self.abortable(tokio::time::sleep(Duration::from_millis(ms))).await.is_none() {
+            if self
+                .abortable(tokio::time::sleep(Duration::from_millis(ms)))
+                .await
+                .is_none()
+            {
                 return self.on_abort().await;
             }
         }
@@ -142,7 +147,11 @@ impl Job {
         };
         if let Some(code) = injected {
             self.error_head(&ApiError::for_status(code));
-            return if code < 500 { Outcome::Rejected } else { Outcome::Failed };
+            return if code < 500 {
+                Outcome::Rejected
+            } else {
+                Outcome::Failed
+            };
         }
         if self.parsed.stream {
             self.send_head(Head::Stream, Some(200));
@@ -160,14 +169,19 @@ impl Job {
     /// FCFS admission: wait at the head of the queue until a seq slot and enough free
     /// blocks exist, then take both atomically (§7.7 step 1).
     async fn admit(&self) -> Vec<u32> {
-        let need = self.parsed.prompt_tokens.div_ceil(self.cfg.block_size.max(1));
+        let need = self
+            .parsed
+            .prompt_tokens
+            .div_ceil(self.cfg.block_size.max(1));
         let mut rx = self.shared.subscribe();
         loop {
             let got = self.shared.update_if(|i| {
                 if i.queue.front() != Some(&self.seq) || i.running >= i.cfg.max_num_seqs {
                     return (None, false);
                 }
-                let Some(ids) = i.kv.alloc(need) else { return (None, false) };
+                let Some(ids) = i.kv.alloc(need) else {
+                    return (None, false);
+                };
                 i.queue.pop_front();
                 i.running += 1;
                 if let Some(f) = i.in_flight.get_mut(&self.seq) {
@@ -191,12 +205,15 @@ impl Job {
     /// Prefill (TTFT), KV pull (decode) or LMCache lookup; `Some` ends the request early.
     async fn first_token_wait(&mut self) -> Option<Outcome> {
         let prompt = self.parsed.prompt_tokens as f64;
-        let full_prefill = self.overrides.ttft_ms.map(|t| t as f64).unwrap_or(
-            self.cfg.ttft_ms as f64 + self.cfg.prefill_ms_per_token * prompt,
-        );
-        let transfer = self.overrides.ttft_ms.map(|t| t as f64).unwrap_or(
-            self.cfg.kv_transfer_ms as f64 + self.cfg.kv_transfer_ms_per_token * prompt,
-        );
+        let full_prefill = self
+            .overrides
+            .ttft_ms
+            .map(|t| t as f64)
+            .unwrap_or(self.cfg.ttft_ms as f64 + self.cfg.prefill_ms_per_token * prompt);
+        let transfer =
+            self.overrides.ttft_ms.map(|t| t as f64).unwrap_or(
+                self.cfg.kv_transfer_ms as f64 + self.cfg.kv_transfer_ms_per_token * prompt,
+            );
         if let Some(t) = self.target.clone() {
             // Not abortable: vLLM lets an in-flight transfer finish so P frees on completion.
             let d = self.jittered(transfer);
@@ -217,7 +234,8 @@ impl Job {
             });
             if let Err(e) = res {
                 tracing::warn!(id = %self.internal_id, error = %e.0, "KV load failure");
-                self.shared.update(|i| i.counters.decode_kv_load_failures += 1);
+                self.shared
+                    .update(|i| i.counters.decode_kv_load_failures += 1);
                 return Some(self.fail_generation().await);
             }
             if self.client_gone() {
@@ -283,10 +301,13 @@ impl Job {
     }
 
     async fn generate(&mut self) -> Outcome {
-        let max = self.parsed.max_tokens.unwrap_or(match self.parsed.endpoint {
-            Endpoint::Completions => 16,
-            Endpoint::Chat => self.cfg.default_max_tokens_chat,
-        });
+        let max = self
+            .parsed
+            .max_tokens
+            .unwrap_or(match self.parsed.endpoint {
+                Endpoint::Completions => 16,
+                Endpoint::Chat => self.cfg.default_max_tokens_chat,
+            });
         let natural = self.cfg.eos_after.map_or(max, |e| e.min(max));
         let k = self.overrides.tokens.unwrap_or(natural).max(1);
         self.tokens = k;
@@ -355,10 +376,12 @@ impl Job {
                     KvOut::Params(p)
                 };
                 if self.parsed.stream {
-                    self.shared.update(|i| i.counters.prefill_streamed_params_unreported += 1);
+                    self.shared
+                        .update(|i| i.counters.prefill_streamed_params_unreported += 1);
                 }
             } else {
-                self.shared.update(|i| i.counters.prefill_no_params_stop += 1);
+                self.shared
+                    .update(|i| i.counters.prefill_no_params_stop += 1);
             }
         } else if self.cfg.protocol == Protocol::Lmcache && self.class == Class::Prefill {
             let h = self.parsed.prompt_hash.clone();
@@ -377,8 +400,19 @@ impl Job {
             }
         } else {
             let text: String = (0..self.tokens).map(|i| self.token_text(i)).collect();
-            let body = r::full_response(&self.head_view(), &text, self.finish_reason, prompt, self.tokens, &kv);
-            let resp = super::http_util::bytes_response(StatusCode::OK, "application/json", Bytes::from(body));
+            let body = r::full_response(
+                &self.head_view(),
+                &text,
+                self.finish_reason,
+                prompt,
+                self.tokens,
+                &kv,
+            );
+            let resp = super::http_util::bytes_response(
+                StatusCode::OK,
+                "application/json",
+                Bytes::from(body),
+            );
             self.send_head(Head::Full(resp), Some(200));
         }
         Outcome::Completed
@@ -422,8 +456,16 @@ impl Job {
         tracing::info!(seq = self.seq, class = self.class.as_str(), id = %self.internal_id, disconnect_at_ms = at, "client disconnected; request aborted");
         if self.class == Class::Decode && !self.admitted {
             if let Some(t) = self.target.clone() {
-                if decode::notify(&self.shared, &t.endpoint, &t.remote_request_id, "decode_aborted").await {
-                    self.shared.update(|i| i.counters.decode_abort_notifies_sent += 1);
+                if decode::notify(
+                    &self.shared,
+                    &t.endpoint,
+                    &t.remote_request_id,
+                    "decode_aborted",
+                )
+                .await
+                {
+                    self.shared
+                        .update(|i| i.counters.decode_abort_notifies_sent += 1);
                 }
             }
         }
@@ -434,7 +476,12 @@ impl Job {
     fn finish(&mut self, o: Outcome) {
         let seq = self.seq;
         let class = self.class;
-        let (status, events, fb, dc) = (self.status, self.events_sent, self.first_byte_ms, self.disconnect_at_ms);
+        let (status, events, fb, dc) = (
+            self.status,
+            self.events_sent,
+            self.first_byte_ms,
+            self.disconnect_at_ms,
+        );
         let (prompt, tokens, reason) = (self.parsed.prompt_tokens, self.tokens, self.finish_reason);
         let blocks = std::mem::take(&mut self.blocks);
         self.shared.update(|i| {

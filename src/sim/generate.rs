@@ -38,7 +38,13 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 }
 
 /// Appends a log record and returns its seq.
-pub fn log_request(shared: &Shared, method: &str, path: &str, headers: &HeaderMap, body: &[u8]) -> u64 {
+pub fn log_request(
+    shared: &Shared,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> u64 {
     let t_ms = shared.t_ms();
     shared.update(|i| {
         i.next_seq += 1;
@@ -116,7 +122,11 @@ async fn reject(
 
 /// Handles one generation request end to end. `Err` makes hyper close the connection
 /// without a response (fault `drop_before_headers`).
-pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Resp, std::io::Error> {
     let (parts, body) = req.into_parts();
     let raw = body
         .collect()
@@ -142,10 +152,13 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
 
     let parsed = match validate::parse(endpoint, header_str(h, "content-type"), &raw, &cfg) {
         Ok(p) => p,
-        Err(rej) => return Ok(reject(&shared, seq, rej.error, endpoint, h, rej.body.as_ref()).await),
+        Err(rej) => {
+            return Ok(reject(&shared, seq, rej.error, endpoint, h, rej.body.as_ref()).await)
+        }
     };
 
-    let base = base_id(h, Some(&parsed.body)).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let base =
+        base_id(h, Some(&parsed.body)).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let unsuffixed = unsuffixed_id(endpoint, &base);
     let public = match endpoint {
         Endpoint::Completions => format!("cmpl-{base}"),
@@ -158,8 +171,17 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
     let mut without_params = false;
     match cfg.protocol {
         Protocol::Lmcache => {
-            let limit = parsed.max_tokens.or_else(|| parsed.body.get("max_completion_tokens").and_then(Value::as_u64));
-            class = if limit == Some(1) { Class::Prefill } else { Class::Decode };
+            let limit = parsed.max_tokens.or_else(|| {
+                parsed
+                    .body
+                    .get("max_completion_tokens")
+                    .and_then(Value::as_u64)
+            });
+            class = if limit == Some(1) {
+                Class::Prefill
+            } else {
+                Class::Decode
+            };
         }
         p => {
             if decode::wants_remote_decode(p, &parsed.body) {
@@ -177,13 +199,21 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
                         shared.update(|i| i.counters.decode_invalid_kv_params += 1);
                         tracing::warn!(%reason, "Got invalid KVTransferParams");
                         if cfg.on_invalid_kv_params == super::config::OnInvalidKvParams::Reject {
-                            let err = ApiError::new(400, "BadRequestError", format!("invalid kv_transfer_params: {reason}"))
-                                .param("kv_transfer_params");
-                            return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+                            let err = ApiError::new(
+                                400,
+                                "BadRequestError",
+                                format!("invalid kv_transfer_params: {reason}"),
+                            )
+                            .param("kv_transfer_params");
+                            return Ok(
+                                reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await
+                            );
                         }
                     }
                 }
-            } else if p == Protocol::Nixlv2 && parsed.body.get("kv_transfer_params") == Some(&Value::Null) {
+            } else if p == Protocol::Nixlv2
+                && parsed.body.get("kv_transfer_params") == Some(&Value::Null)
+            {
                 without_params = true;
             }
         }
@@ -195,10 +225,16 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
     } else {
         unsuffixed.clone()
     };
-    let ids = Ids { public, internal, unsuffixed };
+    let ids = Ids {
+        public,
+        internal,
+        unsuffixed,
+    };
 
     // Register in flight; an in-flight duplicate internal id (Era A only) is rejected.
-    let pull = target.as_ref().map(|t| (t.endpoint.clone(), t.remote_request_id.clone()));
+    let pull = target
+        .as_ref()
+        .map(|t| (t.endpoint.clone(), t.remote_request_id.clone()));
     let dup = shared.update(|i| {
         if i.in_flight.values().any(|f| f.internal_id == ids.internal) {
             return true;
@@ -206,7 +242,15 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
         if without_params {
             i.counters.decode_without_kv_params += 1;
         }
-        i.in_flight.insert(seq, Flight { class, queued: true, internal_id: ids.internal.clone(), pull });
+        i.in_flight.insert(
+            seq,
+            Flight {
+                class,
+                queued: true,
+                internal_id: ids.internal.clone(),
+                pull,
+            },
+        );
         i.queue.push_back(seq);
         if let Some(r) = i.log.get_mut(seq) {
             r.class = Some(class);
@@ -217,7 +261,11 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
         false
     });
     if dup {
-        let err = ApiError::new(400, "BadRequestError", format!("Request id {} already running.", ids.internal));
+        let err = ApiError::new(
+            400,
+            "BadRequestError",
+            format!("Request id {} already running.", ids.internal),
+        );
         return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
     }
     tracing::debug!(seq, class = class.as_str(), id = %ids.internal, unsuffixed = %ids.unsuffixed, "request admitted to queue");
@@ -266,6 +314,9 @@ pub async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request<Incomi
             );
             Ok(resp)
         }
-        Ok(Head::Drop) | Err(_) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "dropped")),
+        Ok(Head::Drop) | Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "dropped",
+        )),
     }
 }

@@ -170,7 +170,9 @@ impl ApiError {
                 .field("code", &self.status)
         };
         match fmt {
-            ErrorFormat::Current => Obj::new().raw("error", &fields(Obj::new()).finish()).finish(),
+            ErrorFormat::Current => Obj::new()
+                .raw("error", &fields(Obj::new()).finish())
+                .finish(),
             ErrorFormat::Legacy => fields(Obj::new().field("object", "error")).finish(),
         }
     }
@@ -191,7 +193,13 @@ pub type CallResult = Result<(u16, Bytes), String>;
 
 /// One HTTP/1.1 request on a fresh loopback connection. Side-channel traffic is rare and
 /// local, so a pool would add state without saving anything measurable.
-pub async fn call(addr: &str, method: &str, path: &str, body: Option<Vec<u8>>, timeout: Duration) -> CallResult {
+pub async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> CallResult {
     let fut = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -213,7 +221,10 @@ pub async fn call(addr: &str, method: &str, path: &str, body: Option<Vec<u8>>, t
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(full).map_err(|e| e.to_string())?;
-        let resp = tx.send_request(req).await.map_err(|e| format!("request {addr}{path}: {e}"));
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request {addr}{path}: {e}"));
         let out = match resp {
             Ok(resp) => {
                 let status = resp.status().as_u16();

@@ -145,7 +145,12 @@ impl KvPool {
     }
 
     /// Handles a decoder's read: matching lease → pulled and freed.
-    pub fn read(&mut self, id: &str, block_ids: &[u32], prompt_hash: &str) -> Result<(), ReadError> {
+    pub fn read(
+        &mut self,
+        id: &str,
+        block_ids: &[u32],
+        prompt_hash: &str,
+    ) -> Result<(), ReadError> {
         let lease = self.held.get(id).ok_or(ReadError::UnknownLease)?;
         if lease.block_ids != block_ids {
             return Err(ReadError::BlockMismatch);

@@ -127,11 +127,23 @@ fn usage(prompt: u64, completion: u64, details: bool) -> String {
         .field("prompt_tokens", &prompt)
         .field("total_tokens", &(prompt + completion))
         .field("completion_tokens", &completion);
-    if details { o.null("prompt_tokens_details") } else { o }.finish()
+    if details {
+        o.null("prompt_tokens_details")
+    } else {
+        o
+    }
+    .finish()
 }
 
 /// The full non-streaming body (§1.3 example shape).
-pub fn full_response(h: &Head, text: &str, finish: &str, prompt: u64, completion: u64, kv: &KvOut) -> String {
+pub fn full_response(
+    h: &Head,
+    text: &str,
+    finish: &str,
+    prompt: u64,
+    completion: u64,
+    kv: &KvOut,
+) -> String {
     let choice = match h.endpoint {
         Endpoint::Completions => Obj::new()
             .field("index", &0)
@@ -198,7 +210,10 @@ pub fn role_chunk(h: &Head) -> Bytes {
         .null("logprobs")
         .null("finish_reason")
         .finish();
-    sse(&h.start(true).raw("choices", &format!("[{choice}]")).finish())
+    sse(&h
+        .start(true)
+        .raw("choices", &format!("[{choice}]"))
+        .finish())
 }
 
 /// One token chunk; the last carries `finish_reason`.
@@ -213,7 +228,10 @@ pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>) -> Bytes {
         .field("finish_reason", &finish)
         .null("stop_reason")
         .finish();
-    sse(&h.start(true).raw("choices", &format!("[{choice}]")).finish())
+    sse(&h
+        .start(true)
+        .raw("choices", &format!("[{choice}]"))
+        .finish())
 }
 
 /// The usage chunk (`choices: []`), serialized with exclude_none as vLLM does.

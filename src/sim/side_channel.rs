@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn bad_request(msg: &str) -> Resp {
-    json_response(StatusCode::BAD_REQUEST, &json!({"ok": false, "reason": msg}))
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"ok": false, "reason": msg}),
+    )
 }
 
 fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
@@ -84,14 +87,19 @@ fn read(shared: &Shared, body: &Value) -> Resp {
         Ok(()) => json_response(StatusCode::OK, &json!({"ok": true})),
         Err(ReadError::UnknownLease) => {
             tracing::error!(id, "Potentially invalid KV blocks for unrecognized request were retrieved by a decode worker. They may have expired.");
-            json_response(StatusCode::NOT_FOUND, &json!({"ok": false, "reason": "unknown_lease"}))
+            json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"ok": false, "reason": "unknown_lease"}),
+            )
         }
-        Err(ReadError::BlockMismatch) => {
-            json_response(StatusCode::CONFLICT, &json!({"ok": false, "reason": "block_mismatch"}))
-        }
-        Err(ReadError::PromptMismatch) => {
-            json_response(StatusCode::CONFLICT, &json!({"ok": false, "reason": "prompt_mismatch"}))
-        }
+        Err(ReadError::BlockMismatch) => json_response(
+            StatusCode::CONFLICT,
+            &json!({"ok": false, "reason": "block_mismatch"}),
+        ),
+        Err(ReadError::PromptMismatch) => json_response(
+            StatusCode::CONFLICT,
+            &json!({"ok": false, "reason": "prompt_mismatch"}),
+        ),
     }
 }
 
@@ -117,7 +125,11 @@ fn heartbeat(shared: &Shared, body: &Value) -> Resp {
     let ids: Vec<String> = body
         .get("remote_request_ids")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let n = shared.update(|i| {
         i.counters.side_channel_in.heartbeat += 1;

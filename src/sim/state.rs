@@ -88,7 +88,8 @@ impl Inner {
 
     pub fn invariants_ok(&self) -> bool {
         self.kv.invariants_ok()
-            && self.counters.leases_created == self.counters.lease_total(self.kv.leases_held() as u64)
+            && self.counters.leases_created
+                == self.counters.lease_total(self.kv.leases_held() as u64)
     }
 
     pub fn is_idle(&self) -> bool {

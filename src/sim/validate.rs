@@ -45,28 +45,88 @@ pub struct Rejected {
 }
 
 const COMMON_FIELDS: &[&str] = &[
-    "model", "max_tokens", "n", "stream", "stream_options", "temperature", "top_p", "top_k",
-    "min_p", "seed", "stop", "stop_token_ids", "user", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "logprobs", "ignore_eos", "min_tokens", "priority",
-    "request_id", "kv_transfer_params", "skip_special_tokens", "spaces_between_special_tokens",
-    "include_stop_str_in_output", "response_format", "structured_outputs", "guided_json",
-    "guided_regex", "guided_choice", "guided_grammar", "length_penalty", "use_beam_search",
-    "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "prompt_logprobs",
-    "add_special_tokens", "return_tokens_as_token_ids", "return_token_ids", "cache_salt",
-    "vllm_xargs", "logits_processors", "echo", "best_of", "ec_transfer_params",
+    "model",
+    "max_tokens",
+    "n",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "logprobs",
+    "ignore_eos",
+    "min_tokens",
+    "priority",
+    "request_id",
+    "kv_transfer_params",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "length_penalty",
+    "use_beam_search",
+    "truncate_prompt_tokens",
+    "allowed_token_ids",
+    "bad_words",
+    "prompt_logprobs",
+    "add_special_tokens",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "cache_salt",
+    "vllm_xargs",
+    "logits_processors",
+    "echo",
+    "best_of",
+    "ec_transfer_params",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "suffix", "prompt_embeds"];
 const CHAT_FIELDS: &[&str] = &[
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-    "parallel_tool_calls", "reasoning_effort", "chat_template", "chat_template_kwargs",
-    "add_generation_prompt", "continue_final_message", "documents", "mm_processor_kwargs",
-    "include_reasoning", "metadata", "store", "modalities", "audio", "prediction",
-    "service_tier", "web_search_options", "function_call", "functions",
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "documents",
+    "mm_processor_kwargs",
+    "include_reasoning",
+    "metadata",
+    "store",
+    "modalities",
+    "audio",
+    "prediction",
+    "service_tier",
+    "web_search_options",
+    "function_call",
+    "functions",
 ];
 /// Top-level NIXL v1 fields (§2.1): understood only with `--protocol nixl-v1`.
 pub const NIXL_V1_FIELDS: &[&str] = &[
-    "do_remote_decode", "do_remote_prefill", "remote_block_ids", "remote_engine_id",
-    "remote_host", "remote_port",
+    "do_remote_decode",
+    "do_remote_prefill",
+    "remote_block_ids",
+    "remote_engine_id",
+    "remote_host",
+    "remote_port",
 ];
 
 /// Counts "tokens" as matches of `\w+|[^\w\s]`, returning them too (for echo mode).
@@ -92,13 +152,22 @@ pub fn tokenize(s: &str) -> Vec<String> {
 }
 
 fn bad(fmt: ErrorFormat, field: &str, msg: &str) -> ApiError {
-    ApiError::validation(fmt, format!("[{{'type': 'value_error', 'loc': ('body', '{field}'), 'msg': '{msg}'}}]"))
-        .param(field)
+    ApiError::validation(
+        fmt,
+        format!("[{{'type': 'value_error', 'loc': ('body', '{field}'), 'msg': '{msg}'}}]"),
+    )
+    .param(field)
 }
 
 /// Tokens of a completions prompt; token-id arrays count their length.
 fn prompt_tokens(fmt: ErrorFormat, prompt: Option<&Value>) -> Result<(u64, Vec<String>), ApiError> {
-    let err = || bad(fmt, "prompt", "Input should be a non-empty string, list of strings or list of token ids");
+    let err = || {
+        bad(
+            fmt,
+            "prompt",
+            "Input should be a non-empty string, list of strings or list of token ids",
+        )
+    };
     match prompt {
         Some(Value::String(s)) if !s.is_empty() => {
             let w = tokenize(s);
@@ -153,7 +222,10 @@ fn chat_tokens(fmt: ErrorFormat, messages: Option<&Value>) -> Result<(u64, Vec<S
             Some(Value::String(s)) => text.push_str(s),
             Some(Value::Array(parts)) => {
                 for p in parts {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => {
                             text.push_str(t);
                             text.push('\n');
@@ -182,25 +254,44 @@ pub fn prompt_hash(endpoint: Endpoint, v: &Value) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn opt_pos_int(fmt: ErrorFormat, body: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
+fn opt_pos_int(
+    fmt: ErrorFormat,
+    body: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<u64>, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => Ok(Some(n)),
-            _ => Err(bad(fmt, key, "Input should be an integer greater than or equal to 1")),
+            _ => Err(bad(
+                fmt,
+                key,
+                "Input should be an integer greater than or equal to 1",
+            )),
         },
     }
 }
 
 /// Runs the §7.4 checks in order; the first failure wins.
-pub fn parse(endpoint: Endpoint, content_type: Option<&str>, raw: &[u8], cfg: &SimConfig) -> Result<Parsed, Rejected> {
+pub fn parse(
+    endpoint: Endpoint,
+    content_type: Option<&str>,
+    raw: &[u8],
+    cfg: &SimConfig,
+) -> Result<Parsed, Rejected> {
     let fmt = cfg.error_format;
-    let reject = |error: ApiError, body: Option<&Map<String, Value>>| Rejected { error, body: body.cloned() };
+    let reject = |error: ApiError, body: Option<&Map<String, Value>>| Rejected {
+        error,
+        body: body.cloned(),
+    };
     let media = content_type
         .and_then(|c| c.split(';').next())
         .map(|m| m.trim().to_ascii_lowercase());
     if media.as_deref() != Some("application/json") {
-        let e = ApiError::validation(fmt, "Unsupported Media Type: Only 'application/json' is allowed");
+        let e = ApiError::validation(
+            fmt,
+            "Unsupported Media Type: Only 'application/json' is allowed",
+        );
         return Err(reject(e, None));
     }
     let body: Map<String, Value> = match serde_json::from_slice::<Value>(raw) {
@@ -239,39 +330,79 @@ pub fn parse(endpoint: Endpoint, content_type: Option<&str>, raw: &[u8], cfg: &S
     match body.get("n") {
         None | Some(Value::Null) => {}
         Some(v) if v.as_u64() == Some(1) => {}
-        Some(_) => return Err(reject(bad(fmt, "n", "Only n=1 is supported by the simulator"), b)),
+        Some(_) => {
+            return Err(reject(
+                bad(fmt, "n", "Only n=1 is supported by the simulator"),
+                b,
+            ))
+        }
     }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(s)) => *s,
-        Some(_) => return Err(reject(bad(fmt, "stream", "Input should be a valid boolean"), b)),
+        Some(_) => {
+            return Err(reject(
+                bad(fmt, "stream", "Input should be a valid boolean"),
+                b,
+            ))
+        }
     };
     let mut include_usage = false;
     match body.get("stream_options") {
         None | Some(Value::Null) => {}
         Some(Value::Object(o)) => {
             if !stream {
-                let e = ApiError::validation(fmt, "Stream options can only be defined when `stream=True`.")
-                    .param("stream_options");
+                let e = ApiError::validation(
+                    fmt,
+                    "Stream options can only be defined when `stream=True`.",
+                )
+                .param("stream_options");
                 return Err(reject(e, b));
             }
-            include_usage = o.get("include_usage").and_then(Value::as_bool).unwrap_or(false);
+            include_usage = o
+                .get("include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
         }
-        Some(_) => return Err(reject(bad(fmt, "stream_options", "Input should be an object"), b)),
+        Some(_) => {
+            return Err(reject(
+                bad(fmt, "stream_options", "Input should be an object"),
+                b,
+            ))
+        }
     }
     match body.get("kv_transfer_params") {
         None | Some(Value::Null) | Some(Value::Object(_)) => {}
-        Some(_) => return Err(reject(bad(fmt, "kv_transfer_params", "Input should be a valid dictionary"), b)),
+        Some(_) => {
+            return Err(reject(
+                bad(
+                    fmt,
+                    "kv_transfer_params",
+                    "Input should be a valid dictionary",
+                ),
+                b,
+            ))
+        }
     }
     let served = cfg.model_names();
     let model = match body.get("model") {
         None | Some(Value::Null) => served.first().cloned().unwrap_or_default(),
         Some(Value::String(m)) if served.iter().any(|s| s == m) => m.clone(),
         Some(Value::String(m)) => {
-            let e = ApiError::new(404, "NotFoundError", format!("The model `{m}` does not exist.")).param("model");
+            let e = ApiError::new(
+                404,
+                "NotFoundError",
+                format!("The model `{m}` does not exist."),
+            )
+            .param("model");
             return Err(reject(e, b));
         }
-        Some(_) => return Err(reject(bad(fmt, "model", "Input should be a valid string"), b)),
+        Some(_) => {
+            return Err(reject(
+                bad(fmt, "model", "Input should be a valid string"),
+                b,
+            ))
+        }
     };
     let n = cfg.max_model_len;
     if prompt_tokens > n {
@@ -328,11 +459,23 @@ mod tests {
         let status = |r: Result<Parsed, Rejected>| r.err().map(|e| e.error.status);
         assert_eq!(status(p(Some("text/plain"), "{}")), Some(400));
         assert_eq!(status(p(Some("application/json"), "{")), Some(400));
-        assert_eq!(status(p(Some("application/json"), r#"{"prompt":"a","model":"x"}"#)), Some(404));
-        assert_eq!(status(p(Some("application/json"), r#"{"prompt":"a","stream_options":{}}"#)), Some(400));
-        let ok = p(Some("application/json; charset=utf-8"), r#"{"prompt":"a b","max_tokens":2,"foo":1}"#)
-            .ok()
-            .expect("valid");
+        assert_eq!(
+            status(p(Some("application/json"), r#"{"prompt":"a","model":"x"}"#)),
+            Some(404)
+        );
+        assert_eq!(
+            status(p(
+                Some("application/json"),
+                r#"{"prompt":"a","stream_options":{}}"#
+            )),
+            Some(400)
+        );
+        let ok = p(
+            Some("application/json; charset=utf-8"),
+            r#"{"prompt":"a b","max_tokens":2,"foo":1}"#,
+        )
+        .ok()
+        .expect("valid");
         assert_eq!(ok.prompt_tokens, 2);
         assert_eq!(ok.ignored_fields, vec!["foo".to_string()]);
     }

@@ -62,7 +62,13 @@ impl Pending {
     }
 }
 
-pub async fn start(addr: SocketAddr, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Pending {
+pub async fn start(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Pending {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -82,18 +88,33 @@ pub async fn start(addr: SocketAddr, method: &str, path: &str, body: &str, heade
     if !has_ct && !body.is_empty() {
         req = req.header("content-type", "application/json");
     }
-    let req = req.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
     let resp = tokio::spawn(async move { tx.send_request(req).await });
     Pending { conn, resp }
 }
 
-pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
-    let (r, conn) = start(addr, method, path, body, headers).await.response().await;
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let (r, conn) = start(addr, method, path, body, headers)
+        .await
+        .response()
+        .await;
     let status = r.status();
     let headers = r.headers().clone();
     let body = r.into_body().collect().await.expect("body").to_bytes();
     conn.abort();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
@@ -105,8 +126,16 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 }
 
 /// Streams a response, returning each body frame separately.
-pub async fn frames(addr: SocketAddr, path: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Vec<Bytes>) {
-    let (r, conn) = start(addr, "POST", path, body, headers).await.response().await;
+pub async fn frames(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Vec<Bytes>) {
+    let (r, conn) = start(addr, "POST", path, body, headers)
+        .await
+        .response()
+        .await;
     let status = r.status();
     let mut b = r.into_body();
     let mut out = Vec::new();
@@ -130,7 +159,11 @@ pub async fn state(s: &SimServer) -> Value {
 
 /// `GET /sim/wait`; returns (status, state).
 pub async fn wait(s: &SimServer, until: &str, timeout_ms: u64) -> (u16, Value) {
-    let r = get(s.api_addr(), &format!("/sim/wait?until={until}&timeout_ms={timeout_ms}")).await;
+    let r = get(
+        s.api_addr(),
+        &format!("/sim/wait?until={until}&timeout_ms={timeout_ms}"),
+    )
+    .await;
     (r.status.as_u16(), r.json())
 }
 
@@ -139,7 +172,8 @@ pub fn counter(state: &Value, path: &str) -> u64 {
     for p in path.split('.') {
         v = &v[p];
     }
-    v.as_u64().unwrap_or_else(|| panic!("counter {path} missing in {state}"))
+    v.as_u64()
+        .unwrap_or_else(|| panic!("counter {path} missing in {state}"))
 }
 
 /// Builds a decode body from the original request and P's returned params (verbatim).
