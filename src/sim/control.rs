@@ -20,13 +20,13 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
 }
 
 /// Body as a JSON object; an empty body counts as `{}`.
-fn object(raw: &[u8]) -> Result<Map<String, Value>, Resp> {
+fn object(raw: &[u8]) -> Result<Map<String, Value>, String> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(error(StatusCode::BAD_REQUEST, "body must be a JSON object")),
+        _ => Err("body must be a JSON object".into()),
     }
 }
 
@@ -48,11 +48,11 @@ pub async fn handle(
         }
         (&Method::POST, "/sim/reset") => match object(raw) {
             Ok(b) => reset(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (&Method::POST, "/sim/config") => match object(raw) {
             Ok(b) => config(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (&Method::GET, "/sim/config") => {
             let v = shared.read(|i| json!({"config": i.cfg, "faults": i.faults.to_json()}));
@@ -61,7 +61,7 @@ pub async fn handle(
         (&Method::GET, "/sim/wait") => wait(&shared, query).await,
         (&Method::POST, "/sim/expire_leases") => match object(raw) {
             Ok(b) => expire(&shared, &b),
-            Err(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         _ => not_found(),
     }

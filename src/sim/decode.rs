@@ -22,10 +22,7 @@ pub struct DecodeTarget {
 }
 
 /// The object holding the remote params for this protocol (top level for nixl-v1).
-pub fn params_object<'a>(
-    protocol: Protocol,
-    body: &'a Map<String, Value>,
-) -> Option<&'a Map<String, Value>> {
+pub fn params_object(protocol: Protocol, body: &Map<String, Value>) -> Option<&Map<String, Value>> {
     match protocol {
         Protocol::NixlV1 => Some(body),
         _ => body.get("kv_transfer_params").and_then(Value::as_object),
