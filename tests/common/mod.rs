@@ -68,10 +68,12 @@ impl Drop for Sidecar {
 
 /// A simulated vLLM worker with the spec defaults and fast timings.
 pub async fn sim(configure: impl FnOnce(&mut SimConfig)) -> SimServer {
-    let mut cfg = SimConfig::default();
-    cfg.ttft_ms = 5;
-    cfg.itl_ms = 1;
-    cfg.kv_transfer_ms = 1;
+    let mut cfg = SimConfig {
+        ttft_ms: 5,
+        itl_ms: 1,
+        kv_transfer_ms: 1,
+        ..SimConfig::default()
+    };
     configure(&mut cfg);
     sidecar::sim::spawn(cfg).await.expect("sim starts")
 }
