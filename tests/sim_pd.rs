@@ -426,3 +426,29 @@ async fn leaked_leases_starve_later_prefills() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn side_channel_down_is_a_kv_load_failure() {
+    bounded(async {
+        let p = sim(|_| {}).await;
+        let d = sim(|_| {}).await;
+        let original = json!({"prompt": "a b", "max_tokens": 2});
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
+        let r = post(
+            p.api_addr(),
+            "/sim/config",
+            r#"{"faults": {"side_channel_down": true}}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
+        assert_eq!(dr.status, 500);
+        let ds = state(&d).await;
+        assert_eq!(counter(&ds, "decode_kv_load_failures"), 1);
+        assert!(counter(&ds, "side_channel_errors") >= 1);
+        assert_eq!(state(&p).await["kv"]["leases_held"], 1);
+    })
+    .await;
+}
