@@ -364,3 +364,91 @@ async fn lmcache_store_then_hit_via_peer() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn era_b_stop_finish_returns_null_params_without_lease() {
+    bounded(async {
+        let p = sim(|c| {
+            c.kv_params_era = Era::B;
+            c.eos_after = Some(1);
+        })
+        .await;
+        let mut body: Value =
+            serde_json::from_str(&prefill_body(&json!({"prompt": "a b"}))).expect("json");
+        body["max_tokens"] = 2.into(); // EOS after 1 token → finish_reason "stop"
+        let r = post(p.api_addr(), COMPLETIONS, &body.to_string())
+            .await
+            .json();
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        assert_eq!(r["kv_transfer_params"], Value::Null);
+        let ps = state(&p).await;
+        assert_eq!(counter(&ps, "prefill_no_params_stop"), 1);
+        assert_eq!(counter(&ps, "leases_created"), 0);
+        assert_eq!(ps["kv"]["free_blocks"], ps["kv"]["total_blocks"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streamed_prefill_leases_but_does_not_report_params() {
+    bounded(async {
+        let p = sim(|_| {}).await;
+        let mut body: Value =
+            serde_json::from_str(&prefill_body(&json!({"prompt": "a b"}))).expect("json");
+        body["stream"] = true.into();
+        let (status, evs) = frames(p.api_addr(), COMPLETIONS, &body.to_string(), &[]).await;
+        assert_eq!(status, 200);
+        assert!(evs
+            .iter()
+            .all(|e| !String::from_utf8_lossy(e).contains("kv_transfer_params")));
+        let ps = state(&p).await;
+        assert_eq!(counter(&ps, "prefill_streamed_params_unreported"), 1);
+        assert_eq!(ps["kv"]["leases_held"], 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn leaked_leases_starve_later_prefills() {
+    bounded(async {
+        // 2 blocks of 16 tokens: one leaked lease of 2 blocks blocks the next prefill.
+        let p = sim(|c| c.num_gpu_blocks = 2).await;
+        let prompt: String = (0..20).map(|i| format!("w{i} ")).collect();
+        let body = prefill_body(&json!({ "prompt": prompt }));
+        assert_eq!(post(p.api_addr(), COMPLETIONS, &body).await.status, 200);
+        let pending = start(p.api_addr(), "POST", COMPLETIONS, &body, &[]).await;
+        assert_eq!(wait(&p, "queued", 2000).await.0, 200);
+        post(p.api_addr(), "/sim/expire_leases", "{}").await;
+        let (resp, conn) = pending.response().await;
+        assert_eq!(resp.status(), 200);
+        conn.abort();
+        assert_eq!(state(&p).await["kv"]["leases_held"], 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn side_channel_down_is_a_kv_load_failure() {
+    bounded(async {
+        let p = sim(|_| {}).await;
+        let d = sim(|_| {}).await;
+        let original = json!({"prompt": "a b", "max_tokens": 2});
+        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
+            .await
+            .json();
+        let r = post(
+            p.api_addr(),
+            "/sim/config",
+            r#"{"faults": {"side_channel_down": true}}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
+        assert_eq!(dr.status, 500);
+        let ds = state(&d).await;
+        assert_eq!(counter(&ds, "decode_kv_load_failures"), 1);
+        assert!(counter(&ds, "side_channel_errors") >= 1);
+        assert_eq!(state(&p).await["kv"]["leases_held"], 1);
+    })
+    .await;
+}

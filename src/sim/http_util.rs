@@ -208,9 +208,6 @@ pub async fn call(
         let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| format!("handshake {addr}: {e}"))?;
-        let conn_task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let has_body = body.is_some();
         let full = http_body_util::Full::new(Bytes::from(body.unwrap_or_default()));
         let mut req = http::Request::builder()
@@ -221,23 +218,28 @@ pub async fn call(
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(full).map_err(|e| e.to_string())?;
-        let resp = tx
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request {addr}{path}: {e}"));
-        let out = match resp {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                resp.into_body()
-                    .collect()
-                    .await
-                    .map(|b| (status, b.to_bytes()))
-                    .map_err(|e| format!("body {addr}{path}: {e}"))
-            }
-            Err(e) => Err(e),
+        let exchange = async {
+            let resp = tx
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request {addr}{path}: {e}"))?;
+            let status = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body {addr}{path}: {e}"))?;
+            Ok((status, b.to_bytes()))
         };
-        conn_task.abort();
-        out
+        // Drive the connection inside this future (no detached task that could outlive an
+        // aborted caller); if it ends first, the exchange still drains what was buffered.
+        tokio::pin!(exchange);
+        tokio::pin!(conn);
+        tokio::select! {
+            biased;
+            r = &mut exchange => r,
+            _ = &mut conn => exchange.await,
+        }
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,

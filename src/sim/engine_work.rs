@@ -1,0 +1,259 @@
+//! Running phase of an engine task: the KV pull or prefill wait before the first token,
+//! token emission, and the prefill lease with its `kv_transfer_params` (§7.7, §7.10, §7.11).
+
+use super::config::{Era, LeaseMode, OutputMode, Protocol};
+use super::counters::Class;
+use super::decode;
+use super::engine::{Head, Job, Outcome};
+use super::http_util::{bytes_response, call, ApiError, StreamItem};
+use super::kv::{Lease, LeaseState};
+use super::responses::{self as r, KvOut, PrefillParams};
+use super::validate::Endpoint;
+use bytes::Bytes;
+use http::StatusCode;
+use std::time::{Duration, Instant};
+
+impl Job {
+    /// Prefill (TTFT), KV pull (decode) or LMCache lookup; `Some` ends the request early.
+    pub(super) async fn first_token_wait(&mut self) -> Option<Outcome> {
+        let prompt = self.parsed.prompt_tokens as f64;
+        let full_prefill = self
+            .overrides
+            .ttft_ms
+            .map(|t| t as f64)
+            .unwrap_or(self.cfg.ttft_ms as f64 + self.cfg.prefill_ms_per_token * prompt);
+        let transfer =
+            self.overrides.ttft_ms.map(|t| t as f64).unwrap_or(
+                self.cfg.kv_transfer_ms as f64 + self.cfg.kv_transfer_ms_per_token * prompt,
+            );
+        if let Some(t) = self.target.clone() {
+            // Not abortable: vLLM lets an in-flight transfer finish so P frees on completion.
+            let d = self.jittered(transfer);
+            let res = decode::pull(
+                &self.shared,
+                &t,
+                d,
+                self.parsed.prompt_tokens,
+                &self.parsed.prompt_hash,
+                self.faults.side_channel_down,
+            )
+            .await;
+            let seq = self.seq;
+            self.shared.update(|i| {
+                if let Some(f) = i.in_flight.get_mut(&seq) {
+                    f.pull = None;
+                }
+            });
+            if let Err(e) = res {
+                tracing::warn!(id = %self.internal_id, error = %e.0, "KV load failure");
+                self.shared
+                    .update(|i| i.counters.decode_kv_load_failures += 1);
+                return Some(self.fail_generation().await);
+            }
+            if self.client_gone() {
+                return Some(self.on_abort().await);
+            }
+            return None;
+        }
+        let wait = if self.cfg.protocol == Protocol::Lmcache && self.class == Class::Decode {
+            if self.lmcache_hit().await {
+                self.shared.update(|i| i.counters.lmcache_hits += 1);
+                transfer
+            } else {
+                self.shared.update(|i| i.counters.lmcache_misses += 1);
+                full_prefill
+            }
+        } else {
+            full_prefill
+        };
+        let d = self.jittered(wait);
+        if self.abortable(tokio::time::sleep(d)).await.is_none() {
+            return Some(self.on_abort().await);
+        }
+        None
+    }
+
+    pub(super) async fn lmcache_hit(&self) -> bool {
+        let hash = &self.parsed.prompt_hash;
+        if let Some(peer) = &self.cfg.lmcache_peer {
+            let addr = peer.trim_start_matches("http://").trim_end_matches('/');
+            let path = format!("/lmcache/has?hash={hash}");
+            if let Ok((200, b)) = call(addr, "GET", &path, None, Duration::from_secs(5)).await {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                if v.get("has").and_then(|h| h.as_bool()) == Some(true) {
+                    return true;
+                }
+            } else {
+                self.shared.update(|i| i.counters.side_channel_errors += 1);
+            }
+        }
+        self.shared.read(|i| i.lmcache.contains(hash))
+    }
+
+    /// KV load failure: 500 non-streaming; error event + [DONE] when streaming (§7.10.1).
+    pub(super) async fn fail_generation(&mut self) -> Outcome {
+        let e = ApiError::internal();
+        if self.parsed.stream {
+            let _ = self.event(e.sse_event()).await;
+            let _ = self.event(r::done_event()).await;
+        } else {
+            self.error_head(&e);
+        }
+        Outcome::Failed
+    }
+
+    pub(super) fn token_text(&self, i: u64) -> String {
+        match self.cfg.mode {
+            OutputMode::Echo if !self.parsed.words.is_empty() => {
+                let w = &self.parsed.words[(i as usize) % self.parsed.words.len()];
+                format!(" {w}")
+            }
+            _ => format!(" t{i}"),
+        }
+    }
+
+    pub(super) async fn generate(&mut self) -> Outcome {
+        let max = self
+            .parsed
+            .max_tokens
+            .unwrap_or(match self.parsed.endpoint {
+                Endpoint::Completions => 16,
+                Endpoint::Chat => self.cfg.default_max_tokens_chat,
+            });
+        let natural = self.cfg.eos_after.map_or(max, |e| e.min(max));
+        let k = self.overrides.tokens.unwrap_or(natural).max(1);
+        self.tokens = k;
+        self.finish_reason = if k == max { "length" } else { "stop" };
+        let itl = self.overrides.itl_ms.unwrap_or(self.cfg.itl_ms) as f64;
+        if self.parsed.stream {
+            if self.faults.drop_after_tokens == Some(0) {
+                let _ = self.tx.send(StreamItem::Abort).await;
+                return Outcome::Failed;
+            }
+            for i in 0..k {
+                if i > 0 {
+                    let d = self.jittered(itl);
+                    if self.abortable(tokio::time::sleep(d)).await.is_none() {
+                        return self.on_abort().await;
+                    }
+                }
+                if i == 0 && self.parsed.endpoint == Endpoint::Chat {
+                    let c = r::role_chunk(&self.head_view());
+                    if !self.event(c).await {
+                        return self.on_abort().await;
+                    }
+                }
+                let finish = (i + 1 == k).then_some(self.finish_reason);
+                let c = r::token_chunk(&self.head_view(), &self.token_text(i), finish);
+                if !self.event(c).await {
+                    return self.on_abort().await;
+                }
+                if self.faults.drop_after_tokens == Some(i + 1) {
+                    let _ = self.tx.send(StreamItem::Abort).await;
+                    return Outcome::Failed;
+                }
+            }
+        } else {
+            let d = self.jittered(itl * (k - 1) as f64);
+            if self.abortable(tokio::time::sleep(d)).await.is_none() {
+                return self.on_abort().await;
+            }
+            if self.faults.drop_after_tokens.is_some() {
+                self.send_head(Head::Drop, None);
+                return Outcome::Failed;
+            }
+        }
+        self.complete().await
+    }
+
+    /// Creates the prefill lease (or not, §7.7 step 3) and writes the final response.
+    pub(super) async fn complete(&mut self) -> Outcome {
+        let is_pd_prefill = self.class == Class::Prefill && self.cfg.protocol != Protocol::Lmcache;
+        if !self.parsed.stream && self.client_gone() {
+            // Not written yet: this is an abort, not a completion (post-#29987 semantics).
+            return self.on_abort().await;
+        }
+        let mut kv = KvOut::Null;
+        if is_pd_prefill {
+            let capped_ok = self.finish_reason == "length" || self.cfg.kv_params_era == Era::C;
+            if capped_ok {
+                let p = self.make_lease();
+                kv = if self.faults.omit_kv_params {
+                    KvOut::Omit
+                } else if self.faults.null_kv_params {
+                    KvOut::Null
+                } else if self.cfg.protocol == Protocol::NixlV1 {
+                    KvOut::V1(p)
+                } else {
+                    KvOut::Params(p)
+                };
+                if self.parsed.stream {
+                    self.shared
+                        .update(|i| i.counters.prefill_streamed_params_unreported += 1);
+                }
+            } else {
+                self.shared
+                    .update(|i| i.counters.prefill_no_params_stop += 1);
+            }
+        } else if self.cfg.protocol == Protocol::Lmcache && self.class == Class::Prefill {
+            let h = self.parsed.prompt_hash.clone();
+            self.shared.update(|i| i.lmcache.insert(h));
+        }
+        let prompt = self.parsed.prompt_tokens;
+        if self.parsed.stream {
+            if self.parsed.include_usage {
+                let c = r::usage_chunk(&self.head_view(), prompt, self.tokens);
+                if !self.event(c).await {
+                    return self.on_abort().await;
+                }
+            }
+            if !self.event(r::done_event()).await {
+                return self.on_abort().await;
+            }
+        } else {
+            let text: String = (0..self.tokens).map(|i| self.token_text(i)).collect();
+            let body = r::full_response(
+                &self.head_view(),
+                &text,
+                self.finish_reason,
+                prompt,
+                self.tokens,
+                &kv,
+            );
+            let resp = bytes_response(StatusCode::OK, "application/json", Bytes::from(body));
+            self.send_head(Head::Full(resp), Some(200));
+        }
+        Outcome::Completed
+    }
+
+    /// Moves this request's running blocks into a held lease and returns the params.
+    pub(super) fn make_lease(&mut self) -> PrefillParams {
+        let now = Instant::now();
+        let blocks = std::mem::take(&mut self.blocks);
+        let lease = self.shared.read(|i| match i.cfg.effective_lease_mode() {
+            LeaseMode::Fixed => Duration::from_millis(i.cfg.abort_request_timeout_ms),
+            LeaseMode::Heartbeat => Duration::from_millis(i.cfg.kv_lease_duration_ms),
+        });
+        let l = Lease {
+            remote_request_id: self.internal_id.clone(),
+            engine_id: self.shared.engine_id.clone(),
+            block_ids: blocks.clone(),
+            prompt_tokens: self.parsed.prompt_tokens,
+            prompt_hash: self.parsed.prompt_hash.clone(),
+            created_at: now,
+            expires_at: now + lease,
+            heartbeats: 0,
+            state: LeaseState::Held,
+        };
+        self.shared.update(|i| i.create_lease(l));
+        PrefillParams {
+            era: self.cfg.kv_params_era,
+            block_ids: blocks,
+            engine_id: self.shared.engine_id.clone(),
+            remote_request_id: self.internal_id.clone(),
+            host: self.shared.advertised_host.clone(),
+            port: self.shared.side_addr.port(),
+            prompt_tokens: self.parsed.prompt_tokens,
+        }
+    }
+}
