@@ -307,3 +307,44 @@ fn with_request_id(mut resp: Response<ProxyBody>, id: HeaderValue) -> Response<P
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A decode abandoned before it was even sent is still delivered whole, then closed: the
+    /// decoder must see it to release the prefiller's blocks.
+    #[tokio::test]
+    async fn an_abandoned_decode_is_delivered_then_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = Upstream::new(Duration::from_secs(5));
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = Method::POST;
+        parts.uri = format!("http://{addr}/v1/completions").parse().unwrap();
+        let body = Bytes::from_static(br#"{"prompt":"p","kv_transfer_params":{"x":1}}"#);
+        // Dropped at once, as when the client leaves during the hand-off.
+        drop(AbandonOnDrop::send(&upstream, parts, body.clone()));
+
+        let (mut sock, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut received = Vec::new();
+        // read_to_end returns once the sidecar closes the connection.
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut received))
+            .await
+            .expect("the abandoned request is closed after the grace period")
+            .unwrap();
+        let text = String::from_utf8(received).unwrap();
+        assert!(
+            text.starts_with("POST /v1/completions HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(std::str::from_utf8(&body).unwrap()),
+            "{text}"
+        );
+    }
+}
