@@ -20,8 +20,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, trace, warn};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
+use crate::config::PrefillFailurePolicy;
 use crate::connector::Handoff;
-use crate::error::{describe, ProxyError};
+use crate::error::{describe, Leg, ProxyError};
 use crate::headers::{self, REQUEST_ID};
 use crate::json_edit::{Edit, JsonObject};
 use crate::proxy::{relay_response, Proxy};
@@ -76,9 +77,32 @@ pub async fn serve(
         prefiller.uri(parts.uri.path_and_query()),
         body::full(prefill_body),
     );
-    let reply = match prefill(&proxy.upstream, prefill_req, &prefiller).await? {
-        Prefilled::Reply(reply) => reply,
-        Prefilled::Rejected(resp) => return Ok(with_request_id(resp, request_id)),
+    let prefilled = tokio::time::timeout(
+        proxy.prefill_timeout,
+        prefill(&proxy.upstream, prefill_req, &prefiller),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ProxyError::Timeout {
+            leg: Leg::Prefill,
+            target: prefiller.authority().to_string(),
+            after: proxy.prefill_timeout,
+        })
+    });
+    let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
+    let reply = match prefilled {
+        Ok(Prefilled::Reply(reply)) => reply,
+        Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
+        Err(e) if proxy.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
+            warn!(error = %e, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
+            let body = proxy.connector.local_decode_body(&request, &original);
+            let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(body))).await?;
+            let mut resp = with_request_id(relay_response(resp), request_id);
+            resp.headers_mut()
+                .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
+            return Ok(resp);
+        }
+        Err(e) => return Err(e),
     };
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -96,41 +120,63 @@ pub async fn serve(
     trace!(body = %String::from_utf8_lossy(&plan.body), "decode request");
 
     // 3. Decode, streamed back unbuffered.
-    let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
     let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
-    let result = if pinned {
+    if !pinned {
+        let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(plan.body))).await?;
+        return Ok(with_request_id(relay_response(resp), request_id));
+    }
+    let dispatched = tokio::time::timeout(
+        proxy.decode_first_byte_timeout,
         dispatch_decode(
             &proxy.upstream,
             leg_parts(&parts, decode_uri),
             plan.body.clone(),
-        )
-        .await
-    } else {
-        proxy
-            .upstream
-            .send(leg(&parts, decode_uri, body::full(plan.body.clone())))
-            .await
-            .map_err(|e| describe(&e))
-    };
-    match result {
+        ),
+    )
+    .await
+    .map_err(|_| decode_timeout(proxy))?;
+    match dispatched {
         Ok(resp) => {
             info!(
                 prefill_ms = format_args!("{prefill_ms:.1}"),
-                handoff = ?plan.handoff,
                 status = resp.status().as_u16(),
                 "decode started"
             );
             Ok(with_request_id(relay_response(resp), request_id))
         }
         Err(e) => {
-            if pinned {
-                release_via_prefiller(&proxy.upstream, &parts, &prefiller, &plan.body);
-            }
+            release_via_prefiller(&proxy.upstream, &parts, &prefiller, &plan.body);
             Err(ProxyError::DecoderUnreachable {
                 decoder: proxy.decoder.authority().to_string(),
                 detail: e,
             })
         }
+    }
+}
+
+/// Marks a response the decoder produced without the prefiller's KV cache.
+const PREFILL_FALLBACK: http::HeaderName = http::HeaderName::from_static("x-prefill-fallback");
+
+/// Sends a decode leg that needs no hand-off care, within the first-byte deadline.
+async fn send_decode(
+    proxy: &Proxy,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(proxy.decode_first_byte_timeout, proxy.upstream.send(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(ProxyError::DecoderUnreachable {
+            decoder: proxy.decoder.authority().to_string(),
+            detail: describe(&e),
+        }),
+        Err(_) => Err(decode_timeout(proxy)),
+    }
+}
+
+fn decode_timeout(proxy: &Proxy) -> ProxyError {
+    ProxyError::Timeout {
+        leg: Leg::Decode,
+        target: proxy.decoder.authority().to_string(),
+        after: proxy.decode_first_byte_timeout,
     }
 }
 

@@ -112,6 +112,27 @@ impl Connector {
     }
 }
 
+impl Connector {
+    /// The request for a decoder that prefills locally (no KV handoff): the client's request
+    /// without any transfer fields, which only a prefiller may set.
+    pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Bytes {
+        let transfer_fields: &[(&str, Edit<'_>)] = match self {
+            Connector::NixlV2 => &[("kv_transfer_params", Edit::Remove)],
+            Connector::Nixl => &[
+                ("kv_transfer_params", Edit::Remove),
+                ("do_remote_decode", Edit::Remove),
+                ("do_remote_prefill", Edit::Remove),
+                ("remote_block_ids", Edit::Remove),
+                ("remote_engine_id", Edit::Remove),
+                ("remote_host", Edit::Remove),
+                ("remote_port", Edit::Remove),
+            ],
+            Connector::LmCache => return original.clone(),
+        };
+        Bytes::from(request.rewrite(transfer_fields))
+    }
+}
+
 impl FromStr for Connector {
     type Err = String;
 
