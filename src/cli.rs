@@ -156,6 +156,11 @@ pub struct Args {
         value_name = "LIST"
     )]
     pub allowed_prefillers: Vec<String>,
+
+    /// When a client leaves after its prefill, the decode is still delivered so vLLM frees the
+    /// prefiller's KV blocks; it is closed once the decoder admits it, or after this long
+    #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub decode_admission_grace: Duration,
 }
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling.

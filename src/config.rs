@@ -32,6 +32,8 @@ pub struct Config {
     pub max_header_size: usize,
     /// SSRF protection: `None` when off.
     pub ssrf: Option<SsrfConfig>,
+    /// How long an abandoned decode may stay open to be admitted (see `disagg.rs`).
+    pub decode_admission_grace: Duration,
 }
 
 /// What SSRF protection allows.
@@ -117,6 +119,7 @@ impl TryFrom<Args> for Config {
             header_read_timeout: args.header_read_timeout,
             max_header_size: args.max_header_size,
             ssrf,
+            decode_admission_grace: args.decode_admission_grace,
             listen: SocketAddr::new(args.bind_address, args.port),
             decoder: Target::http(authority),
             connector: args.connector,

@@ -29,6 +29,7 @@ pub struct Proxy {
     pub(crate) prefill_timeout: Duration,
     pub(crate) decode_first_byte_timeout: Duration,
     pub(crate) prefill_failure_policy: PrefillFailurePolicy,
+    pub(crate) decode_admission_grace: Duration,
     /// Bounds concurrent requests (`-max-in-flight`); a permit lives as long as its response
     /// body, so long streams count until they end. `None`: no limit.
     in_flight: Option<(Arc<Semaphore>, usize)>,
@@ -46,6 +47,7 @@ impl Proxy {
             prefill_timeout: config.prefill_timeout,
             decode_first_byte_timeout: config.decode_first_byte_timeout,
             prefill_failure_policy: config.prefill_failure_policy,
+            decode_admission_grace: config.decode_admission_grace,
             in_flight: (config.max_in_flight > 0).then(|| {
                 (
                     Arc::new(Semaphore::new(config.max_in_flight)),

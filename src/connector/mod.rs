@@ -61,15 +61,23 @@ impl fmt::Display for ReplyError {
     }
 }
 
-/// Edits every prefill leg gets: one token, no streaming, and no option vLLM rejects with
-/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`).
-const PREFILL_ONLY: [(&str, Edit<'static>); 6] = [
+/// Edits every prefill leg gets: one token, no streaming, no option vLLM rejects with
+/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`), and nothing that
+/// makes the reply large (prompt logprobs, echo) or forks the request (`n`, `best_of`: each
+/// extra sequence would pin KV blocks no decoder is told about).
+const PREFILL_ONLY: [(&str, Edit<'static>); 12] = [
     ("stream", Edit::Set("false")),
     ("stream_options", Edit::Remove),
     ("max_tokens", Edit::Set("1")),
     ("max_completion_tokens", Edit::Set("1")),
     ("min_tokens", Edit::Remove),
     ("min_completion_tokens", Edit::Remove),
+    ("n", Edit::Remove),
+    ("best_of", Edit::Remove),
+    ("prompt_logprobs", Edit::Remove),
+    ("echo", Edit::Remove),
+    ("logprobs", Edit::Remove),
+    ("top_logprobs", Edit::Remove),
 ];
 
 impl Connector {
