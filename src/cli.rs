@@ -62,7 +62,8 @@ pub struct Args {
     #[arg(long = "v", default_value_t = 0, value_name = "N")]
     pub verbosity: u8,
 
-    /// Serve TLS on -port (the Go sidecar's default was true; ours is plain HTTP)
+    /// Serve TLS on -port, with -cert-path's certificate or a self-signed one (the Go
+    /// sidecar's default was true; ours is plain HTTP)
     #[arg(long = "secure-proxy", default_value = "false", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL")]
     pub secure_proxy: bool,
@@ -161,6 +162,14 @@ pub struct Args {
     /// prefiller's KV blocks; it is closed once the decoder admits it, or after this long
     #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
     pub decode_admission_grace: Duration,
+
+    /// PEM file of CA certificates trusted for upstream TLS, besides the public web roots
+    #[arg(long = "tls-ca-file", value_name = "FILE")]
+    pub tls_ca_file: Option<String>,
+
+    /// How often -cert-path is checked for a rotated certificate
+    #[arg(long = "cert-reload-interval", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub cert_reload_interval: Duration,
 }
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling.

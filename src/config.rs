@@ -2,11 +2,13 @@
 //! bound, so a bad value fails at start with the flag named.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::allowlist::Rule;
 use crate::cli::Args;
 use crate::connector::Connector;
+use crate::tls::ClientTls;
 use crate::upstream::Target;
 
 /// Everything the server needs, checked.
@@ -34,6 +36,13 @@ pub struct Config {
     pub ssrf: Option<SsrfConfig>,
     /// How long an abandoned decode may stay open to be admitted (see `disagg.rs`).
     pub decode_admission_grace: Duration,
+    /// Serve TLS (`-secure-proxy`): `Some(cert dir)` or `Some(None)` for a self-signed cert.
+    pub server_tls: Option<Option<PathBuf>>,
+    pub cert_reload_interval: Duration,
+    /// Use TLS to prefillers named without a scheme.
+    pub prefiller_use_tls: bool,
+    pub prefiller_tls: ClientTls,
+    pub decoder_tls: ClientTls,
 }
 
 /// What SSRF protection allows.
@@ -88,17 +97,26 @@ impl TryFrom<Args> for Config {
     type Error = String;
 
     fn try_from(args: Args) -> Result<Self, String> {
-        // Flags accepted for compatibility with the Go sidecar whose features this build
-        // lacks: refusing to start beats silently serving without TLS or SSRF protection.
-        let unsupported = [
-            (args.secure_proxy, "-secure-proxy"),
-            (args.prefiller_use_tls, "-prefiller-use-tls"),
-            (args.decoder_use_tls, "-decoder-use-tls"),
-        ];
-        if let Some((_, flag)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(format!(
-                "{flag}=true is not supported by this build yet; run with {flag}=false"
-            ));
+        let ca_file = args.tls_ca_file.as_ref().map(PathBuf::from);
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                return Err(format!(
+                    "-tls-ca-file {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
+        let cert_path = args
+            .cert_path
+            .as_ref()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        if let (true, Some(dir)) = (args.secure_proxy, &cert_path) {
+            for f in ["tls.crt", "tls.key"] {
+                if !dir.join(f).is_file() {
+                    return Err(format!("-cert-path {}: {f} is missing", dir.display()));
+                }
+            }
         }
         let host = match args.vllm_host.parse::<IpAddr>() {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
@@ -120,8 +138,19 @@ impl TryFrom<Args> for Config {
             max_header_size: args.max_header_size,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
+            server_tls: args.secure_proxy.then_some(cert_path),
+            cert_reload_interval: args.cert_reload_interval,
+            prefiller_use_tls: args.prefiller_use_tls,
+            prefiller_tls: ClientTls {
+                insecure_skip_verify: args.prefiller_tls_insecure_skip_verify,
+                ca_file: ca_file.clone(),
+            },
+            decoder_tls: ClientTls {
+                insecure_skip_verify: args.decoder_tls_insecure_skip_verify,
+                ca_file,
+            },
             listen: SocketAddr::new(args.bind_address, args.port),
-            decoder: Target::http(authority),
+            decoder: Target::new(authority, args.decoder_use_tls),
             connector: args.connector,
             max_body_bytes: args.max_request_body_size,
             connect_timeout: args.connect_timeout,
@@ -207,9 +236,14 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_features_refuse_to_start() {
-        let e = config(&["-secure-proxy"]).unwrap_err();
-        assert!(e.contains("-secure-proxy"), "{e}");
-        assert!(config(&["-secure-proxy=false"]).is_ok());
+    fn tls_flags_are_checked_at_start() {
+        assert_eq!(config(&["-secure-proxy"]).unwrap().server_tls, Some(None));
+        assert_eq!(config(&["-secure-proxy=false"]).unwrap().server_tls, None);
+        let e = config(&["-secure-proxy", "-cert-path=/nonexistent"]).unwrap_err();
+        assert!(e.contains("tls.crt"), "{e}");
+        assert!(config(&["-tls-ca-file=/nonexistent"]).is_err());
+        let c = config(&["-decoder-use-tls", "-decoder-tls-insecure-skip-verify"]).unwrap();
+        assert!(c.decoder.uri(None).to_string().starts_with("https://"));
+        assert!(c.decoder_tls.insecure_skip_verify && !c.prefiller_tls.insecure_skip_verify);
     }
 }

@@ -165,7 +165,12 @@ async fn send_decode(
     proxy: &Proxy,
     req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(proxy.decode_first_byte_timeout, proxy.upstream.send(req)).await {
+    match tokio::time::timeout(
+        proxy.decode_first_byte_timeout,
+        proxy.upstream.send(Leg::Decode, req),
+    )
+    .await
+    {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(ProxyError::DecoderUnreachable {
             decoder: proxy.decoder.authority().to_string(),
@@ -196,13 +201,14 @@ async fn prefill(
     prefiller: &Target,
 ) -> Result<Prefilled, ProxyError> {
     let name = || prefiller.authority().to_string();
-    let resp = upstream
-        .send(req)
-        .await
-        .map_err(|e| ProxyError::PrefillUnreachable {
-            prefiller: name(),
-            detail: describe(&e),
-        })?;
+    let resp =
+        upstream
+            .send(Leg::Prefill, req)
+            .await
+            .map_err(|e| ProxyError::PrefillUnreachable {
+                prefiller: name(),
+                detail: describe(&e),
+            })?;
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let body = body::collect_limited(resp.into_body(), PREFILL_REPLY_LIMIT)
@@ -265,7 +271,7 @@ async fn dispatch_decode(
     body: Bytes,
     grace: Duration,
 ) -> Result<Response<Incoming>, String> {
-    AbandonOnDrop::send(upstream, parts, body, grace)
+    AbandonOnDrop::send(upstream, Leg::Decode, parts, body, grace)
         .response()
         .await
 }
@@ -282,12 +288,12 @@ struct AbandonOnDrop {
 }
 
 impl AbandonOnDrop {
-    fn send(upstream: &Upstream, parts: Parts, body: Bytes, grace: Duration) -> Self {
+    fn send(upstream: &Upstream, leg: Leg, parts: Parts, body: Bytes, grace: Duration) -> Self {
         let (body, sent) = SentSignal::new(body);
         let req = Request::from_parts(parts, body::relay(body));
         let upstream = upstream.clone();
         Self {
-            pending: Some(tokio::spawn(async move { upstream.send(req).await })),
+            pending: Some(tokio::spawn(async move { upstream.send(leg, req).await })),
             sent: Some(sent),
             grace,
         }
@@ -374,7 +380,13 @@ fn release_via_prefiller(
     parts
         .headers
         .insert(REQUEST_ID, headers::request_id(&http::HeaderMap::new()));
-    drop(AbandonOnDrop::send(upstream, parts, body, grace));
+    drop(AbandonOnDrop::send(
+        upstream,
+        Leg::Prefill,
+        parts,
+        body,
+        grace,
+    ));
 }
 
 fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {
@@ -418,6 +430,7 @@ mod tests {
         // Dropped at once, as when the client leaves during the hand-off.
         drop(AbandonOnDrop::send(
             &upstream,
+            Leg::Decode,
             parts,
             body.clone(),
             Duration::from_millis(50),

@@ -5,7 +5,7 @@
 //! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
 //! - [`disagg`] the P/D request path; [`connector`] one file per connector's rewrites;
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
-//! - [`allowlist`] SSRF protection;
+//! - [`allowlist`] SSRF protection; [`tls`] rustls server and client settings;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
 //! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
@@ -22,6 +22,7 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod sim;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

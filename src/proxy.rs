@@ -15,7 +15,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, PrefillFailurePolicy};
 use crate::connector::Connector;
 use crate::disagg;
-use crate::error::{describe, ProxyError};
+use crate::error::{describe, Leg, ProxyError};
 use crate::headers;
 use crate::upstream::{self, Target, Upstream};
 
@@ -23,6 +23,7 @@ use crate::upstream::{self, Target, Upstream};
 pub struct Proxy {
     pub(crate) connector: Connector,
     pub(crate) decoder: Target,
+    pub(crate) prefiller_use_tls: bool,
     pub(crate) upstream: Upstream,
     pub(crate) max_body_bytes: usize,
     pub(crate) allowlist: Allowlist,
@@ -36,12 +37,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated configuration and the SSRF allowlist.
-    pub fn new(config: &Config, allowlist: Allowlist) -> Self {
-        Self {
+    /// Builds the proxy from a validated configuration and the SSRF allowlist. Fails if a
+    /// TLS file cannot be used.
+    pub fn new(config: &Config, allowlist: Allowlist) -> Result<Self, String> {
+        Ok(Self {
             connector: config.connector,
             decoder: config.decoder.clone(),
-            upstream: Upstream::new(config.connect_timeout),
+            prefiller_use_tls: config.prefiller_use_tls,
+            upstream: Upstream::with_tls(
+                config.connect_timeout,
+                &config.prefiller_tls,
+                &config.decoder_tls,
+            )?,
             max_body_bytes: config.max_body_bytes,
             allowlist,
             prefill_timeout: config.prefill_timeout,
@@ -54,7 +61,7 @@ impl Proxy {
                     config.max_in_flight,
                 )
             }),
-        }
+        })
     }
 
     /// Serves one request. Never fails: errors become vLLM-shaped JSON responses.
@@ -86,7 +93,7 @@ impl Proxy {
         if !intercepted {
             return self.pass_through(req, client).await;
         }
-        match upstream::prefiller_from(req.headers()) {
+        match upstream::prefiller_from(req.headers(), self.prefiller_use_tls) {
             Ok(None) => self.pass_through(req, client).await,
             Ok(Some(prefiller)) if !self.allowlist.allows(&prefiller) => {
                 warn!(client = %client, prefiller = prefiller.authority(), "prefiller refused by SSRF protection");
@@ -119,7 +126,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         debug!(method = %parts.method, uri = %parts.uri, "pass-through");
         let req = Request::from_parts(parts, body::relay(body));
-        match self.upstream.send(req).await {
+        match self.upstream.send(Leg::Decode, req).await {
             Ok(resp) => relay_response(resp),
             Err(e) => ProxyError::DecoderUnreachable {
                 decoder: self.decoder.authority().to_string(),

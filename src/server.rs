@@ -10,11 +10,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::allowlist::Allowlist;
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::tls::ServerTls;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight
 /// requests and streams finish for up to `config.drain_timeout`.
@@ -27,7 +29,19 @@ pub async fn run(
         None => Allowlist::disabled(),
         Some(ssrf) => Allowlist::new(ssrf.rules.clone(), None),
     };
-    let proxy = Arc::new(Proxy::new(&config, allowlist));
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let proxy = Arc::new(Proxy::new(&config, allowlist).map_err(invalid)?);
+    let tls = match &config.server_tls {
+        None => None,
+        Some(cert_dir) => Some(Arc::new(
+            ServerTls::new(cert_dir.as_deref()).map_err(invalid)?,
+        )),
+    };
+    let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.config.clone()));
+    let reloader = tls.map(|tls| {
+        let interval = config.cert_reload_interval;
+        tokio::spawn(async move { tls.reload_forever(interval).await })
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The header read timeout bounds slow-loris clients; the buffer bound caps the request
     // head (hyper answers 431 beyond it).
@@ -67,17 +81,42 @@ pub async fn run(
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            return debug!(error = %e, client = %remote, "TLS handshake failed")
+                        }
+                        Err(_) => return debug!(client = %remote, "TLS handshake timed out"),
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = served {
                 debug!(error = %e, client = %remote, "connection ended with an error");
             }
         });
     }
     drop(listener);
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     info!("shutting down: draining in-flight requests");
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => info!("drained"),

@@ -5,47 +5,85 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
+use crate::error::Leg;
 use crate::headers::{PREFILLER_HOST_PORT, PREFILLER_URL};
+use crate::tls::ClientTls;
 
 /// vLLM's uvicorn closes keep-alive connections idle for 5 s; we retire ours sooner so a
 /// request rarely races the server's close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// One client, built once, shared by every request and both legs.
+type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// The pooled clients, built once and shared by every request: one per leg, since each leg
+/// has its own TLS settings. Each speaks plain HTTP or TLS as the target's scheme says.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
+    prefill: LegClient,
+    decode: LegClient,
 }
 
 impl Upstream {
-    /// Builds the pooled client. `connect_timeout` bounds each TCP connect.
+    /// Plain-HTTP-only clients with default TLS settings. `connect_timeout` bounds each connect.
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(1024)
-            // A pooled connection the server closed before our request reached it is retried
-            // on a fresh one: the request never ran, so this is safe even for POST.
-            .retry_canceled_requests(true)
-            .build(connector);
-        Self { client }
+        Self::with_tls(
+            connect_timeout,
+            &ClientTls::default(),
+            &ClientTls::default(),
+        )
+        .unwrap_or_else(|_| unreachable!("default TLS settings read no files"))
     }
 
-    /// Sends `req` and resolves with the response head; the body streams afterwards.
+    /// Clients for both legs with their TLS settings.
+    pub fn with_tls(
+        connect_timeout: Duration,
+        prefill: &ClientTls,
+        decode: &ClientTls,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            prefill: leg_client(connect_timeout, prefill)?,
+            decode: leg_client(connect_timeout, decode)?,
+        })
+    }
+
+    /// Sends `req` on `leg`'s client and resolves with the response head; the body streams
+    /// afterwards.
     pub async fn send(
         &self,
+        leg: Leg,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+        match leg {
+            Leg::Prefill => self.prefill.request(req).await,
+            Leg::Decode => self.decode.request(req).await,
+        }
     }
+}
+
+fn leg_client(connect_timeout: Duration, tls: &ClientTls) -> Result<LegClient, String> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.client_config()?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(1024)
+        // A pooled connection the server closed before our request reached it is retried
+        // on a fresh one: the request never ran, so this is safe even for POST.
+        .retry_canceled_requests(true)
+        .build(connector))
 }
 
 /// An upstream server: scheme plus `host:port`.
@@ -62,6 +100,12 @@ impl Target {
             scheme: Scheme::HTTP,
             authority,
         }
+    }
+
+    /// A target with the given scheme: TLS when `tls`.
+    pub fn new(authority: Authority, tls: bool) -> Self {
+        let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+        Self { scheme, authority }
     }
 
     /// The URI for `path_and_query` on this target.
@@ -102,8 +146,9 @@ impl Target {
 
 /// The prefiller a request asks for: `x-prefiller-host-port`, else `x-prefiller-url`.
 /// `Ok(None)` means "no P/D for this request". A comma-separated list picks its first entry,
-/// as the llm-d scheduler may send several.
-pub fn prefiller_from(headers: &HeaderMap) -> Result<Option<Target>, String> {
+/// as the llm-d scheduler may send several. TLS is used with `tls` (`-prefiller-use-tls`)
+/// or an `https://` value.
+pub fn prefiller_from(headers: &HeaderMap, tls: bool) -> Result<Option<Target>, String> {
     let raw = headers
         .get(PREFILLER_HOST_PORT)
         .or_else(|| headers.get(PREFILLER_URL));
@@ -115,16 +160,18 @@ pub fn prefiller_from(headers: &HeaderMap) -> Result<Option<Target>, String> {
     if first.is_empty() {
         return Ok(None);
     }
-    parse_target(first).map(Some)
+    parse_target(first, tls).map(Some)
 }
 
-fn parse_target(value: &str) -> Result<Target, String> {
+fn parse_target(value: &str, tls: bool) -> Result<Target, String> {
+    let default = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+    // The Go sidecar stripped "http://" and applied its TLS flag; so do we.
     let (scheme, rest) = if let Some(rest) = value.strip_prefix("http://") {
-        (Scheme::HTTP, rest)
+        (default, rest)
     } else if let Some(rest) = value.strip_prefix("https://") {
         (Scheme::HTTPS, rest)
     } else {
-        (Scheme::HTTP, value)
+        (default, value)
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('/') || rest.contains('?') || rest.contains('@') {
@@ -138,11 +185,6 @@ fn parse_target(value: &str) -> Result<Target, String> {
     }
     if authority.as_str() != authority.host() && authority.port_u16().is_none() {
         return Err(format!("'{value}' has an invalid port"));
-    }
-    if scheme == Scheme::HTTPS {
-        return Err(format!(
-            "'{value}' asks for TLS, which this build does not speak to prefillers"
-        ));
     }
     Ok(Target { scheme, authority })
 }
@@ -158,7 +200,7 @@ mod tests {
             http::HeaderName::from_bytes(h.as_bytes()).unwrap(),
             HeaderValue::from_str(v).unwrap(),
         );
-        prefiller_from(&headers)
+        prefiller_from(&headers, false)
     }
 
     #[test]
@@ -192,7 +234,7 @@ mod tests {
     #[test]
     fn empty_means_no_pd_and_garbage_is_an_error() {
         assert_eq!(target("x-prefiller-host-port", "").unwrap(), None);
-        assert_eq!(prefiller_from(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(prefiller_from(&HeaderMap::new(), false).unwrap(), None);
         assert!(target("x-prefiller-url", "http://h:1/v1").is_err());
         assert!(target("x-prefiller-url", "http://user@h:1").is_err());
         assert!(target("x-prefiller-host-port", "h:notaport").is_err());

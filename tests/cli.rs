@@ -42,7 +42,7 @@ fn bad_values_exit_non_zero_with_one_line() {
         &["-port=http"],
         &["-no-such-flag"],
         &["-secure-proxy=perhaps"],
-        &["-secure-proxy"],
+        &["-secure-proxy", "-cert-path=/nonexistent"],
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
