@@ -22,6 +22,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// klog-style verbosity.
     pub verbosity: u8,
+    /// Runtime threads; `None` means one per available core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -72,6 +74,7 @@ impl TryFrom<Args> for Config {
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
             verbosity: args.verbosity,
+            worker_threads: args.worker_threads.map(usize::from),
         })
     }
 }
