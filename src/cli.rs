@@ -122,6 +122,46 @@ pub struct Args {
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
     pub alsologtostderr: bool,
 
+    /// Deadline for the whole prefill leg (request, queueing, reply); exceeded: 504
+    #[arg(long = "prefill-timeout", default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+    pub prefill_timeout: Duration,
+
+    /// Deadline for the decoder's response head (a non-streaming reply's head comes with the
+    /// whole generation); exceeded: 504
+    #[arg(long = "decode-first-byte-timeout", default_value = "600s", value_parser = parse_duration, value_name = "DURATION")]
+    pub decode_first_byte_timeout: Duration,
+
+    /// When the prefill fails (5xx, unreachable, timeout, unusable reply): `error` answers the
+    /// client with it; `decode-local` sends the request to the decoder without KV handoff
+    #[arg(long = "prefill-failure-policy", default_value = "error", value_parser = parse_failure_policy, value_name = "POLICY")]
+    pub prefill_failure_policy: crate::config::PrefillFailurePolicy,
+
+    /// Most requests served at once; beyond it requests get 503 (0: no limit)
+    #[arg(long = "max-in-flight", default_value_t = 4096, value_name = "N")]
+    pub max_in_flight: usize,
+
+    /// Time a client has to send its request headers
+    #[arg(long = "header-read-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+
+    /// Largest request head (request line and headers) accepted; larger gets 431
+    #[arg(long = "max-header-size", default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_header_size: usize,
+
+    /// Prefillers allowed, comma-separated HOST[:PORT] or CIDR[:PORT] (e.g. 10.0.0.0/8:8000);
+    /// setting it turns SSRF protection on without Kubernetes
+    #[arg(
+        long = "allowed-prefillers",
+        value_delimiter = ',',
+        value_name = "LIST"
+    )]
+    pub allowed_prefillers: Vec<String>,
+
+    /// When a client leaves after its prefill, the decode is still delivered so vLLM frees the
+    /// prefiller's KV blocks; it is closed once the decoder admits it, or after this long
+    #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub decode_admission_grace: Duration,
+
     /// Threads serving requests (default: the cores this process may run on). 1 runs
     /// everything on one thread, the fastest setting when the sidecar is given one core
     #[arg(long = "worker-threads", value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
@@ -198,6 +238,10 @@ where
 }
 
 fn parse_connector(s: &str) -> Result<Connector, String> {
+    s.parse()
+}
+
+fn parse_failure_policy(s: &str) -> Result<crate::config::PrefillFailurePolicy, String> {
     s.parse()
 }
 

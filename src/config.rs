@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::allowlist::Rule;
 use crate::cli::Args;
 use crate::connector::Connector;
 use crate::upstream::Target;
@@ -22,8 +23,51 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// klog-style verbosity.
     pub verbosity: u8,
+    pub prefill_timeout: Duration,
+    pub decode_first_byte_timeout: Duration,
+    pub prefill_failure_policy: PrefillFailurePolicy,
+    /// 0: no limit.
+    pub max_in_flight: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_size: usize,
+    /// SSRF protection: `None` when off.
+    pub ssrf: Option<SsrfConfig>,
+    /// How long an abandoned decode may stay open to be admitted (see `disagg.rs`).
+    pub decode_admission_grace: Duration,
     /// Runtime threads; `None` means one per available core.
     pub worker_threads: Option<usize>,
+}
+
+/// What SSRF protection allows.
+#[derive(Debug, Clone, Default)]
+pub struct SsrfConfig {
+    /// `-allowed-prefillers`.
+    pub rules: Vec<Rule>,
+    /// The InferencePool `(namespace, name)` whose pods are allowed, with `-enable-ssrf-protection`.
+    pub inference_pool: Option<(String, String)>,
+}
+
+/// What to do when the prefill leg fails on the upstream's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillFailurePolicy {
+    /// Return the failure to the client (502/503/504).
+    Error,
+    /// Decode without KV handoff, so the user still gets an answer (slower: full prefill on D).
+    DecodeLocal,
+}
+
+impl std::str::FromStr for PrefillFailurePolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Self::Error),
+            "decode-local" => Ok(Self::DecodeLocal),
+            other => Err(format!(
+                "unknown policy '{other}' (expected error or decode-local)"
+            )),
+        }
+    }
 }
 
 impl Config {
@@ -52,7 +96,6 @@ impl TryFrom<Args> for Config {
             (args.secure_proxy, "-secure-proxy"),
             (args.prefiller_use_tls, "-prefiller-use-tls"),
             (args.decoder_use_tls, "-decoder-use-tls"),
-            (args.enable_ssrf_protection, "-enable-ssrf-protection"),
         ];
         if let Some((_, flag)) = unsupported.iter().find(|(on, _)| *on) {
             return Err(format!(
@@ -66,7 +109,19 @@ impl TryFrom<Args> for Config {
         let authority = format!("{host}:{}", args.vllm_port)
             .parse()
             .map_err(|_| format!("-vllm-host '{}' is not a valid host", args.vllm_host))?;
+        let ssrf = ssrf_config(&args)?;
+        if args.max_header_size < 8192 {
+            return Err("-max-header-size must be at least 8KiB".into());
+        }
         Ok(Config {
+            prefill_timeout: args.prefill_timeout,
+            decode_first_byte_timeout: args.decode_first_byte_timeout,
+            prefill_failure_policy: args.prefill_failure_policy,
+            max_in_flight: args.max_in_flight,
+            header_read_timeout: args.header_read_timeout,
+            max_header_size: args.max_header_size,
+            ssrf,
+            decode_admission_grace: args.decode_admission_grace,
             listen: SocketAddr::new(args.bind_address, args.port),
             decoder: Target::http(authority),
             connector: args.connector,
@@ -77,6 +132,42 @@ impl TryFrom<Args> for Config {
             worker_threads: args.worker_threads.map(usize::from),
         })
     }
+}
+
+fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, String> {
+    let rules = args
+        .allowed_prefillers
+        .iter()
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| {
+            r.parse::<Rule>()
+                .map_err(|e| format!("-allowed-prefillers: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let inference_pool = if args.enable_ssrf_protection {
+        let ns = args
+            .inference_pool_namespace
+            .clone()
+            .filter(|s| !s.is_empty());
+        let name = args.inference_pool_name.clone().filter(|s| !s.is_empty());
+        match (ns, name) {
+            (Some(ns), Some(name)) => Some((ns, name)),
+            _ => return Err(
+                "-enable-ssrf-protection needs -inference-pool-namespace and -inference-pool-name \
+                     (or INFERENCE_POOL_NAMESPACE and INFERENCE_POOL_NAME)"
+                    .into(),
+            ),
+        }
+    } else {
+        None
+    };
+    if rules.is_empty() && inference_pool.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(SsrfConfig {
+        rules,
+        inference_pool,
+    }))
 }
 
 #[cfg(test)]
@@ -96,6 +187,26 @@ mod tests {
         assert_eq!(c.listen.port(), 8000);
         let c = config(&["-vllm-host=::1"]).unwrap();
         assert_eq!(c.decoder.authority(), "[::1]:8001");
+    }
+
+    #[test]
+    fn ssrf_protection_needs_a_pool_or_rules() {
+        assert!(config(&[]).unwrap().ssrf.is_none());
+        let e = config(&["-enable-ssrf-protection"]).unwrap_err();
+        assert!(e.contains("-inference-pool-name"), "{e}");
+        let c = config(&[
+            "-enable-ssrf-protection",
+            "-inference-pool-namespace=ns",
+            "-inference-pool-name=pool",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.ssrf.unwrap().inference_pool,
+            Some(("ns".into(), "pool".into()))
+        );
+        let c = config(&["-allowed-prefillers=10.0.0.0/8:8000,prefill:8000"]).unwrap();
+        assert_eq!(c.ssrf.unwrap().rules.len(), 2);
+        assert!(config(&["-allowed-prefillers=10.0.0.0/99"]).is_err());
     }
 
     #[test]

@@ -14,14 +14,16 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
+use crate::config::PrefillFailurePolicy;
 use crate::connector::Handoff;
-use crate::error::{describe, ProxyError};
+use crate::error::{describe, Leg, ProxyError};
 use crate::headers::{self, REQUEST_ID};
 use crate::json_edit::{Edit, JsonObject};
 use crate::proxy::{relay_response, Proxy};
@@ -29,11 +31,6 @@ use crate::upstream::{Target, Upstream};
 
 /// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
 const PREFILL_REPLY_LIMIT: usize = 4 << 20;
-
-/// How long a decode request, once fully written, may run after its client left before we
-/// close it. The decoder must admit it first: vLLM frees the prefiller's blocks only for a
-/// request it knew about (an abort while queued notifies the prefiller).
-const ADMISSION_GRACE: Duration = Duration::from_millis(50);
 
 type UpstreamResult = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
 
@@ -90,9 +87,32 @@ async fn serve_in_span(
         prefiller.uri(parts.uri.path_and_query()),
         body::full(prefill_body),
     );
-    let reply = match prefill(&proxy.upstream, prefill_req, &prefiller).await? {
-        Prefilled::Reply(reply) => reply,
-        Prefilled::Rejected(resp) => return Ok(with_request_id(resp, request_id)),
+    let prefilled = tokio::time::timeout(
+        proxy.prefill_timeout,
+        prefill(&proxy.upstream, prefill_req, &prefiller),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ProxyError::Timeout {
+            leg: Leg::Prefill,
+            target: prefiller.authority().to_string(),
+            after: proxy.prefill_timeout,
+        })
+    });
+    let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
+    let reply = match prefilled {
+        Ok(Prefilled::Reply(reply)) => reply,
+        Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
+        Err(e) if proxy.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
+            warn!(error = %e, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
+            let body = proxy.connector.local_decode_body(&request, &original);
+            let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(body))).await?;
+            let mut resp = with_request_id(relay_response(resp), request_id);
+            resp.headers_mut()
+                .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
+            return Ok(resp);
+        }
+        Err(e) => return Err(e),
     };
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -110,41 +130,70 @@ async fn serve_in_span(
     trace!(body = %String::from_utf8_lossy(&plan.body), "decode request");
 
     // 3. Decode, streamed back unbuffered.
-    let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
     let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
-    let result = if pinned {
+    if !pinned {
+        let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(plan.body))).await?;
+        return Ok(with_request_id(relay_response(resp), request_id));
+    }
+    let dispatched = tokio::time::timeout(
+        proxy.decode_first_byte_timeout,
         dispatch_decode(
             &proxy.upstream,
             leg_parts(&parts, decode_uri),
             plan.body.clone(),
-        )
-        .await
-    } else {
-        proxy
-            .upstream
-            .send(leg(&parts, decode_uri, body::full(plan.body.clone())))
-            .await
-            .map_err(|e| describe(&e))
-    };
-    match result {
+            proxy.decode_admission_grace,
+        ),
+    )
+    .await
+    .map_err(|_| decode_timeout(proxy))?;
+    match dispatched {
         Ok(resp) => {
             info!(
                 prefill_ms = format_args!("{prefill_ms:.1}"),
-                handoff = ?plan.handoff,
                 status = resp.status().as_u16(),
                 "decode started"
             );
             Ok(with_request_id(relay_response(resp), request_id))
         }
         Err(e) => {
-            if pinned {
-                release_via_prefiller(&proxy.upstream, &parts, &prefiller, &plan.body);
-            }
+            release_via_prefiller(
+                &proxy.upstream,
+                &parts,
+                &prefiller,
+                &plan.body,
+                proxy.decode_admission_grace,
+            );
             Err(ProxyError::DecoderUnreachable {
                 decoder: proxy.decoder.authority().to_string(),
                 detail: e,
             })
         }
+    }
+}
+
+/// Marks a response the decoder produced without the prefiller's KV cache.
+const PREFILL_FALLBACK: http::HeaderName = http::HeaderName::from_static("x-prefill-fallback");
+
+/// Sends a decode leg that needs no hand-off care, within the first-byte deadline.
+async fn send_decode(
+    proxy: &Proxy,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(proxy.decode_first_byte_timeout, proxy.upstream.send(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(ProxyError::DecoderUnreachable {
+            decoder: proxy.decoder.authority().to_string(),
+            detail: describe(&e),
+        }),
+        Err(_) => Err(decode_timeout(proxy)),
+    }
+}
+
+fn decode_timeout(proxy: &Proxy) -> ProxyError {
+    ProxyError::Timeout {
+        leg: Leg::Decode,
+        target: proxy.decoder.authority().to_string(),
+        after: proxy.decode_first_byte_timeout,
     }
 }
 
@@ -220,59 +269,95 @@ fn upstream_message(body: &[u8]) -> String {
 /// Sends the decode leg of a request whose prefiller pinned KV blocks for it.
 ///
 /// If the client leaves before the decoder answered, the request is still written out in
-/// full and given [`ADMISSION_GRACE`] before we close it: a decoder that saw the request
-/// aborts it and tells the prefiller to free the blocks, where a decode never sent would
-/// strand them until vLLM's lease timeout (30 s to 480 s, by version).
+/// full and kept open until the decoder shows it admitted the request (see
+/// [`close_when_admitted`]): a decoder that saw the request aborts it and tells the
+/// prefiller to free the blocks, where a decode never sent would strand them until vLLM's
+/// lease timeout (30 s to 480 s, by version).
 async fn dispatch_decode(
     upstream: &Upstream,
     parts: Parts,
     body: Bytes,
+    grace: Duration,
 ) -> Result<Response<Incoming>, String> {
-    let mut guard = AbandonOnDrop::send(upstream, parts, body);
-    let joined = (&mut guard.pending).await;
-    guard.sent = None;
-    match joined {
-        Ok(result) => result.map_err(|e| describe(&e)),
-        Err(e) => Err(format!("decode task failed: {e}")),
-    }
+    AbandonOnDrop::send(upstream, parts, body, grace)
+        .response()
+        .await
 }
 
 /// An upstream request in its own task; dropped before completion, it lets the request be
 /// written out and admitted, then closes it.
 struct AbandonOnDrop {
-    pending: JoinHandle<UpstreamResult>,
-    /// Resolves with when hyper took the whole body; `None` once the result was collected.
+    /// `None` once the response was handed over: nothing left to abandon.
+    pending: Option<JoinHandle<UpstreamResult>>,
+    /// Resolves with when hyper took the whole body.
     sent: Option<oneshot::Receiver<Instant>>,
+    /// The longest an abandoned request stays open after it was sent.
+    grace: Duration,
 }
 
 impl AbandonOnDrop {
-    fn send(upstream: &Upstream, parts: Parts, body: Bytes) -> Self {
+    fn send(upstream: &Upstream, parts: Parts, body: Bytes, grace: Duration) -> Self {
         let (body, sent) = SentSignal::new(body);
         let req = Request::from_parts(parts, body::relay(body));
         let upstream = upstream.clone();
         Self {
-            pending: tokio::spawn(async move { upstream.send(req).await }),
+            pending: Some(tokio::spawn(async move { upstream.send(req).await })),
             sent: Some(sent),
+            grace,
+        }
+    }
+
+    async fn response(mut self) -> Result<Response<Incoming>, String> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Err("the request was abandoned".into());
+        };
+        let joined = pending.await;
+        self.pending = None;
+        match joined {
+            Ok(result) => result.map_err(|e| describe(&e)),
+            Err(e) => Err(format!("upstream task failed: {e}")),
         }
     }
 }
 
 impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
-        let Some(sent) = self.sent.take() else { return };
-        debug!("closing an abandoned upstream request once it is admitted");
-        let abort = self.pending.abort_handle();
-        tokio::spawn(async move {
-            // The sender drops if the request failed before being written: no wait then.
-            // A request written long ago has been admitted already: close it at once.
-            if let Ok(sent_at) = sent.await {
-                tokio::time::sleep_until(sent_at + ADMISSION_GRACE).await;
-            }
-            // With no JoinHandle left, a finished task's response is already dropped (closing
-            // its connection); aborting an unfinished one drops its connection too.
-            abort.abort();
-        });
+        if let (Some(pending), Some(sent)) = (self.pending.take(), self.sent.take()) {
+            debug!("closing an abandoned upstream request once it is admitted");
+            tokio::spawn(close_when_admitted(pending, sent, self.grace));
+        }
     }
+}
+
+/// Closes an abandoned request once the upstream shows it admitted it, or `grace` after it
+/// was sent, whichever comes first. vLLM answers a JSON request only when done, and sends a
+/// stream's headers before it admits the request, so the first stream event is the signal;
+/// the deadline bounds how long a request nobody reads may keep a GPU busy.
+async fn close_when_admitted(
+    mut pending: JoinHandle<UpstreamResult>,
+    sent: oneshot::Receiver<Instant>,
+    grace: Duration,
+) {
+    // The sender drops if the request failed before being written: nothing to wait for.
+    if let Ok(sent_at) = sent.await {
+        let admitted = async {
+            if let Ok(Ok(resp)) = (&mut pending).await {
+                if is_event_stream(&resp) {
+                    let _ = resp.into_body().frame().await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(sent_at + grace, admitted).await;
+    }
+    // Dropping the response, or aborting the task, closes the upstream connection.
+    pending.abort();
+}
+
+fn is_event_stream(resp: &Response<Incoming>) -> bool {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// The decoder is gone but the prefiller pinned blocks for it. Vanilla vLLM has no "free
@@ -284,6 +369,7 @@ fn release_via_prefiller(
     parts: &Parts,
     prefiller: &Target,
     decode_body: &Bytes,
+    grace: Duration,
 ) {
     let Ok(request) = JsonObject::parse(decode_body) else {
         return;
@@ -297,7 +383,12 @@ fn release_via_prefiller(
     ]));
     warn!("decoder unreachable after prefill; asking the prefiller to release its KV blocks");
     let uri = prefiller.uri(parts.uri.path_and_query());
-    drop(AbandonOnDrop::send(upstream, leg_parts(parts, uri), body));
+    let mut parts = leg_parts(parts, uri);
+    // A fresh id: older vLLM keys requests by it, and the prefiller still holds the original.
+    parts
+        .headers
+        .insert(REQUEST_ID, headers::request_id(&http::HeaderMap::new()));
+    drop(AbandonOnDrop::send(upstream, parts, body, grace));
 }
 
 fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {
@@ -339,7 +430,12 @@ mod tests {
         parts.uri = format!("http://{addr}/v1/completions").parse().unwrap();
         let body = Bytes::from_static(br#"{"prompt":"p","kv_transfer_params":{"x":1}}"#);
         // Dropped at once, as when the client leaves during the hand-off.
-        drop(AbandonOnDrop::send(&upstream, parts, body.clone()));
+        drop(AbandonOnDrop::send(
+            &upstream,
+            parts,
+            body.clone(),
+            Duration::from_millis(50),
+        ));
 
         let (mut sock, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
             .await

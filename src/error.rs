@@ -52,6 +52,16 @@ pub enum ProxyError {
     PrefillBadReply { prefiller: String, detail: String },
     /// The local vLLM (decoder) gave no response.
     DecoderUnreachable { decoder: String, detail: String },
+    /// A leg exceeded its deadline (`-prefill-timeout`, `-decode-first-byte-timeout`).
+    Timeout {
+        leg: Leg,
+        target: String,
+        after: std::time::Duration,
+    },
+    /// The prefiller is not on the SSRF allowlist.
+    PrefillerNotAllowed { prefiller: String },
+    /// `-max-in-flight` requests are already being served.
+    Overloaded { limit: usize },
 }
 
 impl ProxyError {
@@ -73,6 +83,9 @@ impl ProxyError {
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. }
             | ProxyError::DecoderUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::PrefillerNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -83,6 +96,7 @@ impl ProxyError {
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. } => Some(Leg::Prefill),
             ProxyError::DecoderUnreachable { .. } => Some(Leg::Decode),
+            ProxyError::Timeout { leg, .. } => Some(*leg),
             _ => None,
         }
     }
@@ -90,7 +104,9 @@ impl ProxyError {
     /// The JSON error response.
     pub fn into_response(self) -> Response<ProxyBody> {
         let param = match self {
-            ProxyError::BadPrefillerHeader(_) => Some("x-prefiller-host-port"),
+            ProxyError::BadPrefillerHeader(_) | ProxyError::PrefillerNotAllowed { .. } => {
+                Some("x-prefiller-host-port")
+            }
             _ => None,
         };
         error_response(self.status(), &self.to_string(), param)
@@ -131,6 +147,19 @@ impl fmt::Display for ProxyError {
                     "The decode vLLM server at {decoder} gave no response: {detail}"
                 )
             }
+            ProxyError::Timeout { leg, target, after } => write!(
+                f,
+                "The {leg} leg to {target} timed out after {:.3} s",
+                after.as_secs_f64()
+            ),
+            ProxyError::PrefillerNotAllowed { prefiller } => write!(
+                f,
+                "Prefiller {prefiller} is not allowed by the sidecar's SSRF protection"
+            ),
+            ProxyError::Overloaded { limit } => write!(
+                f,
+                "The sidecar is serving its limit of {limit} requests; retry later"
+            ),
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum Edit<'v> {
 impl<'a> JsonObject<'a> {
     /// Parses `bytes`, which must hold exactly one JSON object (surrounding whitespace allowed).
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ParseError> {
+        // Python's json.loads, which vLLM uses, accepts a UTF-8 byte order mark.
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first.is_some() && first != Some(&b'{') {
             // Tell "not JSON" from "JSON but not an object", as vLLM's validator does.
@@ -199,6 +201,11 @@ mod tests {
     fn escaped_keys_are_matched_by_their_value() {
         let out = rewrite(r#"{"str\u0065am":true}"#, &[("stream", Edit::Remove)]);
         assert_eq!(out, "{}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted_and_dropped() {
+        assert_eq!(rewrite("\u{feff}{\"a\":1}", &[]), r#"{"a":1}"#);
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
 //! - [`disagg`] the P/D request path; [`connector`] one file per connector's rewrites;
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
+//! - [`allowlist`] SSRF protection;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
 //! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
+pub mod allowlist;
 pub mod body;
 pub mod cli;
 pub mod config;

@@ -12,6 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::allowlist::Allowlist;
 use crate::config::Config;
 use crate::proxy::Proxy;
 
@@ -22,10 +23,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let proxy = Arc::new(Proxy::new(&config));
+    let allowlist = match &config.ssrf {
+        None => Allowlist::disabled(),
+        Some(ssrf) => Allowlist::new(ssrf.rules.clone(), None),
+    };
+    let proxy = Arc::new(Proxy::new(&config, allowlist));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer enables hyper's header read timeout (30 s), which bounds slow-loris clients.
-    builder.http1().timer(TokioTimer::new());
+    // The header read timeout bounds slow-loris clients; the buffer bound caps the request
+    // head (hyper answers 431 beyond it).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     info!(

@@ -82,6 +82,22 @@ impl Target {
     pub fn authority(&self) -> &str {
         self.authority.as_str()
     }
+
+    /// The host, IPv6 in brackets.
+    pub fn host(&self) -> &str {
+        self.authority.host()
+    }
+
+    /// The port, or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
+    }
 }
 
 /// The prefiller a request asks for: `x-prefiller-host-port`, else `x-prefiller-url`.

@@ -61,15 +61,23 @@ impl fmt::Display for ReplyError {
     }
 }
 
-/// Edits every prefill leg gets: one token, no streaming, and no option vLLM rejects with
-/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`).
-const PREFILL_ONLY: [(&str, Edit<'static>); 6] = [
+/// Edits every prefill leg gets: one token, no streaming, no option vLLM rejects with
+/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`), and nothing that
+/// makes the reply large (prompt logprobs, echo) or forks the request (`n`, `best_of`: each
+/// extra sequence would pin KV blocks no decoder is told about).
+const PREFILL_ONLY: [(&str, Edit<'static>); 12] = [
     ("stream", Edit::Set("false")),
     ("stream_options", Edit::Remove),
     ("max_tokens", Edit::Set("1")),
     ("max_completion_tokens", Edit::Set("1")),
     ("min_tokens", Edit::Remove),
     ("min_completion_tokens", Edit::Remove),
+    ("n", Edit::Remove),
+    ("best_of", Edit::Remove),
+    ("prompt_logprobs", Edit::Remove),
+    ("echo", Edit::Remove),
+    ("logprobs", Edit::Remove),
+    ("top_logprobs", Edit::Remove),
 ];
 
 impl Connector {
@@ -109,6 +117,27 @@ impl Connector {
             Connector::Nixl => nixl::decode_plan(request, reply),
             Connector::LmCache => Ok(lmcache::decode_plan(original)),
         }
+    }
+}
+
+impl Connector {
+    /// The request for a decoder that prefills locally (no KV handoff): the client's request
+    /// without any transfer fields, which only a prefiller may set.
+    pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Bytes {
+        let transfer_fields: &[(&str, Edit<'_>)] = match self {
+            Connector::NixlV2 => &[("kv_transfer_params", Edit::Remove)],
+            Connector::Nixl => &[
+                ("kv_transfer_params", Edit::Remove),
+                ("do_remote_decode", Edit::Remove),
+                ("do_remote_prefill", Edit::Remove),
+                ("remote_block_ids", Edit::Remove),
+                ("remote_engine_id", Edit::Remove),
+                ("remote_host", Edit::Remove),
+                ("remote_port", Edit::Remove),
+            ],
+            Connector::LmCache => return original.clone(),
+        };
+        Bytes::from(request.rewrite(transfer_fields))
     }
 }
 
