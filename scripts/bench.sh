@@ -161,16 +161,21 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # load SCENARIO SIDE URL BODY N C [pdload args...]: one bounded run; appends a JSON line.
 load() {
     local scenario=$1 side=$2 url=$3 body=$4 n=$5 c=$6; shift 6
-    local t0 t1 warm=$((n / 10 < 500 ? n / 10 : 500))
+    local t0 t1 w0 w1 warm=$((n / 10 < 500 ? n / 10 : 500))
+    w0=$(date +%s%N)
     t0=$(cpu_ticks "$SIDECAR_PID")
     "${PIN_LOAD[@]}" "$PDLOAD" --url "$url" --body-file "$WORK/$body.json" -n "$n" -c "$c" \
         --warmup "$warm" --max-secs "$MAX_SECS" --label "$scenario/$side" "$@" >"$WORK/run.json"
     t1=$(cpu_ticks "$SIDECAR_PID")
-    python3 - "$WORK/run.json" "$scenario" "$side" "$((t1 - t0))" "$(getconf CLK_TCK)" "$warm" >>"$RESULTS" <<'PY'
+    w1=$(date +%s%N)
+    python3 - "$WORK/run.json" "$scenario" "$side" "$((t1 - t0))" "$(getconf CLK_TCK)" "$warm" \
+        "$(((w1 - w0) / 1000))" >>"$RESULTS" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+# Sidecar CPU time over the whole pdload run (warm-up included), and that run's wall time.
 r.update(scenario=sys.argv[2], side=sys.argv[3],
-         sidecar_cpu_s=int(sys.argv[4]) / int(sys.argv[5]), warmup=int(sys.argv[6]))
+         sidecar_cpu_s=int(sys.argv[4]) / int(sys.argv[5]), warmup=int(sys.argv[6]),
+         wall_s=int(sys.argv[7]) / 1e6)
 print(json.dumps(r))
 PY
     python3 - "$WORK/run.json" >&2 <<'PY'

@@ -58,6 +58,7 @@ def main():
     max_secs = sys.argv[3] if len(sys.argv) > 3 else "?"
     rows = []
     notes = []
+    cpu_rows = []
 
     def pair(scenario):
         return runs.get((scenario, "direct")), runs.get((scenario, "sidecar"))
@@ -83,9 +84,11 @@ def main():
             if bad:
                 notes.append(f"{scenario}/{r['side']}: {bad} failed requests")
         done = s["ok"] + s.get("warmup", 0)
-        if done:
+        if done and s.get("wall_s"):
             us = s["sidecar_cpu_s"] / done * 1e6
-            notes.append(f"{scenario}: sidecar CPU {us:.0f} us/request")
+            busy = s["sidecar_cpu_s"] / s["wall_s"]
+            cpu_rows.append((scenario, f"{us:.0f} us", f"{busy:.0%}",
+                             f"{1e6 / us:,.0f}/s" if us else "n/a"))
 
     row("pd_c1", "req/s", "/s", "rps")
     row("pd_c1", "p50", "ms", "lat_p50_ms", "added <= 0.15 ms",
@@ -113,10 +116,9 @@ def main():
         rows.append((f"idle_streams ({mem['open']} open) RSS/stream", "",
                      fmt(per, "KiB"), "", "<= 64 KiB",
                      "pass" if per <= 64 else "FAIL"))
-        notes.append(f"idle_streams: sidecar VmRSS {mem['rss0_kib']} KiB before, "
-                     f"{mem['rss1_kib']} KiB with {mem['open']} streams open "
-                     f"({(mem['rss1_kib'] - mem['rss0_kib']) / 1024:.1f} MiB per 1,000 would be "
-                     f"{per * 1000 / 1024:.1f} MiB)")
+        notes.append(f"idle_streams: sidecar VmRSS {mem['rss0_kib']:,} KiB before, "
+                     f"{mem['rss1_kib']:,} KiB with {mem['open']} streams open: "
+                     f"{per * 1000 / 1024:.1f} MiB per 1,000 idle streams")
 
     out = []
     out.append(f"sidecar bench, {time.strftime('%Y-%m-%d %H:%M')}, git {git_rev()}, "
@@ -129,6 +131,17 @@ def main():
     out.append("|" + "|".join("---" for _ in header) + "|")
     for r in rows:
         out.append("| " + " | ".join(r) + " |")
+    if cpu_rows:
+        out.append("")
+        out.append("Sidecar CPU (through-sidecar runs): CPU time per request, share of its core "
+                   "in use, and the implied capacity of one full core (1 / CPU per request). "
+                   "A core well below 100% means the load side (client + fake workers on the "
+                   "other core) was the limit, not the sidecar.")
+        out.append("")
+        out.append("| scenario | sidecar CPU/request | sidecar core busy | one-core capacity |")
+        out.append("|---|---|---|---|")
+        for r in cpu_rows:
+            out.append("| " + " | ".join(r) + " |")
     out.append("")
     for n in notes:
         out.append(f"- {n}")
