@@ -3,7 +3,7 @@
 CARGO ?= cargo
 PROFILE_DIR := target/release
 
-.PHONY: build test lint fmt demo clean
+.PHONY: build test lint fmt demo bench clean
 
 build:
 	$(CARGO) build --release --locked --bins
@@ -26,3 +26,6 @@ demo: build
 clean:
 	$(CARGO) clean
 	rm -rf bin
+
+bench:
+	./scripts/bench.sh

@@ -170,6 +170,11 @@ pub struct Args {
     /// How often -cert-path is checked for a rotated certificate
     #[arg(long = "cert-reload-interval", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub cert_reload_interval: Duration,
+
+    /// Threads serving requests (default: the cores this process may run on). 1 runs
+    /// everything on one thread, the fastest setting when the sidecar is given one core
+    #[arg(long = "worker-threads", value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
+    pub worker_threads: Option<u16>,
 }
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling.
@@ -377,6 +382,16 @@ mod tests {
                 clap::error::ErrorKind::DisplayHelp
             );
         }
+    }
+
+    #[test]
+    fn worker_threads_must_be_positive() {
+        assert_eq!(parse(&[]).unwrap().worker_threads, None);
+        assert_eq!(
+            parse(&["-worker-threads=1"]).unwrap().worker_threads,
+            Some(1)
+        );
+        assert!(parse(&["-worker-threads=0"]).is_err());
     }
 
     #[test]

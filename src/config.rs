@@ -43,6 +43,9 @@ pub struct Config {
     pub prefiller_use_tls: bool,
     pub prefiller_tls: ClientTls,
     pub decoder_tls: ClientTls,
+
+    /// Runtime threads; `None` means one per available core.
+    pub worker_threads: Option<usize>,
 }
 
 /// What SSRF protection allows.
@@ -156,6 +159,7 @@ impl TryFrom<Args> for Config {
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
             verbosity: args.verbosity,
+            worker_threads: args.worker_threads.map(usize::from),
         })
     }
 }

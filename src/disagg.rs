@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
 use crate::config::PrefillFailurePolicy;
@@ -41,6 +41,23 @@ pub async fn serve(
     prefiller: Target,
     client: SocketAddr,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let request_id = headers::request_id(req.headers());
+    // The span is attached to the future, not entered with a guard: a guard held across
+    // `.await` leaks into whatever else the thread polls, so spans of unrelated requests
+    // nested without bound (each log line carried every earlier request's span).
+    let span = tracing::info_span!("pd", request_id = ?request_id, connector = proxy.connector.name(), prefiller = prefiller.authority());
+    serve_in_span(proxy, req, prefiller, client, request_id)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    prefiller: Target,
+    client: SocketAddr,
+    request_id: HeaderValue,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let original = body::collect_limited(body, proxy.max_body_bytes)
@@ -55,14 +72,11 @@ pub async fn serve(
         crate::json_edit::ParseError::Invalid(e) => ProxyError::InvalidJson(e),
         crate::json_edit::ParseError::NotObject => ProxyError::NotAnObject,
     })?;
-    let request_id = headers::request_id(&parts.headers);
     headers::for_upstream(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client.ip());
     parts.headers.insert(REQUEST_ID, request_id.clone());
     // Both legs carry rewritten bodies; hyper sets the right length for each.
     parts.headers.remove(CONTENT_LENGTH);
-    let span = tracing::info_span!("pd", request_id = ?request_id, connector = proxy.connector.name(), prefiller = prefiller.authority());
-    let _enter = span.enter();
     trace!(body = %String::from_utf8_lossy(&original), "client request");
 
     // 1. Prefill.

@@ -17,10 +17,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(config.verbosity);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("llm-d-routing-sidecar: cannot start the runtime: {e}");
@@ -37,5 +34,24 @@ fn main() -> ExitCode {
             eprintln!("llm-d-routing-sidecar: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One thread (`-worker-threads=1`, or one available core): a current-thread runtime, which
+/// skips the multi-thread scheduler's cross-thread queues and wake-ups. Otherwise a
+/// multi-thread runtime with one worker per thread asked for (default: per available core).
+fn build_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }

@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# `make bench`: the sidecar against the direct baseline, measured in the same run.
+#
+# Starts two fake vLLM workers (decoder and prefiller, from ../shared/bench/fakevllm) on
+# loopback, the sidecar in front of the decoder, and runs each scenario twice with the `pdload`
+# load generator: once straight to the decoder ("direct") and once through the sidecar. The
+# sidecar is pinned to one core (taskset -c 1), everything else to the other (taskset -c 0).
+# Every run is bounded by a request count and by MAX_SECS. Prints a table and writes it to
+# $BENCH_OUT (default target/bench/results.md). Everything started here is killed by PID on exit.
+#
+# Knobs (environment):
+#   MAX_SECS=10          upper bound of each measured run, in seconds
+#   SIDECAR_ARGS=""      extra sidecar flags, e.g. "-worker-threads=1"
+#   SIDECAR_BIN          a prebuilt sidecar binary (skips `cargo build`)
+#   BENCH_TOOLS_DIR      where fakevllm's crate is (default ../shared/bench/fakevllm)
+#   BENCH_TOOLS_TARGET   its cargo target dir (default ~/.cache/sidecar-bench)
+#   SIDECAR_CPU / LOAD_CPU   the cores to pin to (default 1 and 0)
+#   IDLE_STREAMS=1000    open streams for the memory scenario
+#   ONLY="pd_c1 ..."     run only these scenarios
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+MAX_SECS=${MAX_SECS:-10}
+SIDECAR_ARGS=${SIDECAR_ARGS:-}
+IDLE_STREAMS=${IDLE_STREAMS:-1000}
+SIDECAR_CPU=${SIDECAR_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+BENCH_OUT=${BENCH_OUT:-$REPO/target/bench/results.md}
+TOOLS_DIR=${BENCH_TOOLS_DIR:-$REPO/../shared/bench/fakevllm}
+TOOLS_TARGET=${BENCH_TOOLS_TARGET:-${HOME:-/tmp}/.cache/sidecar-bench}
+ONLY=${ONLY:-}
+
+die() { echo "bench: $*" >&2; exit 1; }
+command -v python3 >/dev/null || die "python3 is required (free ports, tables)"
+command -v curl >/dev/null || die "curl is required (readiness checks)"
+
+if [ ! -f "$TOOLS_DIR/Cargo.toml" ]; then
+    cat >&2 <<EOF
+bench: the load tools are missing: $TOOLS_DIR/Cargo.toml not found.
+
+This benchmark uses two small programs that are not part of this repository:
+  - fakevllm: a fake vLLM OpenAI server (JSON completions, SSE streams, P/D prefill answers
+    with kv_transfer_params when the request has kv_transfer_params.do_remote_decode=true);
+  - pdload:   a bounded HTTP/1.1 load generator printing one JSON line with ok, rps,
+    lat_p50_ms, lat_p99_ms, ttfb_p50_ms (it must check that SSE streams end with [DONE]).
+Point BENCH_TOOLS_DIR at a cargo crate providing both binaries (the llm-d bench tools in
+shared/bench/fakevllm), e.g.  BENCH_TOOLS_DIR=/path/to/fakevllm make bench
+EOF
+    exit 2
+fi
+
+# --- build -----------------------------------------------------------------------------------
+if [ -z "${SIDECAR_BIN:-}" ]; then
+    echo "building the sidecar (release)..." >&2
+    cargo build --release --locked --bin llm-d-routing-sidecar >&2
+    SIDECAR_BIN=$REPO/target/release/llm-d-routing-sidecar
+fi
+echo "building fakevllm and pdload into $TOOLS_TARGET..." >&2
+CARGO_TARGET_DIR=$TOOLS_TARGET cargo build --release --manifest-path "$TOOLS_DIR/Cargo.toml" >&2
+FAKEVLLM=$TOOLS_TARGET/release/fakevllm
+PDLOAD=$TOOLS_TARGET/release/pdload
+
+# --- processes -------------------------------------------------------------------------------
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+PIN_SIDECAR=()
+PIN_LOAD=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+    PIN_SIDECAR=(taskset -c "$SIDECAR_CPU")
+    PIN_LOAD=(taskset -c "$LOAD_CPU")
+else
+    echo "bench: taskset or a second core missing: processes are not pinned" >&2
+fi
+# 1,000 idle streams need ~3 descriptors each in the sidecar (client, decoder, prefiller).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# Free loopback ports, checked by binding them (fakevllm needs fixed addresses).
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+wait_http() { # url what
+    for _ in $(seq 200); do
+        curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "$2 did not come up at $1"
+}
+
+# start_fake NAME ARGS...: starts fakevllm pinned to the load core.
+start_fake() {
+    local name=$1; shift
+    "${PIN_LOAD[@]}" "$FAKEVLLM" --threads 1 "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+}
+
+# start_sidecar NAME DECODER_PORT: starts the sidecar on a free port; sets SC_PORT and SC_PID.
+start_sidecar() {
+    local name=$1 dport=$2
+    # shellcheck disable=SC2086
+    "${PIN_SIDECAR[@]}" "$SIDECAR_BIN" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
+        -vllm-port="$dport" $SIDECAR_ARGS 2>"$WORK/$name.log" &
+    SC_PID=$!
+    PIDS+=("$SC_PID")
+    SC_PORT=""
+    for _ in $(seq 200); do
+        SC_PORT=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/$name.log" | head -1 | cut -d: -f2 || true)
+        [ -n "$SC_PORT" ] && break
+        kill -0 "$SC_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    [ -n "$SC_PORT" ] || { cat "$WORK/$name.log" >&2; die "the sidecar did not start"; }
+    wait_http "http://127.0.0.1:$SC_PORT/health" "the sidecar"
+}
+
+read -r DEC_PORT PRE_PORT SLOW_PORT <<<"$(free_ports 3)"
+start_fake fake --listen "127.0.0.1:$DEC_PORT" --prefill-listen "127.0.0.1:$PRE_PORT"
+wait_http "http://127.0.0.1:$DEC_PORT/health" "fakevllm (decoder)"
+wait_http "http://127.0.0.1:$PRE_PORT/health" "fakevllm (prefiller)"
+start_sidecar sidecar "$DEC_PORT"
+SIDECAR_PID=$SC_PID
+SIDECAR_PORT=$SC_PORT
+
+# --- bodies ----------------------------------------------------------------------------------
+python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+prompt = ("The quick brown fox jumps over the lazy dog. " * 23)[:1000]
+def put(name, **kw):
+    open(f"{w}/{name}.json", "w").write(json.dumps({"model": "fake-model", "prompt": prompt, **kw}))
+put("small", max_tokens=16)
+put("stream", max_tokens=64, stream=True)
+put("idle", max_tokens=2, stream=True)
+big = {"model": "fake-model", "prompt": ("lorem ipsum dolor sit amet " * 16000)[:400_000], "max_tokens": 16}
+open(f"{w}/big.json", "w").write(json.dumps(big))
+PY
+
+# --- measurement -----------------------------------------------------------------------------
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# load SCENARIO SIDE URL BODY N C [pdload args...]: one bounded run; appends a JSON line.
+load() {
+    local scenario=$1 side=$2 url=$3 body=$4 n=$5 c=$6; shift 6
+    local t0 t1 w0 w1 warm=$((n / 10 < 500 ? n / 10 : 500))
+    w0=$(date +%s%N)
+    t0=$(cpu_ticks "$SIDECAR_PID")
+    "${PIN_LOAD[@]}" "$PDLOAD" --url "$url" --body-file "$WORK/$body.json" -n "$n" -c "$c" \
+        --warmup "$warm" --max-secs "$MAX_SECS" --label "$scenario/$side" "$@" >"$WORK/run.json"
+    t1=$(cpu_ticks "$SIDECAR_PID")
+    w1=$(date +%s%N)
+    python3 - "$WORK/run.json" "$scenario" "$side" "$((t1 - t0))" "$(getconf CLK_TCK)" "$warm" \
+        "$(((w1 - w0) / 1000))" >>"$RESULTS" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+# Sidecar CPU time over the whole pdload run (warm-up included), and that run's wall time.
+r.update(scenario=sys.argv[2], side=sys.argv[3],
+         sidecar_cpu_s=int(sys.argv[4]) / int(sys.argv[5]), warmup=int(sys.argv[6]),
+         wall_s=int(sys.argv[7]) / 1e6)
+print(json.dumps(r))
+PY
+    python3 - "$WORK/run.json" >&2 <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+bad = r["errors"] + r["non2xx"] + r["bad_stream"]
+print(f"  {r['label']:<22} ok={r['ok']:<6} failed={bad:<3} {r['rps']:>9.0f}/s  "
+      f"p50={r['lat_p50_ms']} ms  p99={r['lat_p99_ms']} ms  ttfb50={r['ttfb_p50_ms']} ms")
+PY
+}
+
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
+DIRECT=http://127.0.0.1:$DEC_PORT/v1/completions
+THROUGH=http://127.0.0.1:$SIDECAR_PORT/v1/completions
+PD_HEADER=(-H "x-prefiller-host-port: 127.0.0.1:$PRE_PORT")
+
+echo "scenarios (each bounded by its count and MAX_SECS=$MAX_SECS):" >&2
+# P/D: direct is one call to the decoder; through the sidecar it is a prefill and a decode.
+for c in 1 16 64; do
+    want "pd_c$c" || continue
+    n=$([ "$c" = 1 ] && echo 3000 || echo 40000)
+    load "pd_c$c" direct "$DIRECT" small "$n" "$c"
+    load "pd_c$c" sidecar "$THROUGH" small "$n" "$c" "${PD_HEADER[@]}"
+done
+if want pass_c16; then
+    load pass_c16 direct "$DIRECT" small 40000 16
+    load pass_c16 sidecar "$THROUGH" small 40000 16
+fi
+if want stream_c16; then
+    load stream_c16 direct "$DIRECT" stream 20000 16 --stream
+    load stream_c16 sidecar "$THROUGH" stream 20000 16 --stream "${PD_HEADER[@]}"
+fi
+if want big400k_c4; then
+    load big400k_c4 direct "$DIRECT" big 2000 4
+    load big400k_c4 sidecar "$THROUGH" big 2000 4 "${PD_HEADER[@]}"
+fi
+
+# Memory: a fresh sidecar in front of a decoder that sends one token, then waits 20 s for the
+# next; IDLE_STREAMS streams are opened at once and the sidecar's VmRSS compared before/after.
+if want idle_streams; then
+    start_fake slow --listen "127.0.0.1:$SLOW_PORT" --token-delay-ms 20000
+    wait_http "http://127.0.0.1:$SLOW_PORT/health" "fakevllm (slow decoder)"
+    start_sidecar sidecar-mem "$SLOW_PORT"
+    # Warm the sidecar with a few complete requests so the baseline includes its steady state.
+    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
+        --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" "${PD_HEADER[@]}" >/dev/null
+    sleep 0.5
+    rss0=$(rss_kib "$SC_PID")
+    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
+        --body-file "$WORK/idle.json" -n "$IDLE_STREAMS" -c "$IDLE_STREAMS" --stream \
+        --max-secs "$MAX_SECS" "${PD_HEADER[@]}" >/dev/null 2>&1 &
+    HOLDER=$!
+    PIDS+=("$HOLDER")
+    opened=0
+    for _ in $(seq $((MAX_SECS * 20))); do
+        opened=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"])')
+        [ "$opened" -ge "$IDLE_STREAMS" ] && break
+        sleep 0.05
+    done
+    sleep 0.5 # the first token of the last streams is relayed
+    rss1=$(rss_kib "$SC_PID")
+    kill "$HOLDER" 2>/dev/null || true
+    wait "$HOLDER" 2>/dev/null || true
+    echo "  idle_streams: $opened open, sidecar VmRSS ${rss0} KiB -> ${rss1} KiB" >&2
+    printf '{"scenario":"idle_streams","side":"sidecar","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
+        "$opened" "$rss0" "$rss1" >>"$RESULTS"
+    kill "$SC_PID" 2>/dev/null || true
+fi
+
+# --- report ----------------------------------------------------------------------------------
+mkdir -p "$(dirname "$BENCH_OUT")"
+python3 "$REPO/scripts/bench_table.py" "$RESULTS" "$SIDECAR_ARGS" "$MAX_SECS" | tee "$BENCH_OUT"
+echo "written to $BENCH_OUT" >&2
