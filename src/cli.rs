@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::connector::Connector;
+use crate::logging::LogFormat;
 
 /// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
 ///
@@ -121,6 +122,14 @@ pub struct Args {
     #[arg(long = "alsologtostderr", hide = true, default_value = "false", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
     pub alsologtostderr: bool,
+
+    /// Port of the admin listener serving /metrics (Prometheus) and /health; 0 disables it
+    #[arg(long = "metrics-port", default_value_t = 9090, value_name = "PORT")]
+    pub metrics_port: u16,
+
+    /// Log line format: text or json (one object per line)
+    #[arg(long = "log-format", default_value = "text", value_parser = parse_log_format, value_name = "FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling.
@@ -193,6 +202,10 @@ where
 }
 
 fn parse_connector(s: &str) -> Result<Connector, String> {
+    s.parse()
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     s.parse()
 }
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use crate::cli::Args;
 use crate::connector::Connector;
+use crate::logging::LogFormat;
+use crate::metrics::Metrics;
 use crate::upstream::Target;
 
 /// Everything the server needs, checked.
@@ -22,6 +24,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// klog-style verbosity.
     pub verbosity: u8,
+    /// Where the admin listener (/metrics, /health) binds; `None` with `-metrics-port=0`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// The metrics the proxy reports to and the admin listener serves.
+    pub metrics: Metrics,
 }
 
 impl Config {
@@ -72,6 +79,10 @@ impl TryFrom<Args> for Config {
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
             verbosity: args.verbosity,
+            metrics_listen: (args.metrics_port != 0)
+                .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
+            log_format: args.log_format,
+            metrics: Metrics::new(),
         })
     }
 }

@@ -17,14 +17,16 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, info_span, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
 use crate::connector::Handoff;
 use crate::error::{describe, ProxyError};
 use crate::headers::{self, REQUEST_ID};
 use crate::json_edit::{Edit, JsonObject};
+use crate::metrics::Tracker;
 use crate::proxy::{relay_response, Proxy};
+use crate::telemetry;
 use crate::upstream::{Target, Upstream};
 
 /// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
@@ -43,6 +45,7 @@ pub async fn serve(
     req: Request<Incoming>,
     prefiller: Target,
     client: SocketAddr,
+    tracker: &mut Tracker,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -54,6 +57,7 @@ pub async fn serve(
             },
             CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
         })?;
+    tracker.request_bytes(original.len());
     let request = JsonObject::parse(&original).map_err(|e| match e {
         crate::json_edit::ParseError::Invalid(e) => ProxyError::InvalidJson(e),
         crate::json_edit::ParseError::NotObject => ProxyError::NotAnObject,
@@ -64,8 +68,9 @@ pub async fn serve(
     parts.headers.insert(REQUEST_ID, request_id.clone());
     // Both legs carry rewritten bodies; hyper sets the right length for each.
     parts.headers.remove(CONTENT_LENGTH);
-    let span = tracing::info_span!("pd", request_id = ?request_id, connector = proxy.connector.name(), prefiller = prefiller.authority());
-    let _enter = span.enter();
+    // Both legs clone these headers, so they share the trace id.
+    let trace_id = telemetry::ensure_traceparent(&mut parts.headers);
+    telemetry::record_ids(&request_id, &trace_id);
     trace!(body = %String::from_utf8_lossy(&original), "client request");
 
     // 1. Prefill.
@@ -76,10 +81,15 @@ pub async fn serve(
         prefiller.uri(parts.uri.path_and_query()),
         body::full(prefill_body),
     );
-    let reply = match prefill(&proxy.upstream, prefill_req, &prefiller).await? {
+    tracker.prefill_started();
+    let reply = match prefill(&proxy.upstream, prefill_req, &prefiller)
+        .instrument(info_span!("prefill"))
+        .await?
+    {
         Prefilled::Reply(reply) => reply,
         Prefilled::Rejected(resp) => return Ok(with_request_id(resp, request_id)),
     };
+    tracker.prefill_done();
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // 2. The decode leg, from the original request and the prefiller's reply.
@@ -98,17 +108,20 @@ pub async fn serve(
     // 3. Decode, streamed back unbuffered.
     let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
     let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
+    let decode_span = info_span!("decode");
     let result = if pinned {
         dispatch_decode(
             &proxy.upstream,
             leg_parts(&parts, decode_uri),
             plan.body.clone(),
         )
+        .instrument(decode_span)
         .await
     } else {
         proxy
             .upstream
             .send(leg(&parts, decode_uri, body::full(plan.body.clone())))
+            .instrument(decode_span)
             .await
             .map_err(|e| describe(&e))
     };

@@ -6,8 +6,11 @@
 //! - [`disagg`] the P/D request path; [`connector`] one file per connector's rewrites;
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
+//! - [`metrics`] every Prometheus metric and the per-request guard, served by [`admin`] on
+//!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`;
 //! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -17,9 +20,11 @@ pub mod error;
 pub mod headers;
 pub mod json_edit;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sim;
+pub mod telemetry;
 pub mod upstream;
 
 pub use config::Config;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
@@ -13,6 +13,8 @@ use crate::connector::Connector;
 use crate::disagg;
 use crate::error::{describe, ProxyError};
 use crate::headers;
+use crate::metrics::{Metrics, Route, Tracker};
+use crate::telemetry;
 use crate::upstream::{self, Target, Upstream};
 
 /// Everything a request needs, built once at start.
@@ -21,6 +23,7 @@ pub struct Proxy {
     pub(crate) decoder: Target,
     pub(crate) upstream: Upstream,
     pub(crate) max_body_bytes: usize,
+    pub(crate) metrics: Metrics,
 }
 
 impl Proxy {
@@ -31,6 +34,7 @@ impl Proxy {
             decoder: config.decoder.clone(),
             upstream: Upstream::new(config.connect_timeout),
             max_body_bytes: config.max_body_bytes,
+            metrics: config.metrics.clone(),
         }
     }
 
@@ -43,17 +47,47 @@ impl Proxy {
         }
         let intercepted =
             method == Method::POST && (path == "/v1/completions" || path == "/v1/chat/completions");
-        if !intercepted {
-            return self.pass_through(req, client).await;
-        }
-        match upstream::prefiller_from(req.headers()) {
-            Ok(None) => self.pass_through(req, client).await,
-            Ok(Some(prefiller)) => disagg::serve(self, req, prefiller, client)
-                .await
-                .unwrap_or_else(|e| {
+        let prefiller = if intercepted {
+            upstream::prefiller_from(req.headers())
+        } else {
+            Ok(None)
+        };
+        let route = match prefiller {
+            Ok(None) => Route::PassThrough,
+            _ => Route::Pd,
+        };
+        let prefiller_name = prefiller
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(Target::authority);
+        let span = telemetry::request_span(route, method, path, req.headers(), prefiller_name);
+        // Dropped with this future if the client leaves: that counts the cancellation.
+        let mut tracker = self.metrics.track(self.connector, route, span.clone());
+        let resp = self
+            .route(req, client, prefiller, &mut tracker)
+            .instrument(span)
+            .await;
+        tracker.relay(resp)
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        prefiller: Result<Option<Target>, String>,
+        tracker: &mut Tracker,
+    ) -> Response<ProxyBody> {
+        match prefiller {
+            Ok(None) => self.pass_through(req, client, tracker).await,
+            Ok(Some(prefiller)) => match disagg::serve(self, req, prefiller, client, tracker).await
+            {
+                Ok(resp) => resp,
+                Err(e) => {
                     tracing::warn!(error = %e, status = e.status().as_u16(), "request failed");
-                    e.into_response()
-                }),
+                    tracker.error(e)
+                }
+            },
             Err(e) => ProxyError::BadPrefillerHeader(e).into_response(),
         }
     }
@@ -64,6 +98,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
+        tracker: &mut Tracker,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         headers::for_upstream(&mut parts.headers);
@@ -71,14 +106,13 @@ impl Proxy {
         parts.uri = self.decoder.uri(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         debug!(method = %parts.method, uri = %parts.uri, "pass-through");
-        let req = Request::from_parts(parts, body::relay(body));
+        let req = Request::from_parts(parts, body::relay(tracker.count_request(body)));
         match self.upstream.send(req).await {
             Ok(resp) => relay_response(resp),
-            Err(e) => ProxyError::DecoderUnreachable {
+            Err(e) => tracker.error(ProxyError::DecoderUnreachable {
                 decoder: self.decoder.authority().to_string(),
                 detail: describe(&e),
-            }
-            .into_response(),
+            }),
         }
     }
 }
