@@ -43,6 +43,17 @@ pub use tracker::{CountedRequest, Tracker};
 /// Every exposed name starts with this.
 pub const PREFIX: &str = "llm_d_sidecar";
 
+/// Every exposed metric family, as scraped (the README's list is checked against this).
+pub const NAMES: [&str; 7] = [
+    "llm_d_sidecar_requests_total",
+    "llm_d_sidecar_in_flight_requests",
+    "llm_d_sidecar_prefill_duration_seconds",
+    "llm_d_sidecar_decode_first_byte_seconds",
+    "llm_d_sidecar_upstream_errors_total",
+    "llm_d_sidecar_cancellations_total",
+    "llm_d_sidecar_relayed_bytes_total",
+];
+
 /// How a request was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {

@@ -147,9 +147,11 @@ impl Drop for Tracker {
 
 /// A response body that reports its bytes, its first byte and how it ended to its tracker.
 struct Tracked {
+    // Declared first so it drops first: a cancellation is counted before the upstream
+    // connection inside `inner` closes, so whoever sees that close sees the count too.
+    tracker: Tracker,
     inner: ProxyBody,
     status: StatusCode,
-    tracker: Tracker,
 }
 
 impl Tracked {
@@ -331,6 +333,32 @@ mod tests {
         assert!(
             text.contains("llm_d_sidecar_prefill_duration_seconds_count{connector=\"nixlv2\"} 1")
         );
+    }
+
+    #[tokio::test]
+    async fn names_lists_every_family() {
+        let m = Metrics::new();
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.request_bytes(1);
+        t.prefill_started();
+        t.prefill_done();
+        let _ = t.error(ProxyError::DecoderUnreachable {
+            decoder: "d".into(),
+            detail: "x".into(),
+        });
+        t.decode_sent = Some(Instant::now());
+        let resp = t.relay(Response::new(crate::body::full("x")));
+        resp.into_body().collect().await.unwrap();
+        drop(m.track(Connector::NixlV2, Route::Pd, Span::none()));
+        let text = m.render();
+        let mut exposed: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        exposed.sort_unstable();
+        let mut names = super::super::NAMES.to_vec();
+        names.sort_unstable();
+        assert_eq!(exposed, names, "{text}");
     }
 
     #[test]
