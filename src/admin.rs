@@ -21,7 +21,8 @@ use crate::metrics::Metrics;
 /// Serves `listener` forever. The caller ends it by dropping (aborting) the task; there is
 /// nothing to drain, a scrape is one small response.
 pub async fn serve(listener: TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    info!(addr = %listener.local_addr()?, "admin listening (/metrics, /health)");
+    // Not `addr=`: scripts find the main port by grepping the "listening addr=" line.
+    info!(metrics_listen = %listener.local_addr()?, "admin listener serving /metrics and /health");
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(pair) => pair,
