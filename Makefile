@@ -3,7 +3,7 @@
 CARGO ?= cargo
 PROFILE_DIR := target/release
 
-.PHONY: build test lint fmt demo bench clean
+.PHONY: build test lint fmt demo bench image clean
 
 build:
 	$(CARGO) build --release --locked --bins
@@ -22,6 +22,19 @@ fmt:
 
 demo: build
 	./scripts/demo.sh
+
+# IMAGE names the tag; CONTAINER_ENGINE may force docker or podman. A docker client without a
+# reachable daemon does not count as an engine.
+IMAGE ?= llm-d-routing-sidecar:latest
+CONTAINER_ENGINE ?= $(shell for e in docker podman; do \
+	command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+
+image:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+		echo "make image: no container engine available (need docker with a running daemon, or podman)" >&2; \
+		exit 1; \
+	fi
+	$(CONTAINER_ENGINE) build -t $(IMAGE) .
 
 clean:
 	$(CARGO) clean

@@ -33,7 +33,7 @@ PREFILL=$(start_sim prefill --ttft-ms 40)
 DECODE=$(start_sim decode --itl-ms 15)
 
 "$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-    -vllm-port="$DECODE" -connector=nixlv2 2>"$WORK/sidecar.log" &
+    -vllm-port="$DECODE" -connector=nixlv2 -metrics-port=0 2>"$WORK/sidecar.log" &
 PIDS+=($!)
 SIDECAR=""
 for _ in $(seq 100); do

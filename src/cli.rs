@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::connector::Connector;
+use crate::logging::LogFormat;
 
 /// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
 ///
@@ -175,6 +176,14 @@ pub struct Args {
     /// everything on one thread, the fastest setting when the sidecar is given one core
     #[arg(long = "worker-threads", value_parser = clap::value_parser!(u16).range(1..), value_name = "N")]
     pub worker_threads: Option<u16>,
+
+    /// Port of the admin listener serving /metrics (Prometheus) and /health; 0 disables it
+    #[arg(long = "metrics-port", default_value_t = 9090, value_name = "PORT")]
+    pub metrics_port: u16,
+
+    /// Log line format: text or json (one object per line)
+    #[arg(long = "log-format", default_value = "text", value_parser = parse_log_format, value_name = "FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling.
@@ -251,6 +260,10 @@ fn parse_connector(s: &str) -> Result<Connector, String> {
 }
 
 fn parse_failure_policy(s: &str) -> Result<crate::config::PrefillFailurePolicy, String> {
+    s.parse()
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     s.parse()
 }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::allowlist::Rule;
 use crate::cli::Args;
 use crate::connector::Connector;
+use crate::logging::LogFormat;
+use crate::metrics::Metrics;
 use crate::tls::ClientTls;
 use crate::upstream::Target;
 
@@ -46,6 +48,11 @@ pub struct Config {
 
     /// Runtime threads; `None` means one per available core.
     pub worker_threads: Option<usize>,
+    /// Where the admin listener (/metrics, /health) binds; `None` with `-metrics-port=0`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// The metrics the proxy reports to and the admin listener serves.
+    pub metrics: Metrics,
 }
 
 /// What SSRF protection allows.
@@ -160,6 +167,10 @@ impl TryFrom<Args> for Config {
             drain_timeout: args.drain_timeout,
             verbosity: args.verbosity,
             worker_threads: args.worker_threads.map(usize::from),
+            metrics_listen: (args.metrics_port != 0)
+                .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
+            log_format: args.log_format,
+            metrics: Metrics::new(),
         })
     }
 }

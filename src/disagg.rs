@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, trace, warn, Instrument};
+use tracing::{debug, info, info_span, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
 use crate::config::PrefillFailurePolicy;
@@ -26,7 +26,9 @@ use crate::connector::Handoff;
 use crate::error::{describe, Leg, ProxyError};
 use crate::headers::{self, REQUEST_ID};
 use crate::json_edit::{Edit, JsonObject};
+use crate::metrics::Tracker;
 use crate::proxy::{relay_response, Proxy};
+use crate::telemetry;
 use crate::upstream::{Target, Upstream};
 
 /// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
@@ -34,29 +36,13 @@ const PREFILL_REPLY_LIMIT: usize = 4 << 20;
 
 type UpstreamResult = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
 
-/// Runs the connector's P/D flow for one request.
+/// Runs the connector's P/D flow for one request, inside the request span `proxy.rs` opened.
 pub async fn serve(
     proxy: &Proxy,
     req: Request<Incoming>,
     prefiller: Target,
     client: SocketAddr,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let request_id = headers::request_id(req.headers());
-    // The span is attached to the future, not entered with a guard: a guard held across
-    // `.await` leaks into whatever else the thread polls, so spans of unrelated requests
-    // nested without bound (each log line carried every earlier request's span).
-    let span = tracing::info_span!("pd", request_id = ?request_id, connector = proxy.connector.name(), prefiller = prefiller.authority());
-    serve_in_span(proxy, req, prefiller, client, request_id)
-        .instrument(span)
-        .await
-}
-
-async fn serve_in_span(
-    proxy: &Proxy,
-    req: Request<Incoming>,
-    prefiller: Target,
-    client: SocketAddr,
-    request_id: HeaderValue,
+    tracker: &mut Tracker,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -68,15 +54,20 @@ async fn serve_in_span(
             },
             CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
         })?;
+    tracker.request_bytes(original.len());
     let request = JsonObject::parse(&original).map_err(|e| match e {
         crate::json_edit::ParseError::Invalid(e) => ProxyError::InvalidJson(e),
         crate::json_edit::ParseError::NotObject => ProxyError::NotAnObject,
     })?;
     headers::for_upstream(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client.ip());
+    let request_id = headers::request_id(&parts.headers);
     parts.headers.insert(REQUEST_ID, request_id.clone());
     // Both legs carry rewritten bodies; hyper sets the right length for each.
     parts.headers.remove(CONTENT_LENGTH);
+    // Both legs clone these headers, so they share the trace id.
+    let trace_id = telemetry::ensure_traceparent(&mut parts.headers);
+    telemetry::record_ids(&request_id, &trace_id);
     trace!(body = %String::from_utf8_lossy(&original), "client request");
 
     // 1. Prefill.
@@ -87,9 +78,10 @@ async fn serve_in_span(
         prefiller.uri(parts.uri.path_and_query()),
         body::full(prefill_body),
     );
+    tracker.prefill_started();
     let prefilled = tokio::time::timeout(
         proxy.prefill_timeout,
-        prefill(&proxy.upstream, prefill_req, &prefiller),
+        prefill(&proxy.upstream, prefill_req, &prefiller).instrument(info_span!("prefill")),
     )
     .await
     .unwrap_or_else(|_| {
@@ -114,6 +106,7 @@ async fn serve_in_span(
         }
         Err(e) => return Err(e),
     };
+    tracker.prefill_done();
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // 2. The decode leg, from the original request and the prefiller's reply.
@@ -132,7 +125,9 @@ async fn serve_in_span(
     // 3. Decode, streamed back unbuffered.
     let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
     if !pinned {
-        let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(plan.body))).await?;
+        let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(plan.body)))
+            .instrument(info_span!("decode"))
+            .await?;
         return Ok(with_request_id(relay_response(resp), request_id));
     }
     let dispatched = tokio::time::timeout(
@@ -142,7 +137,8 @@ async fn serve_in_span(
             leg_parts(&parts, decode_uri),
             plan.body.clone(),
             proxy.decode_admission_grace,
-        ),
+        )
+        .instrument(info_span!("decode")),
     )
     .await
     .map_err(|_| decode_timeout(proxy))?;

@@ -7,8 +7,11 @@
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
 //! - [`allowlist`] SSRF protection; [`tls`] rustls server and client settings;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
+//! - [`metrics`] every Prometheus metric and the per-request guard, served by [`admin`] on
+//!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`;
 //! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
+pub mod admin;
 pub mod allowlist;
 pub mod body;
 pub mod cli;
@@ -19,9 +22,11 @@ pub mod error;
 pub mod headers;
 pub mod json_edit;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sim;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 

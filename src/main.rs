@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use sidecar::{cli, logging, server, Config};
+use sidecar::{admin, cli, logging, server, Config};
 
 fn main() -> ExitCode {
     let args = match cli::parse_from(std::env::args_os()) {
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(config.verbosity);
+    logging::init(config.verbosity, config.log_format);
     let runtime = match build_runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {
@@ -26,6 +26,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        if let Some(addr) = config.metrics_listen {
+            let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("-metrics-port: cannot bind {addr}: {e}"))
+            })?;
+            // Runs until the process exits, so metrics stay scrapeable during the drain.
+            tokio::spawn(admin::serve(admin, config.metrics.clone()));
+        }
         server::run(config, listener, server::shutdown_signal()).await
     });
     match result {

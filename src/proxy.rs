@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::allowlist::Allowlist;
 use crate::body::{self, ProxyBody};
@@ -17,6 +17,8 @@ use crate::connector::Connector;
 use crate::disagg;
 use crate::error::{describe, Leg, ProxyError};
 use crate::headers;
+use crate::metrics::{Metrics, Route, Tracker};
+use crate::telemetry;
 use crate::upstream::{self, Target, Upstream};
 
 /// Everything a request needs, built once at start.
@@ -34,6 +36,7 @@ pub struct Proxy {
     /// Bounds concurrent requests (`-max-in-flight`); a permit lives as long as its response
     /// body, so long streams count until they end. `None`: no limit.
     in_flight: Option<(Arc<Semaphore>, usize)>,
+    pub(crate) metrics: Metrics,
 }
 
 impl Proxy {
@@ -61,6 +64,7 @@ impl Proxy {
                     config.max_in_flight,
                 )
             }),
+            metrics: config.metrics.clone(),
         })
     }
 
@@ -78,37 +82,60 @@ impl Proxy {
                 Err(_) => return ProxyError::Overloaded { limit: *limit }.into_response(),
             },
         };
-        let resp = self.route(req, client).await;
+        let intercepted =
+            method == Method::POST && (path == "/v1/completions" || path == "/v1/chat/completions");
+        let prefiller = if intercepted {
+            upstream::prefiller_from(req.headers(), self.prefiller_use_tls)
+        } else {
+            Ok(None)
+        };
+        let route = match prefiller {
+            Ok(None) => Route::PassThrough,
+            _ => Route::Pd,
+        };
+        let prefiller_name = prefiller
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(Target::authority);
+        let span = telemetry::request_span(route, method, path, req.headers(), prefiller_name);
+        // Dropped with this future if the client leaves: that counts the cancellation.
+        let mut tracker = self.metrics.track(self.connector, route, span.clone());
+        let resp = self
+            .route(req, client, prefiller, &mut tracker)
+            .instrument(span)
+            .await;
+        let resp = tracker.relay(resp);
         match permit {
             Some(permit) => resp.map(|b| body::with_guard(b, permit)),
             None => resp,
         }
     }
 
-    async fn route(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
-        let path = req.uri().path();
-        let method = req.method();
-        let intercepted =
-            method == Method::POST && (path == "/v1/completions" || path == "/v1/chat/completions");
-        if !intercepted {
-            return self.pass_through(req, client).await;
-        }
-        match upstream::prefiller_from(req.headers(), self.prefiller_use_tls) {
-            Ok(None) => self.pass_through(req, client).await,
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        prefiller: Result<Option<Target>, String>,
+        tracker: &mut Tracker,
+    ) -> Response<ProxyBody> {
+        match prefiller {
+            Ok(None) => self.pass_through(req, client, tracker).await,
             Ok(Some(prefiller)) if !self.allowlist.allows(&prefiller) => {
                 warn!(client = %client, prefiller = prefiller.authority(), "prefiller refused by SSRF protection");
-                ProxyError::PrefillerNotAllowed {
+                tracker.error(ProxyError::PrefillerNotAllowed {
                     prefiller: prefiller.authority().to_string(),
-                }
-                .into_response()
+                })
             }
-            Ok(Some(prefiller)) => disagg::serve(self, req, prefiller, client)
-                .await
-                .unwrap_or_else(|e| {
+            Ok(Some(prefiller)) => match disagg::serve(self, req, prefiller, client, tracker).await
+            {
+                Ok(resp) => resp,
+                Err(e) => {
                     warn!(error = %e, status = e.status().as_u16(), "request failed");
-                    e.into_response()
-                }),
-            Err(e) => ProxyError::BadPrefillerHeader(e).into_response(),
+                    tracker.error(e)
+                }
+            },
+            Err(e) => tracker.error(ProxyError::BadPrefillerHeader(e)),
         }
     }
 
@@ -118,6 +145,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
+        tracker: &mut Tracker,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         headers::for_upstream(&mut parts.headers);
@@ -125,14 +153,23 @@ impl Proxy {
         parts.uri = self.decoder.uri(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         debug!(method = %parts.method, uri = %parts.uri, "pass-through");
-        let req = Request::from_parts(parts, body::relay(body));
-        match self.upstream.send(Leg::Decode, req).await {
-            Ok(resp) => relay_response(resp),
-            Err(e) => ProxyError::DecoderUnreachable {
+        let req = Request::from_parts(parts, body::relay(tracker.count_request(body)));
+        match tokio::time::timeout(
+            self.decode_first_byte_timeout,
+            self.upstream.send(Leg::Decode, req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => relay_response(resp),
+            Ok(Err(e)) => tracker.error(ProxyError::DecoderUnreachable {
                 decoder: self.decoder.authority().to_string(),
                 detail: describe(&e),
-            }
-            .into_response(),
+            }),
+            Err(_) => tracker.error(ProxyError::Timeout {
+                leg: Leg::Decode,
+                target: self.decoder.authority().to_string(),
+                after: self.decode_first_byte_timeout,
+            }),
         }
     }
 }

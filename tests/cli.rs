@@ -66,6 +66,8 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
             "-connector=nixlv2",
             "-secure-proxy=false",
             "-v=4",
+            // Port 9090 may be taken on a shared machine; tests/metrics.rs covers the admin port.
+            "-metrics-port=0",
         ])
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())

@@ -1,0 +1,94 @@
+//! Every log line of a request carries its request id and trace id.
+//!
+//! Alone in its test binary: tracing caches per-callsite interest process-wide, so tests on
+//! other threads logging without a subscriber could race this test's thread-local one.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::Value;
+use sidecar::logging::{self, LogFormat};
+use sidecar::Connector;
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A log sink the test can read back.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `#[tokio::test]` runs every task on this thread, so a thread-local subscriber sees the
+/// sidecar's and the simulators' logs.
+#[tokio::test]
+async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
+    let sink = Capture::default();
+    let writer = sink.clone();
+    let _guard = tracing::subscriber::set_default(logging::subscriber(
+        4,
+        LogFormat::Json,
+        false,
+        move || writer.clone(),
+    ));
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let mut req = post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#);
+    req.headers_mut()
+        .insert("x-request-id", "req-42".parse().unwrap());
+    req.headers_mut()
+        .insert("traceparent", TRACEPARENT.parse().unwrap());
+    let (resp, _) = call(sidecar.addr, req).await;
+    assert_eq!(resp.status(), 200);
+
+    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let in_request: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "request"))
+        })
+        .collect();
+    assert!(in_request.len() >= 2, "{text}");
+    for line in &in_request {
+        let request = line["spans"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "request"))
+            .expect("request span");
+        assert_eq!(request["request_id"], "req-42", "{line}");
+        assert_eq!(
+            request["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{line}"
+        );
+        assert_eq!(request["route"], "pd");
+    }
+    // Leg logs are inside their leg's span, under the request span.
+    let leg = |name: &str| {
+        in_request.iter().any(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == name))
+        })
+    };
+    assert!(leg("prefill"), "{text}");
+    assert!(
+        in_request.iter().any(|l| l["message"] == "decode started"),
+        "{text}"
+    );
+}
