@@ -25,7 +25,7 @@ use crate::config::PrefillFailurePolicy;
 use crate::connector::Handoff;
 use crate::error::{describe, Leg, ProxyError};
 use crate::headers::{self, REQUEST_ID};
-use crate::json_edit::{Edit, JsonObject};
+use crate::json_edit::JsonObject;
 use crate::metrics::Tracker;
 use crate::proxy::{relay_response, Proxy};
 use crate::telemetry;
@@ -70,7 +70,14 @@ pub async fn serve(
     telemetry::record_ids(&request_id, &trace_id);
     trace!(body = %String::from_utf8_lossy(&original), "client request");
 
-    // 1. Prefill.
+    // 1. Prefill, unless the decoder is known to be down: the prefiller would pin KV blocks
+    //    for a decode that cannot happen.
+    if let Err(e) = proxy.decoder_health.check().await {
+        return Err(ProxyError::DecoderUnreachable {
+            decoder: proxy.decoder.authority().to_string(),
+            detail: format!("{e} (no prefill was sent)"),
+        });
+    }
     let prefill_body = Bytes::from(proxy.connector.prefill_body(&request));
     trace!(body = %String::from_utf8_lossy(&prefill_body), "prefill request");
     let prefill_req = leg(
@@ -132,13 +139,8 @@ pub async fn serve(
     }
     let dispatched = tokio::time::timeout(
         proxy.decode_first_byte_timeout,
-        dispatch_decode(
-            &proxy.upstream,
-            leg_parts(&parts, decode_uri),
-            plan.body.clone(),
-            proxy.decode_admission_grace,
-        )
-        .instrument(info_span!("decode")),
+        dispatch_decode(proxy, leg_parts(&parts, decode_uri), plan.body)
+            .instrument(info_span!("decode")),
     )
     .await
     .map_err(|_| decode_timeout(proxy))?;
@@ -151,14 +153,10 @@ pub async fn serve(
             );
             Ok(with_request_id(relay_response(resp), request_id))
         }
+        // The prefiller's blocks stay pinned until its lease expires: vLLM offers no way to
+        // free them (handing the decode to the prefiller itself fails its NIXL handshake).
         Err(e) => {
-            release_via_prefiller(
-                &proxy.upstream,
-                &parts,
-                &prefiller,
-                &plan.body,
-                proxy.decode_admission_grace,
-            );
+            warn!("decoder unreachable after prefill; the prefiller's KV blocks wait for lease expiry");
             Err(ProxyError::DecoderUnreachable {
                 decoder: proxy.decoder.authority().to_string(),
                 detail: e,
@@ -182,10 +180,13 @@ async fn send_decode(
     .await
     {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(ProxyError::DecoderUnreachable {
-            decoder: proxy.decoder.authority().to_string(),
-            detail: describe(&e),
-        }),
+        Ok(Err(e)) => {
+            proxy.decoder_health.record(&e);
+            Err(ProxyError::DecoderUnreachable {
+                decoder: proxy.decoder.authority().to_string(),
+                detail: describe(&e),
+            })
+        }
         Err(_) => Err(decode_timeout(proxy)),
     }
 }
@@ -276,14 +277,25 @@ fn upstream_message(body: &[u8]) -> String {
 /// prefiller to free the blocks, where a decode never sent would strand them until vLLM's
 /// lease timeout (30 s to 480 s, by version).
 async fn dispatch_decode(
-    upstream: &Upstream,
+    proxy: &Proxy,
     parts: Parts,
     body: Bytes,
-    grace: Duration,
 ) -> Result<Response<Incoming>, String> {
-    AbandonOnDrop::send(upstream, Leg::Decode, parts, body, grace)
-        .response()
-        .await
+    let sent = AbandonOnDrop::send(
+        &proxy.upstream,
+        Leg::Decode,
+        parts,
+        body,
+        proxy.decode_admission_grace,
+    );
+    match sent.response().await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            proxy.decoder_health.record(&e);
+            Err(describe(&e))
+        }
+        Err(task) => Err(task),
+    }
 }
 
 /// An upstream request in its own task; dropped before completion, it lets the request be
@@ -309,16 +321,14 @@ impl AbandonOnDrop {
         }
     }
 
-    async fn response(mut self) -> Result<Response<Incoming>, String> {
+    /// The upstream's answer; the outer error is the task's own failure.
+    async fn response(mut self) -> Result<UpstreamResult, String> {
         let Some(pending) = self.pending.as_mut() else {
             return Err("the request was abandoned".into());
         };
         let joined = pending.await;
         self.pending = None;
-        match joined {
-            Ok(result) => result.map_err(|e| describe(&e)),
-            Err(e) => Err(format!("upstream task failed: {e}")),
-        }
+        joined.map_err(|e| format!("upstream task failed: {e}"))
     }
 }
 
@@ -360,43 +370,6 @@ fn is_event_stream(resp: &Response<Incoming>) -> bool {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
-/// The decoder is gone but the prefiller pinned blocks for it. Vanilla vLLM has no "free
-/// these blocks" call, so we hand the decode request to the prefiller itself and close it
-/// once admitted: it aborts the request and frees its own blocks, as a decoder would.
-/// Best effort, in the background; failing that, vLLM's lease expiry frees them.
-fn release_via_prefiller(
-    upstream: &Upstream,
-    parts: &Parts,
-    prefiller: &Target,
-    decode_body: &Bytes,
-    grace: Duration,
-) {
-    let Ok(request) = JsonObject::parse(decode_body) else {
-        return;
-    };
-    // Streaming makes vLLM answer as soon as it admits the request; one token bounds the work.
-    let body = Bytes::from(request.rewrite(&[
-        ("stream", Edit::Set("true")),
-        ("stream_options", Edit::Remove),
-        ("max_tokens", Edit::Set("1")),
-        ("max_completion_tokens", Edit::Set("1")),
-    ]));
-    warn!("decoder unreachable after prefill; asking the prefiller to release its KV blocks");
-    let uri = prefiller.uri(parts.uri.path_and_query());
-    let mut parts = leg_parts(parts, uri);
-    // A fresh id: older vLLM keys requests by it, and the prefiller still holds the original.
-    parts
-        .headers
-        .insert(REQUEST_ID, headers::request_id(&http::HeaderMap::new()));
-    drop(AbandonOnDrop::send(
-        upstream,
-        Leg::Prefill,
-        parts,
-        body,
-        grace,
-    ));
 }
 
 fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {

@@ -3,7 +3,7 @@
 //! Module map:
 //! - [`cli`] flags (Go-style spellings accepted) and [`config`] their validated form;
 //! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
-//! - [`disagg`] the P/D request path; [`connector`] one file per connector's rewrites;
+//! - [`disagg`] the P/D request path ([`decoder_health`] keeps it from prefilling for a dead decoder); [`connector`] one file per connector's rewrites;
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
 //! - [`allowlist`] SSRF protection; [`tls`] rustls server and client settings;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
@@ -17,6 +17,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod connector;
+pub mod decoder_health;
 pub mod disagg;
 pub mod error;
 pub mod headers;

@@ -14,6 +14,7 @@ use crate::allowlist::Allowlist;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, PrefillFailurePolicy};
 use crate::connector::Connector;
+use crate::decoder_health::DecoderHealth;
 use crate::disagg;
 use crate::error::{describe, Leg, ProxyError};
 use crate::headers;
@@ -37,6 +38,7 @@ pub struct Proxy {
     /// body, so long streams count until they end. `None`: no limit.
     in_flight: Option<(Arc<Semaphore>, usize)>,
     pub(crate) metrics: Metrics,
+    pub(crate) decoder_health: DecoderHealth,
 }
 
 impl Proxy {
@@ -65,6 +67,7 @@ impl Proxy {
                 )
             }),
             metrics: config.metrics.clone(),
+            decoder_health: DecoderHealth::new(config.decoder.authority(), config.connect_timeout),
         })
     }
 
@@ -161,10 +164,13 @@ impl Proxy {
         .await
         {
             Ok(Ok(resp)) => relay_response(resp),
-            Ok(Err(e)) => tracker.error(ProxyError::DecoderUnreachable {
-                decoder: self.decoder.authority().to_string(),
-                detail: describe(&e),
-            }),
+            Ok(Err(e)) => {
+                self.decoder_health.record(&e);
+                tracker.error(ProxyError::DecoderUnreachable {
+                    decoder: self.decoder.authority().to_string(),
+                    detail: describe(&e),
+                })
+            }
             Err(_) => tracker.error(ProxyError::Timeout {
                 leg: Leg::Decode,
                 target: self.decoder.authority().to_string(),
