@@ -26,3 +26,9 @@ demo: build
 clean:
 	$(CARGO) clean
 	rm -rf bin
+
+# Opt-in, not part of `test`: the sidecar against real vLLM (CPU build) with NixlConnector.
+# The first run installs a ~6.7 GB venv under ${XDG_CACHE_HOME:-~/.cache}/llm-d-sidecar-e2e.
+.PHONY: e2e-vllm
+e2e-vllm:
+	./scripts/e2e-vllm/run.sh
