@@ -148,8 +148,11 @@ class Log:
 class Sidecar:
     """One sidecar process on 127.0.0.1 (port picked by the OS), stopped on exit."""
 
+    started = 0
+
     def __init__(self, binary, connector, vllm_port, logdir):
-        self.name = f"sidecar-{connector}-{vllm_port}"
+        Sidecar.started += 1
+        self.name = f"sidecar{Sidecar.started}-{connector}-vllm{vllm_port}"
         self.log_path = os.path.join(logdir, self.name + ".log")
         self.log = Log(self.log_path)
         self.args = [
@@ -160,7 +163,7 @@ class Sidecar:
         self.port = None
 
     def __enter__(self):
-        self.logf = open(self.log_path, "ab")
+        self.logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -329,11 +332,15 @@ def c_pd_stream(ctx, sc):
 
 
 def c_client_leaves_mid_stream(ctx, sc):
+    """vLLM 0.32 does not count aborts in request_success_total{finished_reason="abort"} (it
+    stays 0), so the proof is its request log (--enable-log-requests): "Request <id> aborted."
+    for the id the sidecar sent (x-request-id), and the decoder stopping well short of
+    max_tokens with nothing left running."""
     max_tokens = 400
     body = completion_body(ctx.prompt("leave"), max_tokens, stream=True)
     rid = f"e2e-leave-{int(time.time() * 1000)}"
-    abort0 = metric(ctx.decode, SUCCESS, finished_reason="abort")
     gen0 = metric(ctx.decode, GEN_TOKENS)
+    abort_metric0 = metric(ctx.decode, SUCCESS, finished_reason="abort")
     ctx.dlog.mark()
     s = Stream(sc.port, "/v1/completions", body, dict(pd_headers(ctx.prefill), **{"x-request-id": rid}))
     got = 0
@@ -347,20 +354,18 @@ def c_client_leaves_mid_stream(ctx, sc):
         s.close()
     left_at = time.monotonic()
     need(got == 3, f"stream ended after {got} events")
-    aborted = wait_for(lambda: metric(ctx.decode, SUCCESS, finished_reason="abort") > abort0, 15)
+    pattern = re.compile(r"Request cmpl-" + re.escape(rid) + r"\S* aborted")
+    line = wait_for(lambda: next((l.strip() for l in ctx.dlog.since().splitlines() if pattern.search(l)), None), 15)
     abort_s = time.monotonic() - left_at
     idle = wait_for(lambda: metric(ctx.decode, RUNNING) + metric(ctx.decode, WAITING) == 0, 15)
     generated = metric(ctx.decode, GEN_TOKENS) - gen0
-    log = ctx.dlog.since()
-    log_lines = [l.strip() for l in log.splitlines() if "bort" in l and rid in l]
-    need(aborted, f'{SUCCESS}{{finished_reason="abort"}} did not rise within 15 s')
+    need(line, f"no 'Request cmpl-{rid}-... aborted.' in the decoder log within 15 s")
     need(idle, "decoder still has a running/waiting request")
     need(generated < max_tokens, f"decoder generated {generated:.0f} tokens: the request ran to max_tokens")
-    detail = (f'{SUCCESS}{{finished_reason="abort"}} +1 {abort_s:.2f} s after the client left; '
-              f"decoder generated {generated:.0f} of {max_tokens} tokens")
-    if log_lines:
-        detail += f"; decoder log: {log_lines[0][-120:]}"
-    return detail
+    abort_metric = metric(ctx.decode, SUCCESS, finished_reason="abort") - abort_metric0
+    return (f"decoder log {line[line.index('Request'):]!r} {abort_s:.2f} s after the client left; "
+            f"{GEN_TOKENS} +{generated:.0f} of max_tokens {max_tokens}; {RUNNING}+{WAITING} = 0; "
+            f'({SUCCESS}{{finished_reason="abort"}} +{abort_metric:.0f}: 0.32 does not count aborts there)')
 
 
 def c_passthrough(ctx, sc):
@@ -377,19 +382,26 @@ def c_passthrough(ctx, sc):
 
 
 def c_latency(ctx, sc, reps=7):
-    """Median wall time of the same 16-token greedy completion: plain vs P/D via the sidecar."""
+    """Median wall time of a 16-token greedy completion (fresh prompt each time): plain to the
+    decoder, through the sidecar without P/D, and P/D through the sidecar; interleaved, after
+    one warm-up round."""
     def timed(port, headers):
         body = completion_body(ctx.prompt("latency"), 16)
         t0 = time.perf_counter()
         status, _, _, raw = post_json(port, "/v1/completions", body, headers)
         need(status == 200, f"{status} {raw[:200]!r}")
         return (time.perf_counter() - t0) * 1e3
-    plain = statistics.median(timed(ctx.decode, {}) for _ in range(reps))
-    through = statistics.median(timed(sc.port, {}) for _ in range(reps))
-    pd = statistics.median(timed(sc.port, pd_headers(ctx.prefill)) for _ in range(reps))
-    ctx.figures["latency_ms"] = {"plain": plain, "pass_through": through, "pd": pd}
-    return (f"median of {reps}, 16 tokens: plain to decoder {plain:.0f} ms, through sidecar (no P/D) "
-            f"{through:.0f} ms, P/D via sidecar {pd:.0f} ms")
+    kinds = {"plain": (ctx.decode, {}), "pass_through": (sc.port, {}), "pd": (sc.port, pd_headers(ctx.prefill))}
+    samples = {k: [] for k in kinds}
+    for rep in range(reps + 1):
+        for k, (port, headers) in kinds.items():
+            ms = timed(port, headers)
+            if rep:
+                samples[k].append(ms)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    ctx.figures["latency_ms"] = med
+    return (f"median of {reps}, 16 tokens: plain to decoder {med['plain']:.0f} ms, through sidecar without P/D "
+            f"{med['pass_through']:.0f} ms, P/D via sidecar {med['pd']:.0f} ms")
 
 
 def c_legacy_nixl(ctx, sc):
@@ -458,29 +470,36 @@ def c_release_via_prefiller(ctx):
     aborts = metric(ctx.prefill, SUCCESS, finished_reason="abort") - pre_abort0
     self_xfers = metric(ctx.prefill, XFER) - pre_xfer0
     failed = metric(ctx.prefill, FAILED_XFER) - pre_fail0
-    interesting = [l.strip() for l in plog.splitlines()
-                   if re.search(r"xpired|bort|rror|Traceback|handshake|Releas|fail|NIXL|Nixl", l)]
-    ctx.figures["release"] = {"freed_s": freed_s, "lease_s": lease}
+    self_assert = next((l.strip() for l in plog.splitlines() if "Cannot register local engine" in l), None)
+    handshake_failed = "handshake_failed" in plog
+    release_aborted = re.search(r"Request cmpl-" + re.escape(rid) + r"\S* aborted", plog) is not None
+    expired = next((l.strip() for l in plog.splitlines() if "Releasing expired KV blocks" in l and rid in l), None)
+    ctx.figures["release"] = {"freed_s": freed_s, "lease_s": lease, "expiry_s": expiry_s}
     findings.append(
         f"release path (decoder port {dead} dead): sidecar 502; prefiller KV usage {pinned:.4f} right after, back to 0 after "
         + (f"{freed_s:.1f} s" if freed_s is not None else f"> {lease + 60} s (NOT freed)")
-        + f"; prefiller finished {served:.0f} request(s) ({aborts:.0f} abort), its own {XFER} +{self_xfers:.0f}, "
-        f"{FAILED_XFER} +{failed:.0f}; sidecar logged release: {'release its KV blocks' in sidecar_log}")
+        + f"; prefiller finished {served:.0f} request(s) ({aborts:.0f} counted as abort), {XFER} +{self_xfers:.0f}, "
+        f"{FAILED_XFER} +{failed:.0f}; sidecar logged the release: {'release its KV blocks' in sidecar_log}")
+    findings.append(f"release request admitted and aborted by the prefiller (log 'Request cmpl-{rid}-0 aborted.'): {release_aborted}")
+    findings.append(f"prefiller tried a NIXL handshake with itself and failed (handshake_failed): {handshake_failed}"
+                    + (f"; {self_assert[self_assert.index('AssertionError'):][:130]}" if self_assert and "AssertionError" in self_assert else ""))
+    findings.append("blocks released by: " + ("lease expiry ('Releasing expired KV blocks ... retrieved by 0 remote worker(s)')"
+                                             if expired else "no 'Releasing expired KV blocks' line for this request"))
     with open(os.path.join(ctx.args.logs, "release-prefill-log.txt"), "w") as f:
         f.write(plog)
-    for line in interesting[:12]:
-        findings.append("  prefiller log: " + line[-200:])
     for f in findings:
         report("INFO", "release-via-prefiller", f)
 
-    # Is the prefiller still healthy and usable afterwards?
+    # What must hold either way: the prefiller stays healthy, and its blocks are freed.
     status, _, _ = request(ctx.prefill, "GET", "/health", timeout=10)
     need(status == 200, f"prefiller /health {status} after the experiment")
-    if freed_s is None:
-        raise CheckFailed(f"prefiller's blocks were not freed within {lease + 60} s (t={t_total:.0f} s)")
-    faster = expiry_s is None or freed_s < expiry_s / 2
-    return (f"blocks freed after {freed_s:.1f} s vs {expiry_s if expiry_s is None else round(expiry_s, 1)} s by lease "
-            f"expiry: {'the release request freed them' if faster else 'NO faster than the lease: the release did not help'}")
+    need(freed_s is not None, f"prefiller's blocks not freed within {lease + 60} s (t={t_total:.0f} s)")
+    early = expiry_s is not None and freed_s < expiry_s / 2
+    ctx.figures["release"]["early"] = early
+    report("INFO", "release-via-prefiller", "VERDICT: the release request " + (
+        f"freed the blocks early ({freed_s:.1f} s vs {expiry_s:.1f} s by lease)" if early else
+        f"did NOT free the blocks: they were held {freed_s:.1f} s, like the lease-expiry reference ({expiry_s:.1f} s)"))
+    return f"prefiller healthy, blocks freed after {freed_s:.1f} s (lease {lease:.0f} s)"
 
 
 def main():
@@ -515,13 +534,15 @@ def main():
     except CheckFailed as e:
         report("FAIL", "nixl sidecar", str(e))
 
+    report("SKIP", "client leaves after prefill, decode queued", "not provoked: the tiny model's decode is admitted in "
+           "milliseconds, so the window cannot be hit reliably; vllm-sim tests (tests/cancel.rs) cover it")
     report("SKIP", "lmcache", "needs LMCache in both vLLM servers (not installed: the servers run NixlConnector); "
            "without it the decoder would just recompute, which the nixl row already shows")
 
     if args.skip_release:
         report("SKIP", "release-via-prefiller", "--skip-release")
     else:
-        check("release-via-prefiller (decoder unreachable after prefill)", c_release_via_prefiller, ctx)
+        check("release-via-prefiller: decoder down after prefill -> 502, prefiller healthy, blocks freed", c_release_via_prefiller, ctx)
 
     # After everything: both servers healthy, and P/D still works end to end.
     try:
