@@ -383,15 +383,18 @@ def c_passthrough(ctx, sc):
 
 def c_latency(ctx, sc, reps=7):
     """Median wall time of a 16-token greedy completion (fresh prompt each time): plain to the
-    decoder, through the sidecar without P/D, and P/D through the sidecar. Interleaved, after
-    one warm-up round, each kind on its own keep-alive connection (as the sidecar's pool talks
-    to vLLM), so that only the P/D work differs."""
+    decoder, through the sidecar without P/D, and P/D through the sidecar. Interleaved in a
+    rotating order after one warm-up round, each kind on its own keep-alive connection (as
+    the sidecar's pool talks to vLLM), so that only the P/D work differs."""
     kinds = {"plain": (ctx.decode, {}), "pass_through": (sc.port, {}), "pd": (sc.port, pd_headers(ctx.prefill))}
     conns = {k: http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT) for k, (port, _) in kinds.items()}
     samples = {k: [] for k in kinds}
     try:
+        names = list(kinds)
         for rep in range(reps + 1):
-            for k, (_, headers) in kinds.items():
+            # Rotate the order each round so no kind always follows the same one.
+            for k in names[rep % 3:] + names[:rep % 3]:
+                headers = kinds[k][1]
                 body = json.dumps(completion_body(ctx.prompt("latency"), 16)).encode()
                 t0 = time.perf_counter()
                 conns[k].request("POST", "/v1/completions", body=body,
