@@ -323,12 +323,13 @@ def c_pd_stream(ctx, sc):
     finally:
         s.close()
     need(done, "no [DONE] event")
-    need(events >= 24, f"only {events} events for 24 tokens")
+    # vLLM may put several tokens in one event when its output queue backs up (a loaded machine).
+    need(len(pieces) >= 2, f"{len(pieces)} content event(s): not streamed")
     need(usage and usage.get("completion_tokens") == 24, f"no final usage chunk (stream_options lost?): {usage}")
     plain = text_of(ctx.plain("/v1/completions", completion_body(body["prompt"], 24)))
     need("".join(pieces) == plain, f"streamed {''.join(pieces)!r} != plain {plain!r}")
     need(wait_for(lambda: metric(ctx.decode, XFER) > xfer0, 10), f"{XFER} did not rise")
-    return f"{events} SSE events + [DONE], usage chunk, text = plain, {XFER} +1"
+    return f"{len(pieces)} content events + usage chunk + [DONE] for 24 tokens, text = plain, {XFER} +1"
 
 
 def c_client_leaves_mid_stream(ctx, sc):

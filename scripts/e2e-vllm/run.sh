@@ -61,7 +61,9 @@ stop_server() { # name
     fi
   fi
   wait "$pid" 2>/dev/null || true
-  # Anything left in its process group (a stray engine or worker) goes too.
+  # Its engine core and worker (same process group) may still be exiting: give them 15 s,
+  # then KILL whatever is left of the group.
+  for _ in $(seq 30); do [ -n "$(group_pids "$pid")" ] || break; sleep 0.5; done
   if [ -n "$(group_pids "$pid")" ]; then
     log "$name left processes behind: $(group_pids "$pid" | tr '\n' ' '); killing them"
     kill -KILL -- "-$pid" 2>/dev/null || true
