@@ -168,17 +168,18 @@ main() {
   echo "checks_s=$((SECONDS - t))" >> "$FIG"
 
   # 6. stop, and check that nothing is left
+  local stopped=1
   for name in prefill decode; do
     pid=${PID[$name]}
     stop_server "$name"
     if kill -0 "$pid" 2>/dev/null || [ -n "$(group_pids "$pid")" ]; then
-      log "FAIL: $name (pid $pid) still has processes"; rc=1
+      log "FAIL: $name (pid $pid) still has processes"; rc=1; stopped=0
     fi
   done
   for p in "$PREFILL_PORT" "$DECODE_PORT" "$PREFILL_SIDE_PORT" "$DECODE_SIDE_PORT"; do
-    if port_busy "$p"; then log "FAIL: something still listens on 127.0.0.1:$p"; rc=1; fi
+    if port_busy "$p"; then log "FAIL: something still listens on 127.0.0.1:$p"; rc=1; stopped=0; fi
   done
-  [ "$rc" = 0 ] && log "both servers stopped, ports free"
+  if [ "$stopped" = 1 ]; then log "both servers stopped, ports free"; fi
   echo "total_s=$((SECONDS - t_all))" >> "$FIG"
   log "figures: $(tr '\n' ' ' < "$FIG"); logs in $LOGS"
   return "$rc"
