@@ -42,3 +42,9 @@ clean:
 
 bench:
 	./scripts/bench.sh
+
+# Opt-in, not part of `test`: the sidecar against real vLLM (CPU build) with NixlConnector.
+# The first run installs a ~6.7 GB venv under ${XDG_CACHE_HOME:-~/.cache}/llm-d-sidecar-e2e.
+.PHONY: e2e-vllm
+e2e-vllm:
+	./scripts/e2e-vllm/run.sh
