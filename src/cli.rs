@@ -181,6 +181,11 @@ pub struct Args {
     #[arg(long = "metrics-port", default_value_t = 9090, value_name = "PORT")]
     pub metrics_port: u16,
 
+    /// API group of the InferencePool for -enable-ssrf-protection: inference.networking.k8s.io
+    /// (v1) or inference.networking.x-k8s.io (v1alpha2)
+    #[arg(long = "pool-group", default_value = "inference.networking.k8s.io", value_parser = parse_pool_api, value_name = "GROUP")]
+    pub pool_group: crate::inference_pool::PoolApi,
+
     /// Log line format: text or json (one object per line)
     #[arg(long = "log-format", default_value = "text", value_parser = parse_log_format, value_name = "FORMAT")]
     pub log_format: LogFormat,
@@ -260,6 +265,10 @@ fn parse_connector(s: &str) -> Result<Connector, String> {
 }
 
 fn parse_failure_policy(s: &str) -> Result<crate::config::PrefillFailurePolicy, String> {
+    s.parse()
+}
+
+fn parse_pool_api(s: &str) -> Result<crate::inference_pool::PoolApi, String> {
     s.parse()
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::allowlist::Rule;
 use crate::cli::Args;
 use crate::connector::Connector;
+use crate::inference_pool::PoolApi;
 use crate::logging::LogFormat;
 use crate::metrics::Metrics;
 use crate::tls::ClientTls;
@@ -56,12 +57,15 @@ pub struct Config {
 }
 
 /// What SSRF protection allows.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SsrfConfig {
     /// `-allowed-prefillers`.
     pub rules: Vec<Rule>,
     /// The InferencePool `(namespace, name)` whose pods are allowed, with `-enable-ssrf-protection`.
     pub inference_pool: Option<(String, String)>,
+    pub pool_api: PoolApi,
+    /// The Kubernetes API server; `None`: in-cluster or kubeconfig settings. Set by tests.
+    pub kube_api: Option<String>,
 }
 
 /// What to do when the prefill leg fails on the upstream's side.
@@ -208,6 +212,8 @@ fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, String> {
     Ok(Some(SsrfConfig {
         rules,
         inference_pool,
+        pool_api: args.pool_group,
+        kube_api: None,
     }))
 }
 

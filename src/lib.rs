@@ -5,7 +5,7 @@
 //! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
 //! - [`disagg`] the P/D request path ([`decoder_health`] keeps it from prefilling for a dead decoder); [`connector`] one file per connector's rewrites;
 //! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
-//! - [`allowlist`] SSRF protection; [`tls`] rustls server and client settings;
+//! - [`allowlist`] SSRF protection, kept current by [`inference_pool`]; [`tls`] rustls server and client settings;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
 //! - [`metrics`] every Prometheus metric and the per-request guard, served by [`admin`] on
 //!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`;
@@ -21,6 +21,7 @@ pub mod decoder_health;
 pub mod disagg;
 pub mod error;
 pub mod headers;
+pub mod inference_pool;
 pub mod json_edit;
 pub mod logging;
 pub mod metrics;

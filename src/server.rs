@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::allowlist::Allowlist;
 use crate::config::Config;
+use crate::inference_pool;
 use crate::proxy::Proxy;
 use crate::tls::ServerTls;
 
@@ -25,9 +26,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let allowlist = match &config.ssrf {
-        None => Allowlist::disabled(),
-        Some(ssrf) => Allowlist::new(ssrf.rules.clone(), None),
+    let (allowlist, pool_watch) = match &config.ssrf {
+        None => (Allowlist::disabled(), None),
+        Some(ssrf) => match &ssrf.inference_pool {
+            None => (Allowlist::new(ssrf.rules.clone(), None), None),
+            Some((namespace, name)) => {
+                let client = kube_client(ssrf.kube_api.as_deref()).await.map_err(|e| {
+                    std::io::Error::other(format!(
+                        "-enable-ssrf-protection: no Kubernetes API: {e}"
+                    ))
+                })?;
+                let (pool, task) =
+                    inference_pool::spawn(client, namespace.clone(), name.clone(), ssrf.pool_api);
+                info!(namespace = %namespace, pool = %name, "SSRF protection: watching the InferencePool");
+                (Allowlist::new(ssrf.rules.clone(), Some(pool)), Some(task))
+            }
+        },
     };
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let proxy = Arc::new(Proxy::new(&config, allowlist).map_err(invalid)?);
@@ -114,8 +128,8 @@ pub async fn run(
         });
     }
     drop(listener);
-    if let Some(reloader) = reloader {
-        reloader.abort();
+    for task in [reloader, pool_watch].into_iter().flatten() {
+        task.abort();
     }
     info!("shutting down: draining in-flight requests");
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
@@ -123,6 +137,17 @@ pub async fn run(
         Err(_) => warn!("drain timeout reached; closing remaining connections"),
     }
     Ok(())
+}
+
+/// A client for `url`, or from the in-cluster service account or kubeconfig.
+async fn kube_client(url: Option<&str>) -> Result<kube::Client, String> {
+    match url {
+        Some(url) => {
+            let uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+            kube::Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
+        }
+        None => kube::Client::try_default().await.map_err(|e| e.to_string()),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -126,6 +126,8 @@ async fn static_allowlist_admits_listed_prefillers_only() {
     cfg.ssrf = Some(SsrfConfig {
         rules: vec![p.api_addr().to_string().parse().unwrap()],
         inference_pool: None,
+        pool_api: sidecar::inference_pool::PoolApi::V1,
+        kube_api: None,
     });
     let sidecar = Sidecar::start(cfg).await;
     let (resp, _) = call(

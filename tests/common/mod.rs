@@ -3,6 +3,7 @@
 //! raw recording upstream for byte-level assertions.
 #![allow(dead_code)]
 
+pub mod fake_kube;
 pub mod recorder;
 
 use std::net::SocketAddr;
