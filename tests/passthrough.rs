@@ -172,3 +172,23 @@ async fn chunked_upstream_bodies_stream_back() {
     assert_eq!(resp.status(), 200);
     assert_eq!(&body[..], b"hello world");
 }
+
+/// vLLM closes idle keep-alive connections (after 5 s) without warning: a pooled connection
+/// the server closed must not fail the next request. (The rarer race, a request written just
+/// as the close arrives, is left to hyper-util's `retry_canceled_requests`; this test does not
+/// provoke it.)
+#[tokio::test]
+async fn upstream_connections_the_server_closed_do_not_fail_requests() {
+    let decoder = Recorder::start_closing(OK).await;
+    let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
+    for i in 0..100 {
+        let (resp, body) = call(sidecar.addr, get("/v1/models")).await;
+        assert_eq!(
+            resp.status(),
+            201,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert_eq!(decoder.count(), 100);
+}

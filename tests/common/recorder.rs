@@ -51,6 +51,16 @@ pub struct Recorder {
 impl Recorder {
     /// Serves `response` (raw bytes, a complete HTTP/1.1 response) to every request.
     pub async fn start(response: &'static [u8]) -> Recorder {
+        Self::start_with(response, false).await
+    }
+
+    /// Like `start`, but closes each connection right after its response without announcing
+    /// it (no `Connection: close`), as a server closing an idle keep-alive connection does.
+    pub async fn start_closing(response: &'static [u8]) -> Recorder {
+        Self::start_with(response, true).await
+    }
+
+    async fn start_with(response: &'static [u8], close_after: bool) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = mpsc::unbounded_channel();
@@ -64,7 +74,7 @@ impl Recorder {
                     while let Some(rec) = read_request(&mut sock).await {
                         *counter.lock().expect("lock") += 1;
                         let _ = tx.send(rec);
-                        if sock.write_all(response).await.is_err() {
+                        if sock.write_all(response).await.is_err() || close_after {
                             return;
                         }
                     }
