@@ -186,6 +186,10 @@ pub struct Args {
     #[arg(long = "pool-group", default_value = "inference.networking.k8s.io", value_parser = parse_pool_api, value_name = "GROUP")]
     pub pool_group: crate::inference_pool::PoolApi,
 
+    /// Export spans over OTLP/HTTP (JSON) to this collector, e.g. http://otel-collector:4318
+    #[arg(long = "otlp-endpoint", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log line format: text or json (one object per line)
     #[arg(long = "log-format", default_value = "text", value_parser = parse_log_format, value_name = "FORMAT")]
     pub log_format: LogFormat,

@@ -54,6 +54,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The metrics the proxy reports to and the admin listener serves.
     pub metrics: Metrics,
+    /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// What SSRF protection allows.
@@ -175,6 +177,10 @@ impl TryFrom<Args> for Config {
                 .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
             log_format: args.log_format,
             metrics: Metrics::new(),
+            otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+                Some(e) => Some(crate::otlp::traces_uri(e).map(|_| e.to_string())?),
+                None => None,
+            },
         })
     }
 }

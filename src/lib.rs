@@ -8,7 +8,8 @@
 //! - [`allowlist`] SSRF protection, kept current by [`inference_pool`]; [`tls`] rustls server and client settings;
 //! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
 //! - [`metrics`] every Prometheus metric and the per-request guard, served by [`admin`] on
-//!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`;
+//!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`, exported by
+//!   [`otlp`] with `-otlp-endpoint`;
 //! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod inference_pool;
 pub mod json_edit;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
 pub mod proxy;
 pub mod server;
 pub mod sim;

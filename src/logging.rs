@@ -3,7 +3,10 @@
 use std::str::FromStr;
 
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::EnvFilter;
+
+use crate::otlp::OtlpLayer;
 
 /// How log lines are written (`-log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,7 +31,7 @@ impl FromStr for LogFormat {
 }
 
 /// Installs the global subscriber, writing to stderr. Safe to call more than once.
-pub fn init(verbosity: u8, format: LogFormat) {
+pub fn init(verbosity: u8, format: LogFormat, otlp: Option<OtlpLayer>) {
     // Colour codes would garble logs collected by Kubernetes or parsed by scripts.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing::subscriber::set_global_default(subscriber(
@@ -36,6 +39,7 @@ pub fn init(verbosity: u8, format: LogFormat) {
         format,
         ansi,
         std::io::stderr,
+        otlp,
     ));
 }
 
@@ -45,6 +49,7 @@ pub fn subscriber<W>(
     format: LogFormat,
     ansi: bool,
     writer: W,
+    otlp: Option<OtlpLayer>,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -61,7 +66,7 @@ where
         .with_writer(writer)
         .with_target(false);
     match format {
-        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish().with(otlp)),
         // The span list carries the request span's ids on lines logged inside a leg's span.
         LogFormat::Json => Box::new(
             builder
@@ -69,7 +74,8 @@ where
                 .flatten_event(true)
                 .with_current_span(false)
                 .with_span_list(true)
-                .finish(),
+                .finish()
+                .with(otlp),
         ),
     }
 }

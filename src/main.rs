@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use sidecar::{admin, cli, logging, server, Config};
+use std::time::Duration;
+
+use sidecar::{admin, cli, logging, otlp, server, Config};
 
 fn main() -> ExitCode {
     let args = match cli::parse_from(std::env::args_os()) {
@@ -16,7 +18,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(config.verbosity, config.log_format);
+    let (otlp, exporter) = match config
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| otlp::pipeline(e, Duration::from_secs(2)))
+    {
+        Some(Ok((layer, exporter))) => (Some(layer), Some(exporter)),
+        Some(Err(e)) => {
+            eprintln!("llm-d-routing-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+        None => (None, None),
+    };
+    logging::init(config.verbosity, config.log_format, otlp);
     let runtime = match build_runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {
@@ -26,6 +40,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        if let Some(exporter) = exporter {
+            tokio::spawn(exporter.run());
+        }
         if let Some(addr) = config.metrics_listen {
             let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("-metrics-port: cannot bind {addr}: {e}"))

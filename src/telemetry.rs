@@ -1,9 +1,9 @@
 //! Per-request tracing: the request span every log line of a request is written in, and W3C
 //! Trace Context (`traceparent`) so both P/D legs belong to one trace.
 //!
-//! The sidecar exports no spans itself (no OTLP exporter: see the README), so it forwards the
-//! client's `traceparent` unchanged, keeping the client's span the parent of vLLM's; when the
-//! client sent none, it starts a trace so the prefill and decode legs share one trace id.
+//! The sidecar forwards the client's `traceparent` unchanged, keeping the client's span the
+//! parent of vLLM's; when the client sent none, it starts a trace so the prefill and decode
+//! legs share one trace id. `otlp.rs` exports the spans with `-otlp-endpoint`.
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tracing::field::Empty;

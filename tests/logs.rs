@@ -40,6 +40,7 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
         LogFormat::Json,
         false,
         move || writer.clone(),
+        None,
     ));
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
