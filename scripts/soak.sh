@@ -100,7 +100,11 @@ print(json.dumps({k: s[k] for k in ("counters", "in_flight", "kv")}))' >&2 || tr
         status=1
     fi
 done
-curl -s "http://127.0.0.1:$DECODE/sim/state" | python3 -c "import json,sys; print(json.load(sys.stdin)[\"counters\"])"
+curl -s "http://127.0.0.1:$DECODE/sim/state" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["counters"]
+print("soak: decoder requests=%s completed=%s aborted=%s" % (
+    c["requests_total"], c["requests_completed"], c["requests_aborted"]["decode"]))' || true
 python3 - "http://127.0.0.1:$PREFILL/sim/state" <<'PY' || true
 import json, sys, urllib.request
 s = json.load(urllib.request.urlopen(sys.argv[1], timeout=5))
