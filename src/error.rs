@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
@@ -109,7 +109,19 @@ impl ProxyError {
             }
             _ => None,
         };
-        error_response(self.status(), &self.to_string(), param)
+        let unread_body = matches!(
+            self,
+            ProxyError::BodyTooLarge { .. } | ProxyError::BodyRead(_)
+        );
+        let mut resp = error_response(self.status(), &self.to_string(), param);
+        if unread_body {
+            // The rest of the request body is never read, so hyper closes the connection after
+            // this response. Say so: a keep-alive client would otherwise send its next request
+            // on a connection that is about to close, and that request would fail.
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -270,5 +282,13 @@ mod tests {
             ProxyError::BodyTooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
+    }
+
+    #[test]
+    fn an_unread_body_closes_the_connection_and_says_so() {
+        let resp = ProxyError::BodyTooLarge { limit: 1 }.into_response();
+        assert_eq!(resp.headers()[CONNECTION], "close");
+        let resp = ProxyError::NotAnObject.into_response();
+        assert!(resp.headers().get(CONNECTION).is_none());
     }
 }

@@ -1,0 +1,9 @@
+//! `cargo fuzz run json_edit`: see fuzz/invariants.rs for what is checked.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../invariants.rs"]
+mod invariants;
+
+fuzz_target!(|data: &[u8]| invariants::check_json_edit(data));

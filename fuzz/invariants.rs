@@ -1,0 +1,338 @@
+//! Invariants shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the corpus test
+//! (`tests/fuzz_corpus.rs`), which both include this file with `#[path]`. It only uses the
+//! `sidecar` library and crates the main crate already depends on, so the corpus test needs
+//! nothing beyond the main build.
+//!
+//! Each check panics (with a message) when an invariant fails; "never panics" invariants are
+//! checked by simply calling the code under test.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::value::RawValue;
+use sidecar::allowlist::{Allowlist, Rule};
+use sidecar::connector::{Connector, Handoff};
+use sidecar::json_edit::JsonObject;
+
+/// Separates the client's request from the prefiller's reply in a `json_edit` input. 0xFF
+/// never occurs in UTF-8, so it cannot be part of a valid JSON request.
+pub const REPLY_SEPARATOR: u8 = 0xFF;
+
+/// Replies tried for every request besides the one in the input, if any: a NIXL v2 reply, a
+/// NIXL v1 reply, and replies that make each connector fall back to a local prefill.
+const CANNED_REPLIES: [&[u8]; 4] = [
+    br#"{"id":"cmpl-1","kv_transfer_params":{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[1,2,3],"remote_engine_id":"e","remote_host":"127.0.0.1","remote_port":5600,"tp_size":1}}"#,
+    br#"{"id":"cmpl-1","remote_block_ids":[[1,2]],"remote_engine_id":"e","remote_host":"::1","remote_port":5600}"#,
+    br#"{"id":"cmpl-1","kv_transfer_params":null}"#,
+    br#"{}"#,
+];
+
+const CONNECTORS: [Connector; 3] = [Connector::NixlV2, Connector::Nixl, Connector::LmCache];
+
+/// Top-level keys each prefill rewrite may change (the common prefill edits plus the
+/// connector's own); every other key must come out with its exact raw value.
+const PREFILL_COMMON: [&str; 12] = [
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "min_completion_tokens",
+    "n",
+    "best_of",
+    "prompt_logprobs",
+    "echo",
+    "logprobs",
+    "top_logprobs",
+];
+const NIXL_FIELDS: [&str; 7] = [
+    "kv_transfer_params",
+    "do_remote_decode",
+    "do_remote_prefill",
+    "remote_block_ids",
+    "remote_engine_id",
+    "remote_host",
+    "remote_port",
+];
+
+fn prefill_touched(c: Connector) -> Vec<&'static str> {
+    let own: &[&str] = match c {
+        Connector::NixlV2 => &["kv_transfer_params"],
+        Connector::Nixl => &NIXL_FIELDS,
+        Connector::LmCache => &[],
+    };
+    PREFILL_COMMON.iter().chain(own).copied().collect()
+}
+
+fn decode_touched(c: Connector) -> &'static [&'static str] {
+    match c {
+        Connector::NixlV2 => &["kv_transfer_params"],
+        Connector::Nixl => &NIXL_FIELDS,
+        Connector::LmCache => &[],
+    }
+}
+
+/// The top-level members of a JSON object as serde_json sees them: decoded key to the raw
+/// text of its last occurrence (vLLM's json.loads keeps the last duplicate too). This is an
+/// independent parse, not `JsonObject`'s.
+fn members(doc: &[u8]) -> Result<HashMap<String, &RawValue>, serde_json::Error> {
+    let doc = doc.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(doc);
+    // serde's HashMap visitor overwrites on duplicates, so the last occurrence wins.
+    serde_json::from_slice(doc)
+}
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned()
+}
+
+/// Whether serde_json can build a `Value` from `doc`: it cannot for numbers out of f64's range
+/// (`1e400`), lone surrogate escapes or nesting deeper than 128, all of which the sidecar
+/// passes through verbatim (vLLM's Python `json.loads` accepts them).
+fn strict_json(doc: &[u8]) -> bool {
+    let doc = doc.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(doc);
+    serde_json::from_slice::<serde_json::Value>(doc).is_ok()
+}
+
+/// `out` is one syntactically valid JSON object (and a valid `serde_json::Value` when `strict`,
+/// i.e. when its inputs were), every key of `input` not in `touched` has exactly its raw
+/// value from `input`, and no key appears in `out` that was neither in `input` nor touched.
+fn check_rewrite(
+    what: &str,
+    input: &HashMap<String, &RawValue>,
+    out: &[u8],
+    touched: &[&str],
+    strict: bool,
+) {
+    if let Err(e) = serde_json::from_slice::<&RawValue>(out) {
+        panic!("{what}: output is not valid JSON ({e}): {}", show(out));
+    }
+    if strict {
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(out) {
+            panic!(
+                "{what}: output is not a valid serde_json Value ({e}): {}",
+                show(out)
+            );
+        }
+    }
+    let out_members =
+        members(out).unwrap_or_else(|e| panic!("{what}: output is not an object ({e})"));
+    for (key, raw) in input {
+        if touched.contains(&key.as_str()) {
+            continue;
+        }
+        match out_members.get(key) {
+            Some(v) if v.get() == raw.get() => {}
+            Some(v) => panic!(
+                "{what}: key {key:?} changed from {} to {}",
+                raw.get(),
+                v.get()
+            ),
+            None => panic!("{what}: key {key:?} was dropped"),
+        }
+    }
+    for key in out_members.keys() {
+        assert!(
+            input.contains_key(key) || touched.contains(&key.as_str()),
+            "{what}: key {key:?} appeared from nowhere"
+        );
+    }
+}
+
+fn raw_of<'a>(m: &'a HashMap<String, &RawValue>, key: &str) -> Option<&'a str> {
+    m.get(key).map(|v| v.get())
+}
+
+/// The `json_edit` target: `input` is a request body, optionally followed by
+/// [`REPLY_SEPARATOR`] and a prefiller reply.
+pub fn check_json_edit(input: &[u8]) {
+    let (request, reply) = match input.iter().position(|&b| b == REPLY_SEPARATOR) {
+        Some(i) => (&input[..i], Some(&input[i + 1..])),
+        None => (input, None),
+    };
+    let original = Bytes::copy_from_slice(request);
+    let Ok(obj) = JsonObject::parse(&original) else {
+        // A body the sidecar rejects (400) must be one vLLM would reject too: not an object.
+        if let Ok(m) = members(request) {
+            panic!(
+                "JsonObject::parse rejected an object serde_json accepts ({} keys): {}",
+                m.len(),
+                show(request)
+            );
+        }
+        return;
+    };
+    let input_members = members(&original).unwrap_or_else(|e| {
+        panic!(
+            "JsonObject::parse accepted what serde_json rejects as an object ({e}): {}",
+            show(request)
+        )
+    });
+    for (key, raw) in &input_members {
+        assert_eq!(
+            obj.get(key).map(|v| v.get()),
+            Some(raw.get()),
+            "JsonObject::get({key:?}) disagrees with serde_json"
+        );
+    }
+
+    let strict = strict_json(request);
+    for c in CONNECTORS {
+        let name = c.name();
+        let prefill = c.prefill_body(&obj);
+        let what = format!("{name} prefill_body");
+        check_rewrite(&what, &input_members, &prefill, &prefill_touched(c), strict);
+        let p = members(&prefill).expect("checked above");
+        assert_eq!(raw_of(&p, "stream"), Some("false"), "{what}: stream");
+        assert_eq!(raw_of(&p, "max_tokens"), Some("1"), "{what}: max_tokens");
+        assert_eq!(
+            raw_of(&p, "max_completion_tokens"),
+            Some("1"),
+            "{what}: max_completion_tokens"
+        );
+        for gone in ["stream_options", "min_tokens", "min_completion_tokens", "n"] {
+            assert!(!p.contains_key(gone), "{what}: {gone} left in");
+        }
+
+        let local = c.local_decode_body(&obj, &original);
+        let what = format!("{name} local_decode_body");
+        if c == Connector::LmCache {
+            assert_eq!(local, original, "{what}: must be the client's bytes");
+        } else {
+            check_rewrite(&what, &input_members, &local, decode_touched(c), strict);
+            let l = members(&local).expect("checked above");
+            for gone in decode_touched(c) {
+                assert!(!l.contains_key(*gone), "{what}: {gone} left in");
+            }
+        }
+
+        for r in CANNED_REPLIES.iter().copied().chain(reply) {
+            check_decode(c, &obj, &original, &input_members, r, strict);
+        }
+    }
+}
+
+fn check_decode(
+    c: Connector,
+    obj: &JsonObject<'_>,
+    original: &Bytes,
+    input: &HashMap<String, &RawValue>,
+    reply: &[u8],
+    strict: bool,
+) {
+    let what = format!("{} decode_plan", c.name());
+    let Ok(plan) = c.decode_plan(obj, original, reply) else {
+        assert!(
+            c != Connector::LmCache,
+            "{what}: lmcache never reads the reply"
+        );
+        return;
+    };
+    if c == Connector::LmCache {
+        assert_eq!(&plan.body, original, "{what}: must be the client's bytes");
+        assert_eq!(plan.handoff, Handoff::SharedStorage);
+        return;
+    }
+    check_rewrite(
+        &what,
+        input,
+        &plan.body,
+        decode_touched(c),
+        strict && strict_json(reply),
+    );
+    let d = members(&plan.body).expect("checked above");
+    // Only the prefiller's reply may set the transfer fields.
+    let r = JsonObject::parse(reply).expect("decode_plan accepted the reply");
+    match c {
+        Connector::NixlV2 => {
+            let from_reply = r.get("kv_transfer_params").map(|v| v.get());
+            match plan.handoff {
+                Handoff::Remote => assert_eq!(
+                    raw_of(&d, "kv_transfer_params"),
+                    from_reply,
+                    "{what}: kv_transfer_params not the reply's"
+                ),
+                _ => assert!(
+                    matches!(raw_of(&d, "kv_transfer_params"), None | Some("null")),
+                    "{what}: client's kv_transfer_params forwarded"
+                ),
+            }
+        }
+        Connector::Nixl => {
+            for key in &NIXL_FIELDS[3..] {
+                let got = raw_of(&d, key);
+                if plan.handoff == Handoff::Remote {
+                    assert_eq!(got, r.get(key).map(|v| v.get()), "{what}: {key}");
+                } else {
+                    assert_eq!(got, None, "{what}: {key} without a complete reply");
+                }
+            }
+            assert!(
+                !d.contains_key("kv_transfer_params"),
+                "{what}: kv_transfer_params"
+            );
+        }
+        Connector::LmCache => unreachable!(),
+    }
+}
+
+/// The `headers` target: the input's lines are, in order, an `x-prefiller-host-port` value, an
+/// `x-prefiller-url` value, an `-allowed-prefillers` rule, a duration and a size (missing lines
+/// are absent headers / empty strings). The first byte's low bit picks `-prefiller-use-tls`.
+pub fn check_headers(input: &[u8]) {
+    let tls = input.first().is_some_and(|b| b & 1 == 1);
+    let mut lines = input.split(|&b| b == b'\n');
+    let host_port = lines.next().unwrap_or_default();
+    let url = lines.next();
+    let rule = lines.next().unwrap_or_default();
+    let duration = lines.next().unwrap_or_default();
+    let size = lines.next().unwrap_or_default();
+
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("x-prefiller-host-port", Some(host_port)),
+        ("x-prefiller-url", url),
+    ] {
+        let Some(value) = value else { continue };
+        // Invalid header bytes never reach the sidecar: hyper rejects them first.
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+
+    let mut targets = Vec::new();
+    for tls in [tls, !tls] {
+        if let Ok(Some(target)) = sidecar::upstream::prefiller_from(&headers, tls) {
+            assert!(!target.host().is_empty(), "empty host from {headers:?}");
+            let uri = target.uri(None);
+            assert_eq!(
+                uri.authority().map(|a| a.as_str()),
+                Some(target.authority()),
+                "uri lost the authority: {headers:?}"
+            );
+            let _ = target.port();
+            targets.push(target);
+        }
+    }
+
+    let rule_text = String::from_utf8_lossy(rule);
+    let rules: Vec<Rule> = rule_text
+        .split(',')
+        .filter_map(|r| r.parse::<Rule>().ok())
+        .collect();
+    let allowlist = Allowlist::new(rules, None);
+    for target in &targets {
+        let _ = allowlist.allows(target);
+        assert!(Allowlist::disabled().allows(target));
+    }
+
+    let _ = sidecar::cli::parse_duration(&String::from_utf8_lossy(duration));
+    let _ = sidecar::cli::parse_size(&String::from_utf8_lossy(size));
+    // Each text alone too, so a one-line input exercises every parser.
+    let whole = String::from_utf8_lossy(input);
+    let _ = whole.parse::<Rule>();
+    let _ = sidecar::cli::parse_duration(&whole);
+    let _ = sidecar::cli::parse_size(&whole);
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# `make soak`: a bounded soak test of the sidecar on loopback.
+#
+# Starts two vLLM simulators (prefiller and decoder) and the sidecar in front of the decoder,
+# then runs examples/soak.rs: SOAK_REQUESTS requests (at most SOAK_MAX_SECS seconds) mixing
+# good P/D requests (JSON and SSE), cancelled ones (client gone mid-stream, or after a random
+# 0.2-8 ms), and bad ones (invalid JSON, not an object, over -max-request-body-size, a bad
+# x-prefiller-host-port), plus pass-through GETs. It samples the sidecar's VmRSS and open
+# descriptors from /proc and fails if a request got an unexpected answer, RSS at the end is
+# more than SOAK_RSS_TOLERANCE above its value after warm-up (10% of the requests), or the
+# descriptors do not return to the baseline (+SOAK_FD_SLACK) once the load stops. Last, the
+# prefiller must hold no KV lease (/sim/wait?until=idle_and_no_leases).
+# Everything started here is killed by PID on exit.
+#
+# Knobs (environment): SOAK_REQUESTS=200000 SOAK_MAX_SECS=600 SOAK_CONCURRENCY=32
+#   SOAK_RSS_TOLERANCE=0.5 SOAK_FD_SLACK=4 SOAK_CONNECTOR=nixlv2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${SOAK_REQUESTS:-200000}
+MAX_SECS=${SOAK_MAX_SECS:-600}
+CONCURRENCY=${SOAK_CONCURRENCY:-32}
+RSS_TOLERANCE=${SOAK_RSS_TOLERANCE:-0.5}
+FD_SLACK=${SOAK_FD_SLACK:-4}
+CONNECTOR=${SOAK_CONNECTOR:-nixlv2}
+MAX_BODY=65536
+
+die() { echo "soak: $*" >&2; exit 1; }
+command -v curl >/dev/null || die "curl is required"
+command -v python3 >/dev/null || die "python3 is required"
+
+cargo build --release --locked --bins --example soak >&2
+BIN=target/release
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Starts a simulator on a free port and echoes its API port (read from its "listening" line).
+# Lease expiry is set far beyond the run so that a leaked lease cannot expire unseen.
+start_sim() {
+    local name=$1; shift
+    "$BIN/vllm-sim" --port 0 --engine-id "$name-engine" --protocol "$CONNECTOR" \
+        --ttft-ms 2 --itl-ms 1 --kv-transfer-ms 1 --kv-lease-duration-ms 3600000 \
+        --max-num-seqs 1024 "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        if grep -q '"event":"listening"' "$WORK/$name.out" 2>/dev/null; then
+            python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["port"])' <"$WORK/$name.out"
+            return
+        fi
+        sleep 0.05
+    done
+    echo "vllm-sim ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1
+}
+
+PREFILL=$(start_sim prefill)
+DECODE=$(start_sim decode)
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+"$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
+    -vllm-port="$DECODE" -connector="$CONNECTOR" -metrics-port=0 \
+    -max-request-body-size="$MAX_BODY" 2>"$WORK/sidecar.log" &
+SIDECAR_PID=$!
+PIDS+=("$SIDECAR_PID")
+SIDECAR=""
+for _ in $(seq 100); do
+    SIDECAR=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/sidecar.log" | head -1 | cut -d: -f2 || true)
+    [ -n "$SIDECAR" ] && break
+    sleep 0.05
+done
+[ -n "$SIDECAR" ] || { echo "sidecar did not start:" >&2; cat "$WORK/sidecar.log" >&2; exit 1; }
+echo "soak: prefill sim :$PREFILL  decode sim :$DECODE  sidecar :$SIDECAR (pid $SIDECAR_PID, -connector=$CONNECTOR)"
+echo "soak: $REQUESTS requests, at most $MAX_SECS s, concurrency $CONCURRENCY"
+
+status=0
+"$BIN/examples/soak" --addr "127.0.0.1:$SIDECAR" --prefiller "127.0.0.1:$PREFILL" \
+    --pid "$SIDECAR_PID" --requests "$REQUESTS" --max-secs "$MAX_SECS" \
+    --concurrency "$CONCURRENCY" --rss-tolerance "$RSS_TOLERANCE" --fd-slack "$FD_SLACK" \
+    --max-body "$MAX_BODY" || status=$?
+
+kill -0 "$SIDECAR_PID" 2>/dev/null || { echo "soak: FAIL the sidecar died" >&2; status=1; }
+
+# No KV blocks left pinned on the prefiller, and both simulators idle.
+for port in "$PREFILL" "$DECODE"; do
+    if ! curl -fsS --max-time 30 -o "$WORK/wait.json" \
+        "http://127.0.0.1:$port/sim/wait?until=idle_and_no_leases&timeout_ms=20000"; then
+        echo "soak: FAIL simulator :$port not idle with no KV leases after 20 s:" >&2
+        curl -sS --max-time 5 "http://127.0.0.1:$port/sim/state" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(json.dumps({k: s[k] for k in ("counters", "in_flight", "kv")}))' >&2 || true
+        status=1
+    fi
+done
+curl -s "http://127.0.0.1:$DECODE/sim/state" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["counters"]
+print("soak: decoder requests=%s completed=%s aborted=%s" % (
+    c["requests_total"], c["requests_completed"], c["requests_aborted"]["decode"]))' || true
+python3 - "http://127.0.0.1:$PREFILL/sim/state" <<'PY' || true
+import json, sys, urllib.request
+s = json.load(urllib.request.urlopen(sys.argv[1], timeout=5))
+c = s["counters"]
+print("soak: prefiller leases created=%s pulled=%s still held=%s" % (
+    c.get("leases_created"), c.get("leases_pulled"), s["kv"]["leases_held"]))
+PY
+if grep -qi 'panicked' "$WORK/sidecar.log"; then
+    echo "soak: FAIL the sidecar logged a panic:" >&2
+    grep -i -m5 'panicked' "$WORK/sidecar.log" >&2
+    status=1
+fi
+[ "$status" = 0 ] && echo "soak: OK" || echo "soak: FAILED" >&2
+exit "$status"
