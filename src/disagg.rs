@@ -86,19 +86,24 @@ pub async fn serve(
         body::full(prefill_body),
     );
     tracker.prefill_started();
-    let prefilled = tokio::time::timeout(
-        proxy.prefill_timeout,
-        prefill(&proxy.upstream, prefill_req, &prefiller).instrument(info_span!("prefill")),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(ProxyError::Timeout {
-            leg: Leg::Prefill,
-            target: prefiller.authority().to_string(),
-            after: proxy.prefill_timeout,
-        })
-    });
     let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
+    let rescue = proxy.connector.pins_prefill_blocks().then(|| Rescue {
+        connector: proxy.connector,
+        original: original.clone(),
+        parts: leg_parts(&parts, decode_uri.clone()),
+        upstream: proxy.upstream.clone(),
+        grace: proxy.decode_admission_grace,
+    });
+    let pending = PrefillGuard::send(&proxy.upstream, prefill_req, &prefiller, rescue);
+    let prefilled = tokio::time::timeout(proxy.prefill_timeout, pending.result())
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProxyError::Timeout {
+                leg: Leg::Prefill,
+                target: prefiller.authority().to_string(),
+                after: proxy.prefill_timeout,
+            })
+        });
     let reply = match prefilled {
         Ok(Prefilled::Reply(reply)) => reply,
         Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
@@ -196,6 +201,101 @@ fn decode_timeout(proxy: &Proxy) -> ProxyError {
         leg: Leg::Decode,
         target: proxy.decoder.authority().to_string(),
         after: proxy.decode_first_byte_timeout,
+    }
+}
+
+/// How long a prefill whose client left may still deliver a reply that is already on its way.
+/// A prefiller that finished has pinned KV blocks for the reply: reading it lets a decoder
+/// release them. One still prefilling is closed after this, so it aborts.
+const LATE_REPLY_GRACE: Duration = Duration::from_millis(20);
+
+/// The prefill leg in its own task; dropped before it resolved (the client left, or the prefill
+/// timed out), it closes the leg, unless the reply is already arriving (see `LATE_REPLY_GRACE`).
+struct PrefillGuard {
+    /// `None` once the result was taken.
+    pending: Option<JoinHandle<Result<Prefilled, ProxyError>>>,
+    /// What hands late-pinned blocks to a decoder; `None` for connectors that pin none.
+    rescue: Option<Rescue>,
+}
+
+impl PrefillGuard {
+    fn send(
+        upstream: &Upstream,
+        req: Request<ProxyBody>,
+        prefiller: &Target,
+        rescue: Option<Rescue>,
+    ) -> Self {
+        let (upstream, prefiller) = (upstream.clone(), prefiller.clone());
+        let leg = async move { prefill(&upstream, req, &prefiller).await };
+        Self {
+            pending: Some(tokio::spawn(leg.instrument(info_span!("prefill")))),
+            rescue,
+        }
+    }
+
+    async fn result(mut self) -> Result<Prefilled, ProxyError> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Err(ProxyError::BodyRead("the prefill was abandoned".into()));
+        };
+        let joined = pending.await;
+        self.pending = None;
+        joined.unwrap_or_else(|e| {
+            Err(ProxyError::PrefillBadReply {
+                prefiller: String::new(),
+                detail: format!("prefill task failed: {e}"),
+            })
+        })
+    }
+}
+
+impl Drop for PrefillGuard {
+    fn drop(&mut self) {
+        let Some(mut pending) = self.pending.take() else {
+            return;
+        };
+        let Some(rescue) = self.rescue.take() else {
+            pending.abort();
+            return;
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(LATE_REPLY_GRACE, &mut pending).await {
+                Ok(Ok(Ok(Prefilled::Reply(reply)))) => rescue.release(&reply),
+                Ok(_) => {}
+                Err(_) => pending.abort(),
+            }
+        });
+    }
+}
+
+/// Everything needed to send the decode leg without the client: after a prefill that pinned
+/// blocks, a decoder that sees the request (and is then closed) makes the prefiller free them.
+struct Rescue {
+    connector: crate::connector::Connector,
+    original: Bytes,
+    /// The decode leg's request head.
+    parts: Parts,
+    upstream: Upstream,
+    grace: Duration,
+}
+
+impl Rescue {
+    fn release(self, reply: &Bytes) {
+        let Ok(request) = JsonObject::parse(&self.original) else {
+            return;
+        };
+        let Ok(plan) = self.connector.decode_plan(&request, &self.original, reply) else {
+            return;
+        };
+        if plan.handoff == Handoff::Remote {
+            debug!("client left as its prefill finished; handing the KV blocks to the decoder to release");
+            drop(AbandonOnDrop::send(
+                &self.upstream,
+                Leg::Decode,
+                self.parts,
+                plan.body,
+                self.grace,
+            ));
+        }
     }
 }
 

@@ -202,3 +202,42 @@ async fn leaving_during_a_non_streaming_decode_closes_it() {
     assert_eq!(counter(&sim_state(&d).await, "requests_aborted/decode"), 1);
     assert!(sim_wait(&p, "no_leases", LIMIT).await);
 }
+
+/// A client that leaves just as its prefill finishes: the prefiller has pinned blocks and its
+/// reply is on the wire. The sidecar reads that late reply and hands the blocks to a decoder to
+/// release, instead of stranding them. The delays only spread the disconnects over the
+/// prefill's end (the race this covers); the assertion waits on the simulator's state.
+#[tokio::test]
+async fn clients_leaving_as_the_prefill_finishes_strand_no_blocks() {
+    let p = sim(|c| c.ttft_ms = 4).await;
+    let d = sim(|_| {}).await;
+    sim_config(&p, LONG_LEASE).await;
+    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let mut clients = Vec::new();
+    for i in 0..200u64 {
+        let addr = sidecar.addr;
+        let prefiller = p.api_addr();
+        clients.push(tokio::spawn(async move {
+            let client = send(
+                addr,
+                post(
+                    "/v1/completions",
+                    Some(prefiller),
+                    r#"{"prompt":"p","max_tokens":2}"#,
+                ),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_micros(2_000 + i * 40)).await;
+            drop(client);
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(sim_wait(&p, "idle", LIMIT).await);
+    assert!(
+        sim_wait(&p, "no_leases", Duration::from_secs(3)).await,
+        "stranded leases: {}",
+        sim_state(&p).await["kv"]
+    );
+}
