@@ -207,7 +207,7 @@ fn decode_timeout(proxy: &Proxy) -> ProxyError {
 /// How long a prefill whose client left may still deliver a reply that is already on its way.
 /// A prefiller that finished has pinned KV blocks for the reply: reading it lets a decoder
 /// release them. One still prefilling is closed after this, so it aborts.
-const LATE_REPLY_GRACE: Duration = Duration::from_millis(20);
+const LATE_REPLY_GRACE: Duration = Duration::from_millis(50);
 
 /// The prefill leg in its own task; dropped before it resolved (the client left, or the prefill
 /// timed out), it closes the leg, unless the reply is already arriving (see `LATE_REPLY_GRACE`).
