@@ -485,6 +485,12 @@ def c_release_via_prefiller(ctx):
                                           dict(pd_headers(ctx.prefill), **{"x-request-id": rid}))
         need(status == 502, f"sidecar answered {status}, expected 502: {raw[:300]!r}")
         pinned = metric(ctx.prefill, KV_USAGE)
+        # The sidecar now knows the decoder is down: the next request must not prefill at all.
+        served_before = metric(ctx.prefill, SUCCESS)
+        status2, _, _, raw2 = post_json(sc.port, "/v1/completions", completion_body(ctx.prompt("decoder still down"), 16),
+                                        pd_headers(ctx.prefill))
+        need(status2 == 502 and b"no prefill was sent" in raw2, f"second request: {status2} {raw2[:300]!r}")
+        need(metric(ctx.prefill, SUCCESS) == served_before, "the prefiller served a prefill for a known-dead decoder")
         freed_s = ctx.wait_prefiller_kv_free(lease + 60)
         t_total = time.monotonic() - t0
         time.sleep(1.0)
