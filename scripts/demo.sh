@@ -14,34 +14,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a simulator on a free port and echoes its API port (read from its "listening" line).
-start_sim() {
-    local name=$1; shift
-    "$BIN/vllm-sim" --port 0 --engine-id "$name-engine" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-    PIDS+=($!)
-    for _ in $(seq 100); do
-        if grep -q '"event":"listening"' "$WORK/$name.out" 2>/dev/null; then
-            python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["port"])' <"$WORK/$name.out"
-            return
-        fi
-        sleep 0.05
-    done
-    echo "vllm-sim ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1
-}
-
-PREFILL=$(start_sim prefill --ttft-ms 40)
-DECODE=$(start_sim decode --itl-ms 15)
-
-"$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-    -vllm-port="$DECODE" -connector=nixlv2 -metrics-port=0 2>"$WORK/sidecar.log" &
-PIDS+=($!)
-SIDECAR=""
-for _ in $(seq 100); do
-    SIDECAR=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/sidecar.log" | head -1 | cut -d: -f2 || true)
-    [ -n "$SIDECAR" ] && break
-    sleep 0.05
-done
-[ -n "$SIDECAR" ] || { echo "sidecar did not start:" >&2; cat "$WORK/sidecar.log" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+start_sim PREFILL prefill --ttft-ms 40
+start_sim DECODE decode --itl-ms 15
+start_sidecar -vllm-port="$DECODE" -connector=nixlv2
 
 echo "prefill sim :$PREFILL   decode sim :$DECODE   sidecar :$SIDECAR (-connector=nixlv2)"
 echo

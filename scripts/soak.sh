@@ -43,40 +43,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Starts a simulator on a free port and echoes its API port (read from its "listening" line).
 # Lease expiry is set far beyond the run so that a leaked lease cannot expire unseen.
-start_sim() {
-    local name=$1; shift
-    "$BIN/vllm-sim" --port 0 --engine-id "$name-engine" --protocol "$CONNECTOR" \
-        --ttft-ms 2 --itl-ms 1 --kv-transfer-ms 1 --kv-lease-duration-ms 3600000 \
-        --max-num-seqs 1024 "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-    PIDS+=($!)
-    for _ in $(seq 100); do
-        if grep -q '"event":"listening"' "$WORK/$name.out" 2>/dev/null; then
-            python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["port"])' <"$WORK/$name.out"
-            return
-        fi
-        sleep 0.05
-    done
-    echo "vllm-sim ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1
-}
-
-PREFILL=$(start_sim prefill)
-DECODE=$(start_sim decode)
+SIM_ARGS=(--protocol "$CONNECTOR" --ttft-ms 2 --itl-ms 1 --kv-transfer-ms 1
+    --kv-lease-duration-ms 3600000 --max-num-seqs 1024)
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+start_sim PREFILL prefill "${SIM_ARGS[@]}"
+start_sim DECODE decode "${SIM_ARGS[@]}"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-"$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-    -vllm-port="$DECODE" -connector="$CONNECTOR" -metrics-port=0 \
-    -max-request-body-size="$MAX_BODY" 2>"$WORK/sidecar.log" &
-SIDECAR_PID=$!
-PIDS+=("$SIDECAR_PID")
-SIDECAR=""
-for _ in $(seq 100); do
-    SIDECAR=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/sidecar.log" | head -1 | cut -d: -f2 || true)
-    [ -n "$SIDECAR" ] && break
-    sleep 0.05
-done
-[ -n "$SIDECAR" ] || { echo "sidecar did not start:" >&2; cat "$WORK/sidecar.log" >&2; exit 1; }
+start_sidecar -vllm-port="$DECODE" -connector="$CONNECTOR" -max-request-body-size="$MAX_BODY"
 echo "soak: prefill sim :$PREFILL  decode sim :$DECODE  sidecar :$SIDECAR (pid $SIDECAR_PID, -connector=$CONNECTOR)"
 echo "soak: $REQUESTS requests, at most $MAX_SECS s, concurrency $CONCURRENCY"
 

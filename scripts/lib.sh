@@ -1,0 +1,42 @@
+# shellcheck shell=bash
+# Shared by demo.sh and soak.sh: start the simulator and the sidecar on free loopback ports.
+# The caller sets BIN (where the binaries are), WORK (a scratch directory) and PIDS=(), and
+# kills "${PIDS[@]}" on exit. Functions run in the caller's shell (never in $(...)), so every
+# PID they start reaches PIDS and is stopped.
+
+# start_sim VAR NAME [ARGS...]: vllm-sim NAME on a free port; its API port goes into VAR.
+start_sim() {
+    local var=$1 name=$2 _
+    shift 2
+    "$BIN/vllm-sim" --port 0 --engine-id "$name-engine" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+    PIDS+=($!)
+    for _ in $(seq 200); do
+        if grep -q '"event":"listening"' "$WORK/$name.out" 2>/dev/null; then
+            printf -v "$var" '%s' "$(python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["port"])' <"$WORK/$name.out")"
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "vllm-sim ($name) did not start:" >&2
+    cat "$WORK/$name.log" >&2
+    return 1
+}
+
+# start_sidecar [ARGS...]: the sidecar on a free loopback port (no admin listener);
+# sets SIDECAR (its port) and SIDECAR_PID.
+start_sidecar() {
+    local _
+    "$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
+        -metrics-port=0 "$@" 2>"$WORK/sidecar.log" &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    SIDECAR=""
+    for _ in $(seq 200); do
+        SIDECAR=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/sidecar.log" | head -1 | cut -d: -f2 || true)
+        [ -n "$SIDECAR" ] && return 0
+        sleep 0.05
+    done
+    echo "sidecar did not start:" >&2
+    cat "$WORK/sidecar.log" >&2
+    return 1
+}
