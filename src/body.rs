@@ -38,41 +38,6 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// Keeps `guard` alive until `body` is finished or dropped: an in-flight slot or a timer
-/// then covers the whole response, streaming included.
-pub fn with_guard<G: Send + Unpin + 'static>(body: ProxyBody, guard: G) -> ProxyBody {
-    Guarded {
-        inner: body,
-        _guard: guard,
-    }
-    .boxed_unsync()
-}
-
-struct Guarded<G> {
-    inner: ProxyBody,
-    _guard: G,
-}
-
-impl<G: Unpin> Body for Guarded<G> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Why a body could not be collected.
 #[derive(Debug)]
 pub enum CollectError {

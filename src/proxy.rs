@@ -104,15 +104,13 @@ impl Proxy {
         let span = telemetry::request_span(route, method, path, req.headers(), prefiller_name);
         // Dropped with this future if the client leaves: that counts the cancellation.
         let mut tracker = self.metrics.track(self.connector, route, span.clone());
+        // The tracker lives until the response body ends, so the slot covers streams too.
+        tracker.hold(permit);
         let resp = self
             .route(req, client, prefiller, &mut tracker)
             .instrument(span)
             .await;
-        let resp = tracker.relay(resp);
-        match permit {
-            Some(permit) => resp.map(|b| body::with_guard(b, permit)),
-            None => resp,
-        }
+        tracker.relay(resp)
     }
 
     async fn route(

@@ -5,6 +5,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, Span};
 
@@ -28,6 +29,9 @@ pub struct Tracker {
     done: bool,
     /// The request's span, entered for logs emitted after the handler returned.
     span: Span,
+    /// The request's `-max-in-flight` slot, freed when the tracker (and so the response body)
+    /// is dropped.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Tracker {
@@ -45,7 +49,13 @@ impl Tracker {
             decode_sent: None,
             done: false,
             span,
+            slot: None,
         }
+    }
+
+    /// Keeps the request's in-flight slot until the response is over.
+    pub fn hold(&mut self, slot: Option<OwnedSemaphorePermit>) {
+        self.slot = slot;
     }
 
     /// The prefill leg is being sent.
