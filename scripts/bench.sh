@@ -115,7 +115,7 @@ start_sidecar() {
     local name=$1 dport=$2
     # shellcheck disable=SC2086
     "${PIN_SIDECAR[@]}" "$SIDECAR_BIN" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-        -vllm-port="$dport" $SIDECAR_ARGS 2>"$WORK/$name.log" &
+        -vllm-port="$dport" -metrics-port=0 $SIDECAR_ARGS 2>"$WORK/$name.log" &
     SC_PID=$!
     PIDS+=("$SC_PID")
     SC_PORT=""

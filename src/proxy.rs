@@ -12,6 +12,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::allowlist::Allowlist;
 use crate::body::{self, ProxyBody};
+use crate::coalesce::Coalesce;
 use crate::config::{Config, PrefillFailurePolicy};
 use crate::connector::Connector;
 use crate::decoder_health::DecoderHealth;
@@ -179,11 +180,11 @@ impl Proxy {
 }
 
 /// An upstream response as our response: same status, headers (less hop-by-hop) and body
-/// frames, relayed as they arrive.
+/// frames, relayed as they arrive (frames that are ready together go out as one write).
 pub(crate) fn relay_response(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body::relay(body))
+    Response::from_parts(parts, body::relay(Coalesce::new(body)))
 }
 
 /// `GET /health`: the sidecar is up. vLLM's own health stays reachable through pass-through
