@@ -181,7 +181,7 @@ pub fn check_json_edit(input: &[u8]) {
     let strict = strict_json(request);
     for c in CONNECTORS {
         let name = c.name();
-        let prefill = c.prefill_body(&obj);
+        let prefill = c.prefill_body(&obj).to_bytes();
         let what = format!("{name} prefill_body");
         check_rewrite(&what, &input_members, &prefill, &prefill_touched(c), strict);
         let p = members(&prefill).expect("checked above");
@@ -196,7 +196,7 @@ pub fn check_json_edit(input: &[u8]) {
             assert!(!p.contains_key(gone), "{what}: {gone} left in");
         }
 
-        let local = c.local_decode_body(&obj, &original);
+        let local = c.local_decode_body(&obj, &original).to_bytes();
         let what = format!("{name} local_decode_body");
         if c == Connector::LmCache {
             assert_eq!(local, original, "{what}: must be the client's bytes");
@@ -223,7 +223,8 @@ fn check_decode(
     strict: bool,
 ) {
     let what = format!("{} decode_plan", c.name());
-    let Ok(plan) = c.decode_plan(obj, original, reply) else {
+    let reply = Bytes::copy_from_slice(reply);
+    let Ok(plan) = c.decode_plan(obj, original, &reply) else {
         assert!(
             c != Connector::LmCache,
             "{what}: lmcache never reads the reply"
@@ -231,20 +232,25 @@ fn check_decode(
         return;
     };
     if c == Connector::LmCache {
-        assert_eq!(&plan.body, original, "{what}: must be the client's bytes");
+        assert_eq!(
+            &plan.body.to_bytes(),
+            original,
+            "{what}: must be the client's bytes"
+        );
         assert_eq!(plan.handoff, Handoff::SharedStorage);
         return;
     }
+    let body = plan.body.to_bytes();
     check_rewrite(
         &what,
         input,
-        &plan.body,
+        &body,
         decode_touched(c),
-        strict && strict_json(reply),
+        strict && strict_json(&reply),
     );
-    let d = members(&plan.body).expect("checked above");
+    let d = members(&body).expect("checked above");
     // Only the prefiller's reply may set the transfer fields.
-    let r = JsonObject::parse(reply).expect("decode_plan accepted the reply");
+    let r = JsonObject::parse(&reply).expect("decode_plan accepted the reply");
     match c {
         Connector::NixlV2 => {
             let from_reply = r.get("kv_transfer_params").map(|v| v.get());

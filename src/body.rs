@@ -10,6 +10,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::json_edit::Spliced;
+
 /// Error type of every body the proxy relays.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,6 +29,11 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// An empty body.
 pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A spliced rewrite, sent as its pieces (no copy into one buffer).
+pub fn spliced(body: Spliced) -> ProxyBody {
+    body.map_err(|never| match never {}).boxed_unsync()
 }
 
 /// Relays any hyper-compatible body (e.g. `Incoming`) as a [`ProxyBody`] without buffering.
@@ -64,20 +71,20 @@ where
     }
 }
 
-/// A one-frame body that reports when hyper has taken its last byte, so the caller knows the
-/// request has been handed to the connection in full.
+/// A body that reports when hyper has taken its last byte, so the caller knows the request has
+/// been handed to the connection in full.
 pub struct SentSignal {
-    inner: Full<Bytes>,
+    inner: Spliced,
     sent: Option<oneshot::Sender<Instant>>,
 }
 
 impl SentSignal {
     /// Wraps `bytes`; the receiver resolves with the time the bytes were handed over (or
     /// fails once the body is dropped unsent).
-    pub fn new(bytes: Bytes) -> (Self, oneshot::Receiver<Instant>) {
+    pub fn new(body: Spliced) -> (Self, oneshot::Receiver<Instant>) {
         let (tx, rx) = oneshot::channel();
         let body = Self {
-            inner: Full::new(bytes),
+            inner: body,
             sent: Some(tx),
         };
         (body, rx)
@@ -125,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn sent_signal_fires_with_the_last_frame() {
-        let (mut body, rx) = SentSignal::new(Bytes::from_static(b"x"));
+        let (mut body, rx) = SentSignal::new(Spliced::from(Bytes::from_static(b"x")));
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
         rx.await.expect("signalled before the body was dropped");

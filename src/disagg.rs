@@ -6,6 +6,7 @@
 //! pinned KV blocks: see [`dispatch_decode`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -25,7 +26,7 @@ use crate::config::PrefillFailurePolicy;
 use crate::connector::Handoff;
 use crate::error::{describe, Leg, ProxyError};
 use crate::headers::{self, REQUEST_ID};
-use crate::json_edit::JsonObject;
+use crate::json_edit::{JsonObject, Spliced};
 use crate::metrics::Tracker;
 use crate::proxy::{relay_response, Proxy};
 use crate::telemetry;
@@ -68,6 +69,8 @@ pub async fn serve(
     // Both legs clone these headers, so they share the trace id.
     let trace_id = telemetry::ensure_traceparent(&mut parts.headers);
     telemetry::record_ids(&request_id, &trace_id);
+    // Shared with the rescue below, which needs the head only if the client leaves.
+    let parts = Arc::new(parts);
     trace!(body = %String::from_utf8_lossy(&original), "client request");
 
     // 1. Prefill, unless the decoder is known to be down: the prefiller would pin KV blocks
@@ -78,19 +81,20 @@ pub async fn serve(
             detail: format!("{e} (no prefill was sent)"),
         });
     }
-    let prefill_body = Bytes::from(proxy.connector.prefill_body(&request));
-    trace!(body = %String::from_utf8_lossy(&prefill_body), "prefill request");
+    let prefill_body = proxy.connector.prefill_body(&request);
+    trace!(body = %prefill_body, "prefill request");
     let prefill_req = leg(
         &parts,
         prefiller.uri(parts.uri.path_and_query()),
-        body::full(prefill_body),
+        body::spliced(prefill_body),
     );
     tracker.prefill_started();
     let decode_uri = proxy.decoder.uri(parts.uri.path_and_query());
     let rescue = proxy.connector.pins_prefill_blocks().then(|| Rescue {
         connector: proxy.connector,
         original: original.clone(),
-        parts: leg_parts(&parts, decode_uri.clone()),
+        head: Arc::clone(&parts),
+        uri: decode_uri.clone(),
         upstream: proxy.upstream.clone(),
         grace: proxy.decode_admission_grace,
     });
@@ -110,7 +114,7 @@ pub async fn serve(
         Err(e) if proxy.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
             warn!(error = %e, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
             let body = proxy.connector.local_decode_body(&request, &original);
-            let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(body))).await?;
+            let resp = send_decode(proxy, leg(&parts, decode_uri, body::spliced(body))).await?;
             let mut resp = with_request_id(relay_response(resp), request_id);
             resp.headers_mut()
                 .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
@@ -132,12 +136,12 @@ pub async fn serve(
     if let Handoff::LocalPrefill(why) = plan.handoff {
         warn!(reason = why, "decoder will prefill locally: no KV handoff");
     }
-    trace!(body = %String::from_utf8_lossy(&plan.body), "decode request");
+    trace!(body = %plan.body, "decode request");
 
     // 3. Decode, streamed back unbuffered.
     let pinned = proxy.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
     if !pinned {
-        let resp = send_decode(proxy, leg(&parts, decode_uri, body::full(plan.body)))
+        let resp = send_decode(proxy, leg(&parts, decode_uri, body::spliced(plan.body)))
             .instrument(info_span!("decode"))
             .await?;
         return Ok(with_request_id(relay_response(resp), request_id));
@@ -272,8 +276,9 @@ impl Drop for PrefillGuard {
 struct Rescue {
     connector: crate::connector::Connector,
     original: Bytes,
-    /// The decode leg's request head.
-    parts: Parts,
+    /// The client's request head, and the decode leg's address.
+    head: Arc<Parts>,
+    uri: http::Uri,
     upstream: Upstream,
     grace: Duration,
 }
@@ -291,7 +296,7 @@ impl Rescue {
             drop(AbandonOnDrop::send(
                 &self.upstream,
                 Leg::Decode,
-                self.parts,
+                leg_parts(&self.head, self.uri),
                 plan.body,
                 self.grace,
             ));
@@ -379,7 +384,7 @@ fn upstream_message(body: &[u8]) -> String {
 async fn dispatch_decode(
     proxy: &Proxy,
     parts: Parts,
-    body: Bytes,
+    body: Spliced,
 ) -> Result<Response<Incoming>, String> {
     let sent = AbandonOnDrop::send(
         &proxy.upstream,
@@ -410,7 +415,7 @@ struct AbandonOnDrop {
 }
 
 impl AbandonOnDrop {
-    fn send(upstream: &Upstream, leg: Leg, parts: Parts, body: Bytes, grace: Duration) -> Self {
+    fn send(upstream: &Upstream, leg: Leg, parts: Parts, body: Spliced, grace: Duration) -> Self {
         let (body, sent) = SentSignal::new(body);
         let req = Request::from_parts(parts, body::relay(body));
         let upstream = upstream.clone();
@@ -515,7 +520,7 @@ mod tests {
             &upstream,
             Leg::Decode,
             parts,
-            body.clone(),
+            Spliced::from(body.clone()),
             Duration::from_millis(50),
         ));
 

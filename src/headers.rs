@@ -58,30 +58,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(fresh_request_id)
 }
 
-/// A fresh id shaped as a random (v4) UUID, in simple form (32 hex digits).
-///
-/// `Uuid::new_v4` asks the kernel for 16 random bytes on every call (a `getrandom` syscall
-/// per request). Ids only need to be unique, so the process draws its random bits once and
-/// each id mixes in a counter: the low 62 bits are `counter * odd` modulo 2^62, a bijection,
-/// so no two ids of a process repeat until 2^62 ids, and different processes differ by their
-/// random bits.
+/// A fresh id shaped as a random (v4) UUID, in simple form (32 hex digits), from
+/// [`crate::ids`] (no syscall per request).
 fn fresh_request_id() -> HeaderValue {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    const LOW_62: u64 = (1 << 62) - 1;
-    let (high, low) = *SEED.get_or_init(|| {
-        let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
-        (high, low & LOW_62)
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mixed = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ low) & LOW_62;
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&high.to_be_bytes());
-    bytes[8..].copy_from_slice(&mixed.to_be_bytes());
-    // Version 4 and the RFC 4122 variant: the variant's two bits are the two above the 62.
-    let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let id = uuid::Builder::from_random_bytes(crate::ids::next_bytes::<16>()).into_uuid();
     let mut text = [0u8; uuid::fmt::Simple::LENGTH];
     let text = id.simple().encode_lower(&mut text);
     // A hex string is always a valid header value.

@@ -158,7 +158,7 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut data = SpanData {
             start: SystemTime::now(),
-            span_id: hex_id::<8>(),
+            span_id: crate::ids::next_hex::<8>(),
             trace_id: None,
             attributes: Vec::new(),
         };
@@ -195,7 +195,7 @@ where
         }
         let root = parent_span_id.is_none();
         let otlp = json!({
-            "traceId": trace_id.unwrap_or_else(hex_id::<16>),
+            "traceId": trace_id.unwrap_or_else(crate::ids::next_hex::<16>),
             "spanId": data.span_id,
             "parentSpanId": parent_span_id.unwrap_or_default(),
             "name": span.name(),
@@ -221,12 +221,6 @@ fn unix_nanos(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// A random id of `N` bytes, lowercase hex, as OTLP's JSON encoding writes ids.
-fn hex_id<const N: usize>() -> String {
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes[..N].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,11 +231,5 @@ mod tests {
         assert!(pipeline("collector:4318", Duration::from_secs(1)).is_err());
         let (_, exporter) = pipeline("http://c:4318/", Duration::from_secs(1)).unwrap();
         assert_eq!(exporter.endpoint.to_string(), "http://c:4318/v1/traces");
-    }
-
-    #[test]
-    fn ids_have_otlp_lengths() {
-        assert_eq!(hex_id::<16>().len(), 32);
-        assert_eq!(hex_id::<8>().len(), 16);
     }
 }

@@ -69,8 +69,8 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
             return id.to_string();
         }
     }
-    let trace = random_hex(16);
-    let parent = random_hex(8);
+    let trace = crate::ids::next_hex::<16>();
+    let parent = crate::ids::next_hex::<8>();
     let value = format!("00-{trace}-{parent}-01");
     // Lowercase hex and dashes are always a valid header value.
     if let Ok(v) = HeaderValue::from_str(&value) {
@@ -102,17 +102,6 @@ pub fn trace_id(value: &HeaderValue) -> Option<&str> {
         && !all_zero(parent)
         && lower_hex(flags, 2);
     valid.then_some(trace)
-}
-
-/// `bytes` random bytes as lowercase hex, from a v4 UUID's randomness (the crate already
-/// depends on it; its version bits make one UUID 122 random bits, plenty for ids).
-fn random_hex(bytes: usize) -> String {
-    let mut hex = String::with_capacity(bytes * 2);
-    while hex.len() < bytes * 2 {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        hex.push_str(&id[..(bytes * 2 - hex.len()).min(id.len())]);
-    }
-    hex
 }
 
 #[cfg(test)]
@@ -167,11 +156,5 @@ mod tests {
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
         );
         assert!(trace_id(&v).is_some());
-    }
-
-    #[test]
-    fn generated_ids_differ() {
-        assert_ne!(random_hex(16), random_hex(16));
-        assert_eq!(random_hex(8).len(), 16);
     }
 }

@@ -3,16 +3,16 @@
 use bytes::Bytes;
 
 use super::{prefill_edits, DecodePlan, Handoff};
-use crate::json_edit::JsonObject;
+use crate::json_edit::{JsonObject, Spliced};
 
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
+pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
     request.rewrite(&prefill_edits(&[]))
 }
 
 /// The decoder gets the client's bytes untouched: the prompt must match for the prefix lookup.
 pub(super) fn decode_plan(original: &Bytes) -> DecodePlan {
     DecodePlan {
-        body: original.clone(),
+        body: Spliced::from(original.clone()),
         handoff: Handoff::SharedStorage,
     }
 }
@@ -26,9 +26,9 @@ mod tests {
         let original = Bytes::from_static(br#"{"prompt":"hi", "max_tokens":9,"stream":true}"#);
         let obj = JsonObject::parse(&original).unwrap();
         assert_eq!(
-            String::from_utf8(prefill_body(&obj)).unwrap(),
+            String::from_utf8(prefill_body(&obj).to_vec()).unwrap(),
             r#"{"prompt":"hi","max_tokens":1,"stream":false,"max_completion_tokens":1}"#
         );
-        assert_eq!(decode_plan(&original).body, original);
+        assert_eq!(decode_plan(&original).body.to_bytes(), original);
     }
 }

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 
-use crate::json_edit::{Edit, JsonObject};
+use crate::json_edit::{Edit, JsonObject, Spliced};
 
 /// The connector selected by `-connector`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub enum Handoff {
 /// The decode leg's body and what it carries.
 #[derive(Debug)]
 pub struct DecodePlan {
-    pub body: Bytes,
+    pub body: Spliced,
     pub handoff: Handoff,
 }
 
@@ -97,7 +97,7 @@ impl Connector {
     }
 
     /// The prefill leg's body.
-    pub fn prefill_body(self, request: &JsonObject<'_>) -> Vec<u8> {
+    pub fn prefill_body(self, request: &JsonObject<'_>) -> Spliced {
         match self {
             Connector::NixlV2 => nixlv2::prefill_body(request),
             Connector::Nixl => nixl::prefill_body(request),
@@ -110,7 +110,7 @@ impl Connector {
         self,
         request: &JsonObject<'_>,
         original: &Bytes,
-        reply: &[u8],
+        reply: &Bytes,
     ) -> Result<DecodePlan, ReplyError> {
         match self {
             Connector::NixlV2 => nixlv2::decode_plan(request, reply),
@@ -123,7 +123,7 @@ impl Connector {
 impl Connector {
     /// The request for a decoder that prefills locally (no KV handoff): the client's request
     /// without any transfer fields, which only a prefiller may set.
-    pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Bytes {
+    pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Spliced {
         let transfer_fields: &[(&str, Edit<'_>)] = match self {
             Connector::NixlV2 => &[("kv_transfer_params", Edit::Remove)],
             Connector::Nixl => &[
@@ -135,9 +135,9 @@ impl Connector {
                 ("remote_host", Edit::Remove),
                 ("remote_port", Edit::Remove),
             ],
-            Connector::LmCache => return original.clone(),
+            Connector::LmCache => return Spliced::from(original.clone()),
         };
-        Bytes::from(request.rewrite(transfer_fields))
+        request.rewrite(transfer_fields)
     }
 }
 

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::{prefill_edits, DecodePlan, Handoff, ReplyError};
-use crate::json_edit::{Edit, JsonObject};
+use crate::json_edit::{Edit, JsonObject, Spliced};
 
 /// The fields the prefiller returns and the decoder needs, all of them or none.
 const REMOTE_FIELDS: [&str; 4] = [
@@ -14,7 +14,7 @@ const REMOTE_FIELDS: [&str; 4] = [
     "remote_port",
 ];
 
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
+pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
     // Fields a client may have injected are dropped: only the prefiller's reply may set them.
     request.rewrite(&prefill_edits(&[
         ("do_remote_decode", Edit::Set("true")),
@@ -29,7 +29,7 @@ pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
 
 pub(super) fn decode_plan(
     request: &JsonObject<'_>,
-    reply: &[u8],
+    reply: &Bytes,
 ) -> Result<DecodePlan, ReplyError> {
     let reply = JsonObject::parse(reply).map_err(|e| ReplyError::NotJson(e.to_string()))?;
     let values: Vec<Option<&str>> = REMOTE_FIELDS
@@ -63,7 +63,7 @@ pub(super) fn decode_plan(
         Handoff::LocalPrefill("the prefill reply lacks some remote_* fields")
     };
     Ok(DecodePlan {
-        body: Bytes::from(request.rewrite(&edits)),
+        body: request.rewrite(&edits),
         handoff,
     })
 }
@@ -74,32 +74,40 @@ mod tests {
 
     #[test]
     fn prefill_uses_top_level_fields() {
-        let obj =
-            JsonObject::parse(br#"{"prompt":"hi","stream":true,"remote_host":"evil"}"#).unwrap();
+        let source = Bytes::from_static(br#"{"prompt":"hi","stream":true,"remote_host":"evil"}"#);
+        let obj = JsonObject::parse(&source).unwrap();
         assert_eq!(
-            String::from_utf8(prefill_body(&obj)).unwrap(),
+            String::from_utf8(prefill_body(&obj).to_vec()).unwrap(),
             r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"do_remote_decode":true}"#
         );
     }
 
     #[test]
     fn decode_gets_all_four_fields_verbatim() {
-        let obj = JsonObject::parse(br#"{"prompt":"hi","stream":true}"#).unwrap();
+        let source = Bytes::from_static(br#"{"prompt":"hi","stream":true}"#);
+        let obj = JsonObject::parse(&source).unwrap();
         let reply = br#"{"remote_block_ids":[1,2,3],"remote_engine_id":"e","remote_host":"h","remote_port":5600,"kv_transfer_params":null}"#;
-        let plan = decode_plan(&obj, reply).unwrap();
+        let plan = decode_plan(&obj, &Bytes::from_static(reply)).unwrap();
         assert_eq!(plan.handoff, Handoff::Remote);
         assert_eq!(
-            plan.body,
+            plan.body.to_bytes(),
             Bytes::from_static(br#"{"prompt":"hi","stream":true,"do_remote_prefill":true,"remote_block_ids":[1,2,3],"remote_engine_id":"e","remote_host":"h","remote_port":5600}"#)
         );
     }
 
     #[test]
     fn partial_reply_means_local_prefill_without_partial_fields() {
-        let obj = JsonObject::parse(br#"{"prompt":"hi","remote_port":1}"#).unwrap();
-        let plan =
-            decode_plan(&obj, br#"{"remote_block_ids":[1],"remote_engine_id":"e"}"#).unwrap();
+        let source = Bytes::from_static(br#"{"prompt":"hi","remote_port":1}"#);
+        let obj = JsonObject::parse(&source).unwrap();
+        let plan = decode_plan(
+            &obj,
+            &Bytes::from_static(br#"{"remote_block_ids":[1],"remote_engine_id":"e"}"#),
+        )
+        .unwrap();
         assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
-        assert_eq!(plan.body, Bytes::from_static(br#"{"prompt":"hi"}"#));
+        assert_eq!(
+            plan.body.to_bytes(),
+            Bytes::from_static(br#"{"prompt":"hi"}"#)
+        );
     }
 }

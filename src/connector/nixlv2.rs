@@ -3,12 +3,12 @@
 use bytes::Bytes;
 
 use super::{prefill_edits, DecodePlan, Handoff, ReplyError};
-use crate::json_edit::{Edit, JsonObject};
+use crate::json_edit::{Edit, JsonObject, Spliced};
 
 /// What vLLM's NixlConnector expects on the prefill leg (the same as vLLM's toy proxy sends).
 const PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
+pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
     request.rewrite(&prefill_edits(&[(
         "kv_transfer_params",
         Edit::Set(PREFILL_PARAMS),
@@ -19,7 +19,7 @@ pub(super) fn prefill_body(request: &JsonObject<'_>) -> Vec<u8> {
 /// add fields, so the value is opaque to us.
 pub(super) fn decode_plan(
     request: &JsonObject<'_>,
-    reply: &[u8],
+    reply: &Bytes,
 ) -> Result<DecodePlan, ReplyError> {
     let reply = JsonObject::parse(reply).map_err(|e| ReplyError::NotJson(e.to_string()))?;
     let (edit, handoff) = match reply.get("kv_transfer_params") {
@@ -40,9 +40,8 @@ pub(super) fn decode_plan(
             )))
         }
     };
-    let body = request.rewrite(&[("kv_transfer_params", edit)]);
     Ok(DecodePlan {
-        body: Bytes::from(body),
+        body: request.rewrite(&[("kv_transfer_params", edit)]),
         handoff,
     })
 }
@@ -55,14 +54,15 @@ fn truncate(s: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn text(v: Vec<u8>) -> String {
-        String::from_utf8(v).unwrap()
+    fn text(v: Spliced) -> String {
+        String::from_utf8(v.to_vec()).unwrap()
     }
 
     #[test]
     fn prefill_sets_params_one_token_and_no_streaming() {
         let req = br#"{"model":"m","prompt":"hi","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"min_tokens":4,"kv_transfer_params":{"evil":1}}"#;
-        let obj = JsonObject::parse(req).unwrap();
+        let req = Bytes::from_static(req);
+        let obj = JsonObject::parse(&req).unwrap();
         assert_eq!(
             text(prefill_body(&obj)),
             format!(
@@ -75,39 +75,46 @@ mod tests {
     fn decode_restores_the_original_and_adds_params_verbatim() {
         let req =
             br#"{"prompt":"hi","stream":true,"max_tokens":50,"kv_transfer_params":{"evil":1}}"#;
-        let obj = JsonObject::parse(req).unwrap();
+        let req = Bytes::from_static(req);
+        let obj = JsonObject::parse(&req).unwrap();
         let reply = br#"{"id":"x","kv_transfer_params":{"remote_block_ids":[[1,2]],"future_field":{"a":9007199254740993}},"usage":{}}"#;
-        let plan = decode_plan(&obj, reply).unwrap();
+        let plan = decode_plan(&obj, &Bytes::from_static(reply)).unwrap();
         assert_eq!(plan.handoff, Handoff::Remote);
         assert_eq!(
-            plan.body,
+            plan.body.to_bytes(),
             Bytes::from_static(br#"{"prompt":"hi","stream":true,"max_tokens":50,"kv_transfer_params":{"remote_block_ids":[[1,2]],"future_field":{"a":9007199254740993}}}"#)
         );
     }
 
     #[test]
     fn missing_or_null_params_mean_local_prefill() {
-        let obj = JsonObject::parse(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#).unwrap();
-        let plan = decode_plan(&obj, br#"{"id":"x"}"#).unwrap();
-        assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
-        assert_eq!(plan.body, Bytes::from_static(br#"{"prompt":"hi"}"#));
-        let plan = decode_plan(&obj, br#"{"kv_transfer_params":null}"#).unwrap();
+        let source = Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#);
+        let obj = JsonObject::parse(&source).unwrap();
+        let plan = decode_plan(&obj, &Bytes::from_static(br#"{"id":"x"}"#)).unwrap();
         assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
         assert_eq!(
-            plan.body,
+            plan.body.to_bytes(),
+            Bytes::from_static(br#"{"prompt":"hi"}"#)
+        );
+        let plan =
+            decode_plan(&obj, &Bytes::from_static(br#"{"kv_transfer_params":null}"#)).unwrap();
+        assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
+        assert_eq!(
+            plan.body.to_bytes(),
             Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":null}"#)
         );
     }
 
     #[test]
     fn bad_replies_are_errors() {
-        let obj = JsonObject::parse(br#"{"prompt":"hi"}"#).unwrap();
+        let source = Bytes::from_static(br#"{"prompt":"hi"}"#);
+        let obj = JsonObject::parse(&source).unwrap();
         assert!(matches!(
-            decode_plan(&obj, b"<html>"),
+            decode_plan(&obj, &Bytes::from_static(b"<html>")),
             Err(ReplyError::NotJson(_))
         ));
         assert!(matches!(
-            decode_plan(&obj, br#"{"kv_transfer_params":[1]}"#),
+            decode_plan(&obj, &Bytes::from_static(br#"{"kv_transfer_params":[1]}"#)),
             Err(ReplyError::BadParams(_))
         ));
     }
