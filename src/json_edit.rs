@@ -169,7 +169,8 @@ struct SplicedBuilder<'s> {
 
 impl<'s> SplicedBuilder<'s> {
     fn new(source: &'s Bytes) -> Self {
-        let mut pending = Vec::with_capacity(256);
+        // Room for a small body whole, or for the edits between the borrowed runs of a large one.
+        let mut pending = Vec::with_capacity(source.len().min(BORROW_MIN) + 256);
         pending.push(b'{');
         Self {
             source,
@@ -502,7 +503,10 @@ mod tests {
         ];
         let out = obj.rewrite(&edits).to_vec();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v, serde_json::json!({"prompt": big, "a": [1], "max_tokens": 1}));
+        assert_eq!(
+            v,
+            serde_json::json!({"prompt": big, "a": [1], "max_tokens": 1})
+        );
     }
 
     #[tokio::test]

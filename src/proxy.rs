@@ -107,10 +107,13 @@ impl Proxy {
         let mut tracker = self.metrics.track(self.connector, route, span.clone());
         // The tracker lives until the response body ends, so the slot covers streams too.
         tracker.hold(permit);
-        let resp = self
-            .route(req, client, prefiller, &mut tracker)
-            .instrument(span)
-            .await;
+        // Boxed: hyper keeps an allocation the size of this future for the life of the
+        // connection, so a large inline state machine would cost every idle stream ~4 KiB.
+        let resp = Box::pin(
+            self.route(req, client, prefiller, &mut tracker)
+                .instrument(span),
+        )
+        .await;
         tracker.relay(resp)
     }
 

@@ -19,6 +19,11 @@ use crate::tls::ClientTls;
 /// request rarely races the server's close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// Idle connections kept per upstream. Each holds about 16 KiB of buffers; a burst of
+/// concurrent prefills would otherwise leave that many idle connections behind for seconds.
+/// 256 covers vLLM's default batch (`max_num_seqs`) with no reconnects.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
 type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// The pooled clients, built once and shared by every request: one per leg, since each leg
@@ -79,7 +84,7 @@ fn leg_client(connect_timeout: Duration, tls: &ClientTls) -> Result<LegClient, S
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         // A pooled connection the server closed before our request reached it is retried
         // on a fresh one: the request never ran, so this is safe even for POST.
         .retry_canceled_requests(true)

@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::recorder::Recorder;
 use common::*;
 use sidecar::Connector;
 
@@ -53,6 +54,40 @@ async fn the_stream_is_relayed_event_for_event() {
     assert_eq!(events[9], "data: [DONE]");
     let record = &sim_requests(&d).await[0];
     assert_eq!(record["events_sent"], 10, "{record}");
+}
+
+/// Events the decoder wrote in one burst leave the sidecar in one write (one HTTP chunk), not
+/// one chunk per event: a chunk per event is a syscall per event here and in the client.
+#[tokio::test]
+async fn a_burst_of_events_is_relayed_in_few_chunks() {
+    const EVENTS: usize = 32;
+    let mut response = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    let mut expected = String::new();
+    for i in 0..EVENTS {
+        let event = format!("data: {{\"choices\":[{{\"text\":\" t{i}\"}}]}}\n\n");
+        response.push_str(&format!("{:x}\r\n{event}\r\n", event.len()));
+        expected.push_str(&event);
+    }
+    response.push_str("0\r\n\r\n");
+    // The recorder writes the whole response at once.
+    let d = Recorder::start(response.leak().as_bytes()).await;
+    let sidecar = Sidecar::for_decoder(d.addr, Connector::NixlV2).await;
+    let mut client = send(
+        sidecar.addr,
+        post("/v1/completions", None, r#"{"prompt":"a","stream":true}"#),
+    )
+    .await;
+    assert_eq!(client.head().await.status(), 200);
+    // Each chunk the sidecar writes reaches this client as at least one frame.
+    let (mut frames, mut received) = (0, Vec::new());
+    while let Some(data) = client.next_data().await {
+        frames += 1;
+        received.extend_from_slice(&data);
+    }
+    assert_eq!(String::from_utf8(received).unwrap(), expected);
+    assert!(frames <= 4, "{EVENTS} events came in {frames} chunks");
 }
 
 fn count_events(bytes: &[u8]) -> usize {
