@@ -16,6 +16,8 @@
 #   BENCH_TOOLS_TARGET   its cargo target dir (default ~/.cache/sidecar-bench)
 #   SIDECAR_CPU / LOAD_CPU   the cores to pin to (default 1 and 0)
 #   IDLE_STREAMS=1000    open streams for the memory scenario
+#   REPEAT=3             runs per scenario and side (alternating); the table shows medians
+#   BUSY_POLL=200us      -busy-poll window of the second sidecar used by pd_c1_busy
 #   ONLY="pd_c1 ..."     run only these scenarios
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,8 @@ BENCH_OUT=${BENCH_OUT:-$REPO/target/bench/results.md}
 TOOLS_DIR=${BENCH_TOOLS_DIR:-$REPO/../shared/bench/fakevllm}
 TOOLS_TARGET=${BENCH_TOOLS_TARGET:-${HOME:-/tmp}/.cache/sidecar-bench}
 ONLY=${ONLY:-}
+REPEAT=${REPEAT:-3}
+BUSY_POLL=${BUSY_POLL:-200us}
 
 die() { echo "bench: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 is required (free ports, tables)"
@@ -136,6 +140,10 @@ wait_http "http://127.0.0.1:$PRE_PORT/health" "fakevllm (prefiller)"
 start_sidecar sidecar "$DEC_PORT"
 SIDECAR_PID=$SC_PID
 SIDECAR_PORT=$SC_PORT
+# A second sidecar with busy polling, for the low-load latency scenario (idle otherwise).
+SIDECAR_ARGS="$SIDECAR_ARGS -busy-poll=$BUSY_POLL" start_sidecar sidecar-busy "$DEC_PORT"
+BUSY_PID=$SC_PID
+BUSY_PORT=$SC_PORT
 
 # --- bodies ----------------------------------------------------------------------------------
 python3 - "$WORK" <<'PY'
@@ -159,6 +167,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # load SCENARIO SIDE URL BODY N C [pdload args...]: one bounded run; appends a JSON line.
+# The table takes the median of the REPEAT runs of each scenario and side.
 load() {
     local scenario=$1 side=$2 url=$3 body=$4 n=$5 c=$6; shift 6
     local t0 t1 w0 w1 warm=$((n / 10 < 500 ? n / 10 : 500))
@@ -193,26 +202,33 @@ DIRECT=http://127.0.0.1:$DEC_PORT/v1/completions
 THROUGH=http://127.0.0.1:$SIDECAR_PORT/v1/completions
 PD_HEADER=(-H "x-prefiller-host-port: 127.0.0.1:$PRE_PORT")
 
-echo "scenarios (each bounded by its count and MAX_SECS=$MAX_SECS):" >&2
-# P/D: direct is one call to the decoder; through the sidecar it is a prefill and a decode.
-for c in 1 16 64; do
-    want "pd_c$c" || continue
-    n=$([ "$c" = 1 ] && echo 3000 || echo 40000)
-    load "pd_c$c" direct "$DIRECT" small "$n" "$c"
-    load "pd_c$c" sidecar "$THROUGH" small "$n" "$c" "${PD_HEADER[@]}"
+echo "scenarios (each run bounded by its count and MAX_SECS=$MAX_SECS; $REPEAT runs each):" >&2
+for _ in $(seq "$REPEAT"); do
+    # P/D: direct is one call to the decoder; through the sidecar, a prefill and a decode.
+    for c in 1 16 64; do
+        want "pd_c$c" || continue
+        n=$([ "$c" = 1 ] && echo 3000 || echo 40000)
+        load "pd_c$c" direct "$DIRECT" small "$n" "$c"
+        load "pd_c$c" sidecar "$THROUGH" small "$n" "$c" "${PD_HEADER[@]}"
+    done
+    if want pd_c1_busy; then
+        load pd_c1_busy direct "$DIRECT" small 3000 1
+        SIDECAR_PID=$BUSY_PID load pd_c1_busy sidecar "http://127.0.0.1:$BUSY_PORT/v1/completions" \
+            small 3000 1 "${PD_HEADER[@]}"
+    fi
+    if want pass_c16; then
+        load pass_c16 direct "$DIRECT" small 40000 16
+        load pass_c16 sidecar "$THROUGH" small 40000 16
+    fi
+    if want stream_c16; then
+        load stream_c16 direct "$DIRECT" stream 20000 16 --stream
+        load stream_c16 sidecar "$THROUGH" stream 20000 16 --stream "${PD_HEADER[@]}"
+    fi
+    if want big400k_c4; then
+        load big400k_c4 direct "$DIRECT" big 2000 4
+        load big400k_c4 sidecar "$THROUGH" big 2000 4 "${PD_HEADER[@]}"
+    fi
 done
-if want pass_c16; then
-    load pass_c16 direct "$DIRECT" small 40000 16
-    load pass_c16 sidecar "$THROUGH" small 40000 16
-fi
-if want stream_c16; then
-    load stream_c16 direct "$DIRECT" stream 20000 16 --stream
-    load stream_c16 sidecar "$THROUGH" stream 20000 16 --stream "${PD_HEADER[@]}"
-fi
-if want big400k_c4; then
-    load big400k_c4 direct "$DIRECT" big 2000 4
-    load big400k_c4 sidecar "$THROUGH" big 2000 4 "${PD_HEADER[@]}"
-fi
 
 # Memory: a fresh sidecar in front of a decoder that sends one token, then waits 20 s for the
 # next; IDLE_STREAMS streams are opened at once and the sidecar's VmRSS compared before/after.
@@ -237,8 +253,10 @@ if want idle_streams; then
         [ "$opened" -ge "$IDLE_STREAMS" ] && break
         sleep 0.05
     done
-    sleep 0.5 # the first token of the last streams is relayed
-    rss1=$(rss_kib "$SC_PID")
+    # Let the last streams' first tokens through and transient buffers go, then take the
+    # median of three samples.
+    sleep 1
+    rss1=$(for _ in 1 2 3; do rss_kib "$SC_PID"; sleep 0.5; done | sort -n | sed -n 2p)
     kill "$HOLDER" 2>/dev/null || true
     wait "$HOLDER" 2>/dev/null || true
     echo "  idle_streams: $opened open, sidecar VmRSS ${rss0} KiB -> ${rss1} KiB" >&2

@@ -49,6 +49,8 @@ pub struct Config {
 
     /// Runtime threads; `None` means one per available core.
     pub worker_threads: Option<usize>,
+    /// Busy-polling window (`-busy-poll`); zero when off.
+    pub busy_poll: Duration,
     /// Where the admin listener (/metrics, /health) binds; `None` with `-metrics-port=0`.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -173,6 +175,7 @@ impl TryFrom<Args> for Config {
             drain_timeout: args.drain_timeout,
             verbosity: args.verbosity,
             worker_threads: args.worker_threads.map(usize::from),
+            busy_poll: args.busy_poll,
             metrics_listen: (args.metrics_port != 0)
                 .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
             log_format: args.log_format,

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, info_span, trace, warn, Instrument};
+use tracing::{debug, info_span, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
 use crate::config::PrefillFailurePolicy;
@@ -155,7 +155,8 @@ pub async fn serve(
     .map_err(|_| decode_timeout(proxy))?;
     match dispatched {
         Ok(resp) => {
-            info!(
+            // Per request, so debug: at info the sidecar logs only what needs attention.
+            debug!(
                 prefill_ms = format_args!("{prefill_ms:.1}"),
                 status = resp.status().as_u16(),
                 "decode started"

@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod allowlist;
 pub mod body;
+pub mod busy_poll;
 pub mod cli;
 pub mod coalesce;
 pub mod config;

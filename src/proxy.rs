@@ -12,6 +12,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::allowlist::Allowlist;
 use crate::body::{self, ProxyBody};
+use crate::busy_poll::BusyPoll;
 use crate::coalesce::Coalesce;
 use crate::config::{Config, PrefillFailurePolicy};
 use crate::connector::Connector;
@@ -29,6 +30,8 @@ pub struct Proxy {
     pub(crate) decoder: Target,
     pub(crate) prefiller_use_tls: bool,
     pub(crate) upstream: Upstream,
+    /// Opened on each request too: the next request of a keep-alive client comes soon.
+    busy_poll: BusyPoll,
     pub(crate) max_body_bytes: usize,
     pub(crate) allowlist: Allowlist,
     pub(crate) prefill_timeout: Duration,
@@ -46,6 +49,7 @@ impl Proxy {
     /// Builds the proxy from a validated configuration and the SSRF allowlist. Fails if a
     /// TLS file cannot be used.
     pub fn new(config: &Config, allowlist: Allowlist) -> Result<Self, String> {
+        let busy_poll = BusyPoll::start(config.busy_poll);
         Ok(Self {
             connector: config.connector,
             decoder: config.decoder.clone(),
@@ -54,7 +58,9 @@ impl Proxy {
                 config.connect_timeout,
                 &config.prefiller_tls,
                 &config.decoder_tls,
-            )?,
+            )?
+            .with_busy_poll(busy_poll.clone()),
+            busy_poll,
             max_body_bytes: config.max_body_bytes,
             allowlist,
             prefill_timeout: config.prefill_timeout,
@@ -74,6 +80,7 @@ impl Proxy {
 
     /// Serves one request. Never fails: errors become vLLM-shaped JSON responses.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        self.busy_poll.touch();
         let path = req.uri().path();
         let method = req.method();
         if path == "/health" && (method == Method::GET || method == Method::HEAD) {

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
+use crate::busy_poll::BusyPoll;
 use crate::error::Leg;
 use crate::headers::{PREFILLER_HOST_PORT, PREFILLER_URL};
 use crate::tls::ClientTls;
@@ -32,6 +33,7 @@ type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 pub struct Upstream {
     prefill: LegClient,
     decode: LegClient,
+    busy_poll: BusyPoll,
 }
 
 impl Upstream {
@@ -54,7 +56,14 @@ impl Upstream {
         Ok(Self {
             prefill: leg_client(connect_timeout, prefill)?,
             decode: leg_client(connect_timeout, decode)?,
+            busy_poll: BusyPoll::default(),
         })
+    }
+
+    /// The same clients, opening a busy-polling window whenever a request is sent.
+    pub fn with_busy_poll(mut self, busy_poll: BusyPoll) -> Self {
+        self.busy_poll = busy_poll;
+        self
     }
 
     /// Sends `req` on `leg`'s client and resolves with the response head; the body streams
@@ -64,6 +73,8 @@ impl Upstream {
         leg: Leg,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        // The answer is awaited from now: keep polling for it if busy polling is on.
+        self.busy_poll.touch();
         match leg {
             Leg::Prefill => self.prefill.request(req).await,
             Leg::Decode => self.decode.request(req).await,

@@ -247,3 +247,69 @@ async fn concurrent_requests_leave_no_leases_behind() {
         .collect();
     assert_eq!(ids.len(), 16, "each request gets its own id");
 }
+
+/// A prompt large enough to be sent from the client's buffer rather than copied: both legs
+/// get its exact bytes, the decode leg the whole original body plus the prefiller's params.
+#[tokio::test]
+async fn a_large_prompt_reaches_both_legs_byte_for_byte() {
+    let p = sim(|c| c.max_model_len = 1 << 20).await;
+    let d = sim(|c| c.max_model_len = 1 << 20).await;
+    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let words = "lorem ipsum \\u00e9 \\\"q\\\" ".repeat(4096);
+    let original =
+        format!("{{\"model\":\"sim-model\", \"prompt\": \"{words}\" ,\n \"max_tokens\":3}}");
+    let (resp, body) = call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.api_addr()), &original),
+    )
+    .await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+
+    let p_body = sim_requests(&p).await[0]["body"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(p_body.contains(&format!("\"prompt\": \"{words}\"")));
+    let p_json = json(p_body.as_bytes());
+    assert_eq!(p_json["max_tokens"], 1);
+    assert_eq!(p_json["stream"], false);
+
+    let d_body = sim_requests(&d).await[0]["body"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let head = &original[..original.len() - 1];
+    assert!(
+        d_body.starts_with(head),
+        "decode body does not start with the original"
+    );
+    let rest = &d_body[head.len()..];
+    assert!(rest.starts_with(",\"kv_transfer_params\":{"), "{rest}");
+    assert!(rest.ends_with('}'));
+    assert_no_leak(&p, 1).await;
+}
+
+/// `-busy-poll` changes how the sidecar waits, not what it does.
+#[tokio::test]
+async fn a_busy_polling_sidecar_serves_pd_requests() {
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let mut config =
+        sidecar::Config::new(&d.api_addr().to_string(), Connector::NixlV2).expect("config");
+    config.busy_poll = Duration::from_millis(1);
+    let sidecar = Sidecar::start(config).await;
+    for _ in 0..3 {
+        let (resp, body) = call(
+            sidecar.addr,
+            post(
+                "/v1/completions",
+                Some(p.api_addr()),
+                r#"{"prompt":"a b","max_tokens":2}"#,
+            ),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(json(&body)["choices"][0]["text"], " t0 t1");
+    }
+    assert_no_leak(&p, 3).await;
+}
