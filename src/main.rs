@@ -6,7 +6,21 @@ use std::time::Duration;
 
 use sidecar::{admin, cli, logging, otlp, server, Config};
 
+/// Keeps large request bodies' memory in the process. glibc's defaults hand a freed block at
+/// the top of the heap back to the kernel once it exceeds twice the largest body seen, then
+/// fault it back in, page by page, for the next one: a 400 KB prompt cost ~100 page faults
+/// per request. Freed memory up to the trim threshold stays mapped for reuse instead.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = match cli::parse_from(std::env::args_os()) {
         Ok(args) => args,
         Err(e) => return cli::report(e),
