@@ -7,14 +7,14 @@
 #   3. cargo build --release --locked: the sidecar
 #   4. both vLLM servers, each wrapped in `timeout`, loopback only
 #   5. checks.py: P/D through the sidecar per connector, streaming, client abort,
-#      release-via-prefiller, latency
+#      decoder down after prefill, latency
 #   6. everything started here is stopped (trap on exit), and that is verified
 #
 # Knobs (env): E2E_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/llm-d-sidecar-e2e),
 #   E2E_LOGS (default $E2E_CACHE/logs, overwritten each run), PREFILL_PORT=18102,
 #   DECODE_PORT=18101, PREFILL_SIDE_PORT=15601, DECODE_SIDE_PORT=15600, SERVER_TTL=1800,
 #   START_TIMEOUT=420, E2E_LEASE=20 (the prefiller's KV lease in seconds, short so the
-#   lease-expiry path can be measured), CHECKS_ARGS (extra checks.py flags, e.g. --skip-release).
+#   lease-expiry path can be measured), CHECKS_ARGS (extra checks.py flags, e.g. --skip-decoder-down).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
