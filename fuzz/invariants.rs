@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::value::RawValue;
 use sidecar::allowlist::{Allowlist, Rule};
 use sidecar::connector::{Connector, Handoff};
-use sidecar::json_edit::JsonObject;
+use sidecar::json_edit::{Edit, JsonObject};
 
 /// Separates the client's request from the prefiller's reply in a `json_edit` input. 0xFF
 /// never occurs in UTF-8, so it cannot be part of a valid JSON request.
@@ -177,6 +177,21 @@ pub fn check_json_edit(input: &[u8]) {
             "JsonObject::get({key:?}) disagrees with serde_json"
         );
     }
+
+    // Borrowing members from the client's buffer must not change a byte of the result.
+    let edits = [
+        ("stream", Edit::Set("false")),
+        ("stream_options", Edit::Remove),
+        ("max_tokens", Edit::Set("1")),
+        ("n", Edit::Remove),
+        ("kv_transfer_params", Edit::Set("{}")),
+    ];
+    assert_eq!(
+        obj.rewrite_borrowing(&edits, 0).to_vec(),
+        obj.rewrite_borrowing(&edits, usize::MAX).to_vec(),
+        "borrowed and copied rewrites differ: {}",
+        show(request)
+    );
 
     let strict = strict_json(request);
     for c in CONNECTORS {

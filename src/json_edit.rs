@@ -118,7 +118,15 @@ impl<'a> JsonObject<'a> {
     /// The object with `edits` applied. Keys not named in `edits` keep their place and their
     /// exact bytes; `Set` keys take the place of their first occurrence.
     pub fn rewrite(&self, edits: &[(&str, Edit<'_>)]) -> Spliced {
-        let mut out = SplicedBuilder::new(self.source);
+        self.rewrite_borrowing(edits, BORROW_MIN)
+    }
+
+    /// [`rewrite`](Self::rewrite), borrowing runs of untouched members of `borrow_min` bytes
+    /// or more from the source (copying the rest). The bytes are the same for any threshold;
+    /// the fuzz target checks that with 0 (borrow everything) against `usize::MAX`.
+    #[doc(hidden)]
+    pub fn rewrite_borrowing(&self, edits: &[(&str, Edit<'_>)], borrow_min: usize) -> Spliced {
+        let mut out = SplicedBuilder::new(self.source, borrow_min);
         let mut written = vec![false; edits.len()];
         let mut done = |i: usize| std::mem::replace(&mut written[i], true);
         for entry in &self.entries {
@@ -158,6 +166,7 @@ const BORROW_MIN: usize = 4 * 1024;
 /// untouched members are kept as slices of the source.
 struct SplicedBuilder<'s> {
     source: &'s Bytes,
+    borrow_min: usize,
     parts: VecDeque<Bytes>,
     /// Owned bytes not yet pushed to `parts`.
     pending: Vec<u8>,
@@ -168,12 +177,13 @@ struct SplicedBuilder<'s> {
 }
 
 impl<'s> SplicedBuilder<'s> {
-    fn new(source: &'s Bytes) -> Self {
+    fn new(source: &'s Bytes, borrow_min: usize) -> Self {
         // Room for a small body whole, or for the edits between the borrowed runs of a large one.
-        let mut pending = Vec::with_capacity(source.len().min(BORROW_MIN) + 256);
+        let mut pending = Vec::with_capacity(source.len().min(borrow_min) + 256);
         pending.push(b'{');
         Self {
             source,
+            borrow_min,
             parts: VecDeque::new(),
             pending,
             run: None,
@@ -217,7 +227,7 @@ impl<'s> SplicedBuilder<'s> {
         let Some((start, end)) = self.run.take() else {
             return;
         };
-        if end - start < BORROW_MIN {
+        if end - start < self.borrow_min {
             self.pending.extend_from_slice(&self.source[start..end]);
             return;
         }
