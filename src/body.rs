@@ -79,7 +79,7 @@ pub struct SentSignal {
 }
 
 impl SentSignal {
-    /// Wraps `bytes`; the receiver resolves with the time the bytes were handed over (or
+    /// Wraps `body`; the receiver resolves with the time its bytes were handed over (or
     /// fails once the body is dropped unsent).
     pub fn new(body: Spliced) -> (Self, oneshot::Receiver<Instant>) {
         let (tx, rx) = oneshot::channel();
