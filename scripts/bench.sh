@@ -66,16 +66,9 @@ FAKEVLLM=$TOOLS_TARGET/release/fakevllm
 PDLOAD=$TOOLS_TARGET/release/pdload
 
 # --- processes -------------------------------------------------------------------------------
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+init_scratch
 
 PIN_SIDECAR=()
 PIN_LOAD=()
@@ -114,8 +107,8 @@ start_fake() {
     PIDS+=($!)
 }
 
-# start_sidecar NAME DECODER_PORT: starts the sidecar on a free port; sets SC_PORT and SC_PID.
-start_sidecar() {
+# start_bench_sidecar NAME DECODER_PORT: starts the sidecar on a free port; sets SC_PORT and SC_PID.
+start_bench_sidecar() {
     local name=$1 dport=$2
     # shellcheck disable=SC2086
     "${PIN_SIDECAR[@]}" "$SIDECAR_BIN" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
@@ -137,11 +130,11 @@ read -r DEC_PORT PRE_PORT SLOW_PORT <<<"$(free_ports 3)"
 start_fake fake --listen "127.0.0.1:$DEC_PORT" --prefill-listen "127.0.0.1:$PRE_PORT"
 wait_http "http://127.0.0.1:$DEC_PORT/health" "fakevllm (decoder)"
 wait_http "http://127.0.0.1:$PRE_PORT/health" "fakevllm (prefiller)"
-start_sidecar sidecar "$DEC_PORT"
+start_bench_sidecar sidecar "$DEC_PORT"
 SIDECAR_PID=$SC_PID
 SIDECAR_PORT=$SC_PORT
 # A second sidecar with busy polling, for the low-load latency scenario (idle otherwise).
-SIDECAR_ARGS="$SIDECAR_ARGS -busy-poll=$BUSY_POLL" start_sidecar sidecar-busy "$DEC_PORT"
+SIDECAR_ARGS="$SIDECAR_ARGS -busy-poll=$BUSY_POLL" start_bench_sidecar sidecar-busy "$DEC_PORT"
 BUSY_PID=$SC_PID
 BUSY_PORT=$SC_PORT
 
@@ -235,7 +228,7 @@ done
 if want idle_streams; then
     start_fake slow --listen "127.0.0.1:$SLOW_PORT" --token-delay-ms 20000
     wait_http "http://127.0.0.1:$SLOW_PORT/health" "fakevllm (slow decoder)"
-    start_sidecar sidecar-mem "$SLOW_PORT"
+    start_bench_sidecar sidecar-mem "$SLOW_PORT"
     # Warm the sidecar with a few complete requests so the baseline includes its steady state.
     "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
         --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" "${PD_HEADER[@]}" >/dev/null

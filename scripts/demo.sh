@@ -5,17 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./bin}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
+init_scratch
 start_sim PREFILL prefill --ttft-ms 40
 start_sim DECODE decode --itl-ms 15
 start_sidecar -vllm-port="$DECODE" -connector=nixlv2

@@ -1,8 +1,24 @@
 # shellcheck shell=bash
-# Shared by demo.sh and soak.sh: start the simulator and the sidecar on free loopback ports.
-# The caller sets BIN (where the binaries are), WORK (a scratch directory) and PIDS=(), and
-# kills "${PIDS[@]}" on exit. Functions run in the caller's shell (never in $(...)), so every
-# PID they start reaches PIDS and is stopped.
+# Shared by demo.sh, soak.sh and bench.sh: a scratch directory whose processes are stopped on
+# exit, and (demo, soak) the simulator and the sidecar on free loopback ports. The caller sets
+# BIN (where the binaries are) and calls init_scratch first. Functions run in the caller's
+# shell (never in $(...)), so every PID they start reaches PIDS and is stopped.
+
+# init_scratch: sets WORK (a scratch directory) and PIDS=(); on exit, every PID in PIDS is
+# stopped and WORK removed. INT and TERM exit with 130, through the same cleanup.
+init_scratch() {
+    WORK=$(mktemp -d)
+    PIDS=()
+    trap stop_scratch EXIT
+    trap 'exit 130' INT TERM
+}
+
+stop_scratch() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
 
 # start_sim VAR NAME [ARGS...]: vllm-sim NAME on a free port; its API port goes into VAR.
 start_sim() {

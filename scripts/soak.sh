@@ -32,22 +32,13 @@ command -v python3 >/dev/null || die "python3 is required"
 cargo build --release --locked --bins --example soak >&2
 BIN=target/release
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+init_scratch
 
 # Lease expiry is set far beyond the run so that a leaked lease cannot expire unseen.
 SIM_ARGS=(--protocol "$CONNECTOR" --ttft-ms 2 --itl-ms 1 --kv-transfer-ms 1
     --kv-lease-duration-ms 3600000 --max-num-seqs 1024)
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh
 start_sim PREFILL prefill "${SIM_ARGS[@]}"
 start_sim DECODE decode "${SIM_ARGS[@]}"
 
