@@ -50,8 +50,12 @@ impl BusyPoll {
     /// Keeps polling for at least the window from now: a reply or a request is expected.
     pub fn touch(&self) {
         if let Some(inner) = &self.inner {
-            let until = nanos(inner.epoch.elapsed() + inner.window);
-            if inner.until.fetch_max(until, Ordering::Relaxed) < nanos(inner.epoch.elapsed()) {
+            let now = inner.epoch.elapsed();
+            if inner
+                .until
+                .fetch_max(nanos(now + inner.window), Ordering::Relaxed)
+                < nanos(now)
+            {
                 // The spinner may be asleep; a stored permit covers the race with it.
                 inner.wake.notify_one();
             }

@@ -94,7 +94,7 @@ impl<'a> JsonObject<'a> {
                     .position(|&b| b == b',')
                     .map_or(0, |p| p + 1);
             }
-            let end = value.get().as_ptr() as usize - base + value.get().len();
+            let end = base_offset(value.get().as_bytes(), base) + value.get().len();
             after = end;
             entries.push(Entry {
                 key,
@@ -173,7 +173,6 @@ struct SplicedBuilder<'s> {
     /// A run of consecutive untouched members not yet emitted, as a source range.
     run: Option<(usize, usize)>,
     members: usize,
-    len: usize,
 }
 
 impl<'s> SplicedBuilder<'s> {
@@ -188,7 +187,6 @@ impl<'s> SplicedBuilder<'s> {
             pending,
             run: None,
             members: 0,
-            len: 0,
         }
     }
 
@@ -232,13 +230,11 @@ impl<'s> SplicedBuilder<'s> {
             return;
         }
         self.flush_pending();
-        self.len += end - start;
         self.parts.push_back(self.source.slice(start..end));
     }
 
     fn flush_pending(&mut self) {
         if !self.pending.is_empty() {
-            self.len += self.pending.len();
             self.parts
                 .push_back(Bytes::from(std::mem::take(&mut self.pending)));
         }
@@ -248,9 +244,10 @@ impl<'s> SplicedBuilder<'s> {
         self.flush_run();
         self.pending.push(b'}');
         self.flush_pending();
+        let len = self.parts.iter().map(Bytes::len).sum();
         Spliced {
             parts: self.parts,
-            len: self.len,
+            len,
         }
     }
 }
