@@ -10,9 +10,12 @@ FROM docker.io/library/rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-# Strip symbols and build only the sidecar: the image carries one small file.
+# Cargo reads every workspace member's manifest, so the simulator's sources come along, but
+# `-p llm-d-routing-sidecar` builds only the sidecar (the simulator is a dev-dependency).
+COPY vllm-sim ./vllm-sim
+# Strip symbols and build only the sidecar: the image carries one file.
 ENV CARGO_PROFILE_RELEASE_STRIP=symbols
-RUN cargo build --release --locked --bin llm-d-routing-sidecar \
+RUN cargo build --release --locked -p llm-d-routing-sidecar --bin llm-d-routing-sidecar \
     && cp target/release/llm-d-routing-sidecar /llm-d-routing-sidecar
 
 # distroless/cc: glibc and libgcc only.

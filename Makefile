@@ -6,16 +6,16 @@ PROFILE_DIR := target/release
 .PHONY: build test lint fmt demo bench image clean
 
 build:
-	$(CARGO) build --release --locked --bins
+	$(CARGO) build --release --locked --workspace --bins
 	mkdir -p bin
 	cp $(PROFILE_DIR)/llm-d-routing-sidecar $(PROFILE_DIR)/vllm-sim bin/
 
 test:
-	$(CARGO) test --release --locked
+	$(CARGO) test --release --locked --workspace
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::value::RawValue;
-use sidecar::allowlist::{Allowlist, Rule};
 use sidecar::connector::{Connector, Handoff};
 use sidecar::json_edit::{Edit, JsonObject};
+use sidecar::security::allowlist::{Allowlist, Rule};
 
 /// Separates the client's request from the prefiller's reply in a `json_edit` input. 0xFF
 /// never occurs in UTF-8, so it cannot be part of a valid JSON request.

@@ -112,12 +112,12 @@ start_bench_sidecar() {
     local name=$1 dport=$2
     # shellcheck disable=SC2086
     "${PIN_SIDECAR[@]}" "$SIDECAR_BIN" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-        -vllm-port="$dport" -metrics-port=0 $SIDECAR_ARGS 2>"$WORK/$name.log" &
+        -vllm-port="$dport" -metrics-port=0 $SIDECAR_ARGS >"$WORK/$name.out" 2>"$WORK/$name.log" &
     SC_PID=$!
     PIDS+=("$SC_PID")
     SC_PORT=""
     for _ in $(seq 200); do
-        SC_PORT=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/$name.log" | head -1 | cut -d: -f2 || true)
+        SC_PORT=$(listening_port "$WORK/$name.out")
         [ -n "$SC_PORT" ] && break
         kill -0 "$SC_PID" 2>/dev/null || break
         sleep 0.05

@@ -38,17 +38,33 @@ start_sim() {
     return 1
 }
 
+# listening_port FILE: the "port" of the {"event":"listening",...} line a sidecar or vllm-sim
+# prints on stdout once it accepts connections; empty until then.
+listening_port() {
+    python3 -c '
+import json, sys
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        event = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(event, dict) and event.get("event") == "listening":
+        print(event["port"])
+        break
+' "$1" 2>/dev/null || true
+}
+
 # start_sidecar [ARGS...]: the sidecar on a free loopback port (no admin listener);
 # sets SIDECAR (its port) and SIDECAR_PID.
 start_sidecar() {
     local _
     "$BIN/llm-d-routing-sidecar" -port=0 -bind-address=127.0.0.1 -vllm-host=127.0.0.1 \
-        -metrics-port=0 "$@" 2>"$WORK/sidecar.log" &
+        -metrics-port=0 "$@" >"$WORK/sidecar.out" 2>"$WORK/sidecar.log" &
     SIDECAR_PID=$!
     PIDS+=("$SIDECAR_PID")
     SIDECAR=""
     for _ in $(seq 200); do
-        SIDECAR=$(grep -o 'addr=127.0.0.1:[0-9]*' "$WORK/sidecar.log" | head -1 | cut -d: -f2 || true)
+        SIDECAR=$(listening_port "$WORK/sidecar.out")
         [ -n "$SIDECAR" ] && return 0
         sleep 0.05
     done

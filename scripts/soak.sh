@@ -2,7 +2,7 @@
 # `make soak`: a bounded soak test of the sidecar on loopback.
 #
 # Starts two vLLM simulators (prefiller and decoder) and the sidecar in front of the decoder,
-# then runs examples/soak.rs: SOAK_REQUESTS requests (at most SOAK_MAX_SECS seconds) mixing
+# then runs pd-soak (vllm-sim/src/bin/pd-soak.rs): SOAK_REQUESTS requests (at most SOAK_MAX_SECS seconds) mixing
 # good P/D requests (JSON and SSE), cancelled ones (client gone mid-stream, or after a random
 # 0.2-8 ms), and bad ones (invalid JSON, not an object, over -max-request-body-size, a bad
 # x-prefiller-host-port), plus pass-through GETs. It samples the sidecar's VmRSS and open
@@ -29,7 +29,7 @@ die() { echo "soak: $*" >&2; exit 1; }
 command -v curl >/dev/null || die "curl is required"
 command -v python3 >/dev/null || die "python3 is required"
 
-cargo build --release --locked --bins --example soak >&2
+cargo build --release --locked --workspace --bins >&2
 BIN=target/release
 
 # shellcheck source=scripts/lib.sh
@@ -48,7 +48,7 @@ echo "soak: prefill sim :$PREFILL  decode sim :$DECODE  sidecar :$SIDECAR (pid $
 echo "soak: $REQUESTS requests, at most $MAX_SECS s, concurrency $CONCURRENCY"
 
 status=0
-"$BIN/examples/soak" --addr "127.0.0.1:$SIDECAR" --prefiller "127.0.0.1:$PREFILL" \
+"$BIN/pd-soak" --addr "127.0.0.1:$SIDECAR" --prefiller "127.0.0.1:$PREFILL" \
     --pid "$SIDECAR_PID" --requests "$REQUESTS" --max-secs "$MAX_SECS" \
     --concurrency "$CONCURRENCY" --rss-tolerance "$RSS_TOLERANCE" --fd-slack "$FD_SLACK" \
     --max-body "$MAX_BODY" || status=$?

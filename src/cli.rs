@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::connector::Connector;
-use crate::logging::LogFormat;
+use crate::observe::logging::LogFormat;
 
 /// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
 ///
@@ -189,7 +189,7 @@ pub struct Args {
     /// API group of the InferencePool for -enable-ssrf-protection: inference.networking.k8s.io
     /// (v1) or inference.networking.x-k8s.io (v1alpha2)
     #[arg(long = "pool-group", default_value = "inference.networking.k8s.io", value_parser = parse_pool_api, value_name = "GROUP")]
-    pub pool_group: crate::inference_pool::PoolApi,
+    pub pool_group: crate::security::inference_pool::PoolApi,
 
     /// Export spans over OTLP/HTTP (JSON) to this collector, e.g. http://otel-collector:4318
     #[arg(long = "otlp-endpoint", value_name = "URL")]
@@ -277,7 +277,7 @@ fn parse_failure_policy(s: &str) -> Result<crate::config::PrefillFailurePolicy, 
     s.parse()
 }
 
-fn parse_pool_api(s: &str) -> Result<crate::inference_pool::PoolApi, String> {
+fn parse_pool_api(s: &str) -> Result<crate::security::inference_pool::PoolApi, String> {
     s.parse()
 }
 

@@ -5,13 +5,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::allowlist::Rule;
 use crate::cli::Args;
 use crate::connector::Connector;
-use crate::inference_pool::PoolApi;
-use crate::logging::LogFormat;
-use crate::metrics::Metrics;
-use crate::tls::ClientTls;
+use crate::observe::logging::LogFormat;
+use crate::security::allowlist::Rule;
+use crate::security::inference_pool::PoolApi;
+use crate::security::tls::ClientTls;
 use crate::upstream::Target;
 
 /// Everything the server needs, checked.
@@ -37,7 +36,7 @@ pub struct Config {
     pub max_header_size: usize,
     /// SSRF protection: `None` when off.
     pub ssrf: Option<SsrfConfig>,
-    /// How long an abandoned decode may stay open to be admitted (see `disagg.rs`).
+    /// How long an abandoned decode may stay open to be admitted (see `pd/handoff.rs`).
     pub decode_admission_grace: Duration,
     /// Serve TLS (`-secure-proxy`): `Some(cert dir)` or `Some(None)` for a self-signed cert.
     pub server_tls: Option<Option<PathBuf>>,
@@ -54,8 +53,6 @@ pub struct Config {
     /// Where the admin listener (/metrics, /health) binds; `None` with `-metrics-port=0`.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
-    /// The metrics the proxy reports to and the admin listener serves.
-    pub metrics: Metrics,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
     pub otlp_endpoint: Option<String>,
 }
@@ -68,8 +65,6 @@ pub struct SsrfConfig {
     /// The InferencePool `(namespace, name)` whose pods are allowed, with `-enable-ssrf-protection`.
     pub inference_pool: Option<(String, String)>,
     pub pool_api: PoolApi,
-    /// The Kubernetes API server; `None`: in-cluster or kubeconfig settings. Set by tests.
-    pub kube_api: Option<String>,
 }
 
 /// What to do when the prefill leg fails on the upstream's side.
@@ -179,9 +174,8 @@ impl TryFrom<Args> for Config {
             metrics_listen: (args.metrics_port != 0)
                 .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
             log_format: args.log_format,
-            metrics: Metrics::new(),
             otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-                Some(e) => Some(crate::otlp::traces_uri(e).map(|_| e.to_string())?),
+                Some(e) => Some(crate::observe::otlp::traces_uri(e).map(|_| e.to_string())?),
                 None => None,
             },
         })
@@ -222,7 +216,6 @@ fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, String> {
         rules,
         inference_pool,
         pool_api: args.pool_group,
-        kube_api: None,
     }))
 }
 

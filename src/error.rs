@@ -3,65 +3,64 @@
 //! Bodies use current vLLM's error shape, `{"error":{"message","type","param","code"}}`, so
 //! OpenAI clients parse them as they parse vLLM's own errors.
 
-use std::fmt;
-
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::body::{self, ProxyBody};
+use crate::upstream::Leg;
 
-/// Which leg an upstream failure happened on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leg {
-    Prefill,
-    Decode,
-}
-
-impl fmt::Display for Leg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Leg::Prefill => "prefill",
-            Leg::Decode => "decode",
-        })
-    }
-}
-
-/// A request the proxy could not complete, sorted by who caused it.
-#[derive(Debug)]
+/// A request the proxy could not complete, sorted by who caused it. The message is the
+/// client's `error.message`, and the log line's `error`.
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The client's body is not valid JSON.
+    #[error("Invalid JSON in request body: {0}")]
     InvalidJson(String),
     /// The client's body is JSON but not an object.
+    #[error("The request body must be a JSON object")]
     NotAnObject,
     /// The client's body exceeds `-max-request-body-size`.
+    #[error("Request body is larger than the sidecar's limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     /// The client stopped sending its body midway.
+    #[error("Could not read the request body: {0}")]
     BodyRead(String),
     /// The prefiller header names no usable address.
+    #[error("Invalid prefiller address: {0}")]
     BadPrefillerHeader(String),
     /// The prefiller could not be reached.
+    #[error("Prefiller {prefiller} is unreachable: {detail}")]
     PrefillUnreachable { prefiller: String, detail: String },
     /// The prefiller answered with a server error.
+    #[error("Prefiller {prefiller} failed with HTTP {}: {detail}", status.as_u16())]
     PrefillFailed {
         prefiller: String,
         status: StatusCode,
         detail: String,
     },
     /// The prefiller answered 2xx with something we cannot use.
+    #[error("Prefiller {prefiller} sent an unusable reply: {detail}")]
     PrefillBadReply { prefiller: String, detail: String },
     /// The local vLLM (decoder) gave no response.
+    #[error("The decode vLLM server at {decoder} gave no response: {detail}")]
     DecoderUnreachable { decoder: String, detail: String },
     /// A leg exceeded its deadline (`-prefill-timeout`, `-decode-first-byte-timeout`).
+    #[error("The {leg} leg to {target} timed out after {:.3} s", after.as_secs_f64())]
     Timeout {
         leg: Leg,
         target: String,
         after: std::time::Duration,
     },
     /// The prefiller is not on the SSRF allowlist.
+    #[error("Prefiller {prefiller} is not allowed by the sidecar's SSRF protection")]
     PrefillerNotAllowed { prefiller: String },
     /// `-max-in-flight` requests are already being served.
+    #[error("The sidecar is serving its limit of {limit} requests; retry later")]
     Overloaded { limit: usize },
+    /// A state the sidecar should never reach (a leg task that panicked, say).
+    #[error("Internal sidecar error: {0}")]
+    Internal(String),
 }
 
 impl ProxyError {
@@ -86,6 +85,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PrefillerNotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -124,59 +124,6 @@ impl ProxyError {
         resp
     }
 }
-
-impl fmt::Display for ProxyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProxyError::InvalidJson(e) => write!(f, "Invalid JSON in request body: {e}"),
-            ProxyError::NotAnObject => f.write_str("The request body must be a JSON object"),
-            ProxyError::BodyTooLarge { limit } => {
-                write!(
-                    f,
-                    "Request body is larger than the sidecar's limit of {limit} bytes"
-                )
-            }
-            ProxyError::BodyRead(e) => write!(f, "Could not read the request body: {e}"),
-            ProxyError::BadPrefillerHeader(e) => write!(f, "Invalid prefiller address: {e}"),
-            ProxyError::PrefillUnreachable { prefiller, detail } => {
-                write!(f, "Prefiller {prefiller} is unreachable: {detail}")
-            }
-            ProxyError::PrefillFailed {
-                prefiller,
-                status,
-                detail,
-            } => write!(
-                f,
-                "Prefiller {prefiller} failed with HTTP {}: {detail}",
-                status.as_u16()
-            ),
-            ProxyError::PrefillBadReply { prefiller, detail } => {
-                write!(f, "Prefiller {prefiller} sent an unusable reply: {detail}")
-            }
-            ProxyError::DecoderUnreachable { decoder, detail } => {
-                write!(
-                    f,
-                    "The decode vLLM server at {decoder} gave no response: {detail}"
-                )
-            }
-            ProxyError::Timeout { leg, target, after } => write!(
-                f,
-                "The {leg} leg to {target} timed out after {:.3} s",
-                after.as_secs_f64()
-            ),
-            ProxyError::PrefillerNotAllowed { prefiller } => write!(
-                f,
-                "Prefiller {prefiller} is not allowed by the sidecar's SSRF protection"
-            ),
-            ProxyError::Overloaded { limit } => write!(
-                f,
-                "The sidecar is serving its limit of {limit} requests; retry later"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ProxyError {}
 
 /// An error and its causes on one line: hyper's errors put the useful part (e.g. "connection
 /// refused") in their sources.

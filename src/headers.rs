@@ -8,6 +8,11 @@ pub const PREFILLER_HOST_PORT: HeaderName = HeaderName::from_static("x-prefiller
 pub const PREFILLER_URL: HeaderName = HeaderName::from_static("x-prefiller-url");
 /// The request id both legs share; vLLM reads it as its own request id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C Trace Context headers.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// Marks a response the decoder produced without the prefiller's KV cache.
+pub const PREFILL_FALLBACK: HeaderName = HeaderName::from_static("x-prefill-fallback");
 
 /// Connection-scoped headers a proxy must not forward (RFC 9110 §7.6.1: "a proxy or gateway
 /// MUST … remove any header or trailer fields listed in Connection, and also these"), plus
@@ -59,9 +64,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// A fresh id shaped as a random (v4) UUID, in simple form (32 hex digits), from
-/// [`crate::ids`] (no syscall per request).
+/// [`crate::runtime::ids`] (no syscall per request).
 fn fresh_request_id() -> HeaderValue {
-    let id = uuid::Builder::from_random_bytes(crate::ids::next_bytes::<16>()).into_uuid();
+    let id = uuid::Builder::from_random_bytes(crate::runtime::ids::next_bytes::<16>()).into_uuid();
     let mut text = [0u8; uuid::fmt::Simple::LENGTH];
     let text = id.simple().encode_lower(&mut text);
     // A hex string is always a valid header value.

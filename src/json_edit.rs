@@ -9,13 +9,9 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::fmt;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -287,6 +283,13 @@ impl Spliced {
         }
     }
 
+    /// Takes the next piece off the front (how the body is sent, piece by piece).
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let part = self.parts.pop_front()?;
+        self.len -= part.len();
+        Some(part)
+    }
+
     /// The body as one vector.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);
@@ -317,30 +320,6 @@ impl fmt::Display for Spliced {
             f.write_str(&String::from_utf8_lossy(part))?;
         }
         Ok(())
-    }
-}
-
-impl Body for Spliced {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let next = self.parts.pop_front();
-        if let Some(part) = &next {
-            self.len -= part.len();
-        }
-        Poll::Ready(next.map(|part| Ok(Frame::data(part))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len as u64)
     }
 }
 
@@ -524,7 +503,7 @@ mod tests {
         let obj = JsonObject::parse(&source).unwrap();
         let out = obj.rewrite(&[("stream", Edit::Set("false"))]);
         let expected = out.to_vec();
-        assert_eq!(out.size_hint().exact(), Some(expected.len() as u64));
+        assert_eq!(out.len(), expected.len());
         let collected = out.collect().await.unwrap().to_bytes();
         assert_eq!(collected, Bytes::from(expected));
     }

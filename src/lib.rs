@@ -1,42 +1,40 @@
 //! llm-d routing sidecar: a P/D (prefill/decode) reverse proxy for vLLM.
 //!
-//! Module map:
+//! This is the one module map (the docs link here).
 //! - [`cli`] flags (Go-style spellings accepted) and [`config`] their validated form;
-//! - [`server`] the listener and graceful shutdown; [`proxy`] routing and pass-through;
-//! - [`disagg`] the P/D request path ([`decoder_health`] keeps it from prefilling for a dead decoder); [`connector`] one file per connector's rewrites;
-//! - [`json_edit`] byte-preserving body rewriting; [`upstream`] the pooled client;
-//! - [`allowlist`] SSRF protection, kept current by [`inference_pool`]; [`tls`] rustls server and client settings;
-//! - [`headers`], [`body`], [`error`] (the one status table), [`logging`];
-//! - [`metrics`] every Prometheus metric and the per-request guard, served by [`admin`] on
-//!   `-metrics-port`; [`telemetry`] the request span and W3C `traceparent`, exported by
-//!   [`otlp`] with `-otlp-endpoint`;
-//! - [`sim`] the vLLM P/D simulator behind the `vllm-sim` binary.
+//!   [`app`] assembles everything fallible from a [`Config`] before any port is bound.
+//! - [`server`] the listener, signals and graceful drain; [`proxy`] the request handler:
+//!   `/health`, admission, the [`routing`] decision made once, pass-through, and the one place
+//!   an error becomes a logged, counted response.
+//! - [`pd`] the P/D request path (stages in `pd/mod.rs`, the prefill leg in `pd/prefill.rs`,
+//!   the KV-lease safety net in `pd/handoff.rs`); [`connector`] one file per connector's body
+//!   rewrites; [`json_edit`] byte-preserving top-level JSON edits.
+//! - [`upstream`] pooled clients per leg, the decoder and its deadline, targets and the
+//!   prefiller header, decoder health.
+//! - [`body`] the response body type, spliced request bodies, frame coalescing; [`headers`]
+//!   every header name and the hop-by-hop hygiene; [`error`] the one status table.
+//! - [`security`] SSRF allowlist kept current by the InferencePool watch, rustls settings.
+//! - [`observe`] Prometheus metrics and the per-request guard, the admin listener, logs,
+//!   the request span and W3C `traceparent`, OTLP export.
+//! - [`runtime`] busy polling, request/trace ids, allocator tuning.
 
-pub mod admin;
-pub mod allowlist;
+pub mod app;
 pub mod body;
-pub mod busy_poll;
 pub mod cli;
-pub mod coalesce;
 pub mod config;
 pub mod connector;
-pub mod decoder_health;
-pub mod disagg;
 pub mod error;
 pub mod headers;
-pub mod ids;
-pub mod inference_pool;
 pub mod json_edit;
-pub mod logging;
-pub mod metrics;
-pub mod otlp;
+pub mod observe;
+pub mod pd;
 pub mod proxy;
+pub mod routing;
+pub mod runtime;
+pub mod security;
 pub mod server;
-pub mod sim;
-pub mod telemetry;
-pub mod tls;
 pub mod upstream;
 
+pub use app::App;
 pub use config::Config;
 pub use connector::Connector;
-pub use server::run;

@@ -1,36 +1,24 @@
-//! `llm-d-routing-sidecar`: parse flags, set up logs, serve until SIGTERM/SIGINT.
+//! `llm-d-routing-sidecar`: flags → config → logs → runtime → assembly → bind → serve until
+//! SIGTERM/SIGINT.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
-
 use std::time::Duration;
 
-use sidecar::{admin, cli, logging, otlp, server, Config};
-
-/// Keeps large request bodies' memory in the process. glibc's defaults hand a freed block at
-/// the top of the heap back to the kernel once it exceeds twice the largest body seen, then
-/// fault it back in, page by page, for the next one: a 400 KB prompt cost ~100 page faults
-/// per request. Freed memory up to the trim threshold stays mapped for reuse instead.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-    }
-}
+use sidecar::observe::{admin, logging, otlp};
+use sidecar::runtime::alloc;
+use sidecar::{cli, server, App, Config};
 
 fn main() -> ExitCode {
-    tune_allocator();
+    alloc::tune_allocator();
     let args = match cli::parse_from(std::env::args_os()) {
         Ok(args) => args,
         Err(e) => return cli::report(e),
     };
     let config = match Config::try_from(args) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("llm-d-routing-sidecar: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(2, &e),
     };
     let (otlp, exporter) = match config
         .otlp_endpoint
@@ -38,58 +26,68 @@ fn main() -> ExitCode {
         .map(|e| otlp::pipeline(e, Duration::from_secs(2)))
     {
         Some(Ok((layer, exporter))) => (Some(layer), Some(exporter)),
-        Some(Err(e)) => {
-            eprintln!("llm-d-routing-sidecar: {e}");
-            return ExitCode::from(2);
-        }
+        Some(Err(e)) => return fail(2, &e),
         None => (None, None),
     };
     logging::init(config.verbosity, config.log_format, otlp);
-    let runtime = match build_runtime(&config) {
+    let runtime = match server::build_runtime(config.worker_threads) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("llm-d-routing-sidecar: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let (listen, metrics_listen) = (config.listen, config.metrics_listen);
+        let app = App::build(config).await.map_err(|e| e.to_string())?;
+        let listener = bind("-port", listen).await?;
+        let admin = match metrics_listen {
+            Some(addr) => Some(bind("-metrics-port", addr).await?),
+            None => None,
+        };
         if let Some(exporter) = exporter {
+            // Process-long: spans are exported until exit.
+            #[allow(clippy::disallowed_methods)]
             tokio::spawn(exporter.run());
         }
-        if let Some(addr) = config.metrics_listen {
-            let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("-metrics-port: cannot bind {addr}: {e}"))
-            })?;
+        let admin_port = admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port());
+        if let Some(admin) = admin {
             // Runs until the process exits, so metrics stay scrapeable during the drain.
-            tokio::spawn(admin::serve(admin, config.metrics.clone()));
+            #[allow(clippy::disallowed_methods)]
+            tokio::spawn(admin::serve(admin, app.metrics().clone()));
         }
-        server::run(config, listener, server::shutdown_signal()).await
+        announce(&listener, admin_port);
+        app.serve(listener, server::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("llm-d-routing-sidecar: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(1, &e),
     }
 }
 
-/// One thread (`-worker-threads=1`, or one available core): a current-thread runtime, which
-/// skips the multi-thread scheduler's cross-thread queues and wake-ups. Otherwise a
-/// multi-thread runtime with one worker per thread asked for (default: per available core).
-fn build_runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = config.worker_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+async fn bind(flag: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{flag}: cannot bind {addr}: {e}"))
+}
+
+/// The machine-readable readiness line on stdout, as `vllm-sim` prints: scripts and tests
+/// wait for it (and read the ports from it) instead of parsing log text.
+fn announce(listener: &tokio::net::TcpListener, metrics_port: Option<u16>) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let line = serde_json::json!({
+        "event": "listening",
+        "port": port,
+        "metrics_port": metrics_port,
     });
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("llm-d-routing-sidecar: {message}");
+    ExitCode::from(code)
 }

@@ -1,154 +1,105 @@
-//! Request routing: health answered here, P/D for completions with a prefiller header, and
-//! everything else passed through to the local vLLM.
+//! The request handler: `/health` answered here, admission (`-max-in-flight`), the routing
+//! decision made once, pass-through to the local vLLM, and the one place an error is logged,
+//! counted and answered ([`respond_error`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
 
-use crate::allowlist::Allowlist;
 use crate::body::{self, ProxyBody};
-use crate::busy_poll::BusyPoll;
-use crate::coalesce::Coalesce;
-use crate::config::{Config, PrefillFailurePolicy};
 use crate::connector::Connector;
-use crate::decoder_health::DecoderHealth;
-use crate::disagg;
-use crate::error::{describe, Leg, ProxyError};
+use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{Metrics, Route, Tracker};
-use crate::telemetry;
-use crate::upstream::{self, Target, Upstream};
+use crate::observe::metrics::{Metrics, RequestGuard};
+use crate::observe::trace_context;
+use crate::pd::{self, PdContext};
+use crate::routing::{self, Routing};
+use crate::runtime::busy_poll::BusyPoll;
+use crate::security::allowlist::Allowlist;
+use crate::upstream::decoder::from_upstream;
+use crate::upstream::{Decoder, Target};
 
-/// Everything a request needs, built once at start.
+/// The shared per-process state the handler reads, built once by [`crate::App::build`].
 pub struct Proxy {
     pub(crate) connector: Connector,
-    pub(crate) decoder: Target,
+    pub(crate) decoder: Arc<Decoder>,
+    pub(crate) pd: PdContext,
     pub(crate) prefiller_use_tls: bool,
-    pub(crate) upstream: Upstream,
-    /// Opened on each request too: the next request of a keep-alive client comes soon.
-    busy_poll: BusyPoll,
-    pub(crate) max_body_bytes: usize,
     pub(crate) allowlist: Allowlist,
-    pub(crate) prefill_timeout: Duration,
-    pub(crate) decode_first_byte_timeout: Duration,
-    pub(crate) prefill_failure_policy: PrefillFailurePolicy,
-    pub(crate) decode_admission_grace: Duration,
+    /// Opened on each request too: the next request of a keep-alive client comes soon.
+    pub(crate) busy_poll: BusyPoll,
     /// Bounds concurrent requests (`-max-in-flight`); a permit lives as long as its response
     /// body, so long streams count until they end. `None`: no limit.
-    in_flight: Option<(Arc<Semaphore>, usize)>,
+    pub(crate) in_flight: Option<(Arc<Semaphore>, usize)>,
     pub(crate) metrics: Metrics,
-    pub(crate) decoder_health: DecoderHealth,
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated configuration and the SSRF allowlist. Fails if a
-    /// TLS file cannot be used.
-    pub fn new(config: &Config, allowlist: Allowlist) -> Result<Self, String> {
-        let busy_poll = BusyPoll::start(config.busy_poll);
-        Ok(Self {
-            connector: config.connector,
-            decoder: config.decoder.clone(),
-            prefiller_use_tls: config.prefiller_use_tls,
-            upstream: Upstream::with_tls(
-                config.connect_timeout,
-                &config.prefiller_tls,
-                &config.decoder_tls,
-            )?
-            .with_busy_poll(busy_poll.clone()),
-            busy_poll,
-            max_body_bytes: config.max_body_bytes,
-            allowlist,
-            prefill_timeout: config.prefill_timeout,
-            decode_first_byte_timeout: config.decode_first_byte_timeout,
-            prefill_failure_policy: config.prefill_failure_policy,
-            decode_admission_grace: config.decode_admission_grace,
-            in_flight: (config.max_in_flight > 0).then(|| {
-                (
-                    Arc::new(Semaphore::new(config.max_in_flight)),
-                    config.max_in_flight,
-                )
-            }),
-            metrics: config.metrics.clone(),
-            decoder_health: DecoderHealth::new(config.decoder.authority(), config.connect_timeout),
-        })
-    }
-
     /// Serves one request. Never fails: errors become vLLM-shaped JSON responses.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         self.busy_poll.touch();
-        let path = req.uri().path();
-        let method = req.method();
+        let (path, method) = (req.uri().path(), req.method());
         if path == "/health" && (method == Method::GET || method == Method::HEAD) {
             return health();
         }
-        let permit = match &self.in_flight {
-            None => None,
-            Some((slots, limit)) => match slots.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => return ProxyError::Overloaded { limit: *limit }.into_response(),
-            },
-        };
-        let intercepted =
-            method == Method::POST && (path == "/v1/completions" || path == "/v1/chat/completions");
-        let prefiller = if intercepted {
-            upstream::prefiller_from(req.headers(), self.prefiller_use_tls)
-        } else {
-            Ok(None)
-        };
-        let route = match prefiller {
-            Ok(None) => Route::PassThrough,
-            _ => Route::Pd,
-        };
-        let prefiller_name = prefiller
-            .as_ref()
-            .ok()
-            .and_then(Option::as_ref)
-            .map(Target::authority);
-        let span = telemetry::request_span(route, method, path, req.headers(), prefiller_name);
+        let routing = routing::decide(&req, self.prefiller_use_tls, &self.allowlist);
+        let span = trace_context::request_span(
+            routing.route(),
+            method,
+            path,
+            req.headers(),
+            routing.prefiller().map(Target::authority),
+        );
         // Dropped with this future if the client leaves: that counts the cancellation.
-        let mut tracker = self.metrics.track(self.connector, route, span.clone());
-        // The tracker lives until the response body ends, so the slot covers streams too.
-        tracker.hold(permit);
-        // Boxed: hyper keeps an allocation the size of this future for the life of the
-        // connection, so a large inline state machine would cost every idle stream ~4 KiB.
-        let resp = Box::pin(
-            self.route(req, client, prefiller, &mut tracker)
-                .instrument(span),
-        )
-        .await;
-        tracker.relay(resp)
+        let mut guard = self
+            .metrics
+            .track(self.connector, routing.route(), span.clone());
+        let resp = match self.admit() {
+            Err(e) => respond_error(&mut guard, client, e),
+            Ok(permit) => {
+                // The guard lives until the response body ends, so the slot covers streams too.
+                guard.hold(permit);
+                // Boxed: hyper keeps an allocation the size of this future for the life of the
+                // connection, so a large inline state machine would cost every idle stream ~4 KiB.
+                Box::pin(
+                    self.route(req, client, routing, &mut guard)
+                        .instrument(span),
+                )
+                .await
+            }
+        };
+        guard.attach(resp)
+    }
+
+    /// A `-max-in-flight` slot, or the 503 that says there is none.
+    fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+        match &self.in_flight {
+            None => Ok(None),
+            Some((slots, limit)) => slots
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| ProxyError::Overloaded { limit: *limit }),
+        }
     }
 
     async fn route(
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
-        prefiller: Result<Option<Target>, String>,
-        tracker: &mut Tracker,
+        routing: Routing,
+        guard: &mut RequestGuard,
     ) -> Response<ProxyBody> {
-        match prefiller {
-            Ok(None) => self.pass_through(req, client, tracker).await,
-            Ok(Some(prefiller)) if !self.allowlist.allows(&prefiller) => {
-                warn!(client = %client, prefiller = prefiller.authority(), "prefiller refused by SSRF protection");
-                tracker.error(ProxyError::PrefillerNotAllowed {
-                    prefiller: prefiller.authority().to_string(),
-                })
-            }
-            Ok(Some(prefiller)) => match disagg::serve(self, req, prefiller, client, tracker).await
-            {
-                Ok(resp) => resp,
-                Err(e) => {
-                    warn!(error = %e, status = e.status().as_u16(), "request failed");
-                    tracker.error(e)
-                }
-            },
-            Err(e) => tracker.error(ProxyError::BadPrefillerHeader(e)),
-        }
+        let served = match routing {
+            Routing::PassThrough => self.pass_through(req, client, guard).await,
+            Routing::Pd(prefiller) => pd::serve(&self.pd, req, prefiller, client, guard).await,
+            Routing::Refused { error, .. } => Err(error),
+        };
+        served.unwrap_or_else(|e| respond_error(guard, client, e))
     }
 
     /// Relays the request to the local vLLM as is: method, path, query, headers (less
@@ -157,44 +108,30 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
-        tracker: &mut Tracker,
-    ) -> Response<ProxyBody> {
+        guard: &mut RequestGuard,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         headers::for_upstream(&mut parts.headers);
         headers::append_forwarded_for(&mut parts.headers, client.ip());
         parts.uri = self.decoder.uri(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         debug!(method = %parts.method, uri = %parts.uri, "pass-through");
-        let req = Request::from_parts(parts, body::relay(tracker.count_request(body)));
-        match tokio::time::timeout(
-            self.decode_first_byte_timeout,
-            self.upstream.send(Leg::Decode, req),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => relay_response(resp),
-            Ok(Err(e)) => {
-                self.decoder_health.record(&e);
-                tracker.error(ProxyError::DecoderUnreachable {
-                    decoder: self.decoder.authority().to_string(),
-                    detail: describe(&e),
-                })
-            }
-            Err(_) => tracker.error(ProxyError::Timeout {
-                leg: Leg::Decode,
-                target: self.decoder.authority().to_string(),
-                after: self.decode_first_byte_timeout,
-            }),
-        }
+        let req = Request::from_parts(parts, body::boxed(guard.count_request(body)));
+        Ok(from_upstream(self.decoder.send(req).await?))
     }
 }
 
-/// An upstream response as our response: same status, headers (less hop-by-hop) and body
-/// frames, relayed as they arrive (frames that are ready together go out as one write).
-pub(crate) fn relay_response(resp: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body::relay(Coalesce::new(body)))
+/// Every failure the client is answered with goes through here: one log line (in the request's
+/// span, so with its ids), one count, one vLLM-shaped response.
+fn respond_error(
+    guard: &mut RequestGuard,
+    client: SocketAddr,
+    e: ProxyError,
+) -> Response<ProxyBody> {
+    guard.span().in_scope(|| {
+        warn!(error = %e, status = e.status().as_u16(), client = %client, "request failed");
+    });
+    guard.error(e)
 }
 
 /// `GET /health`: the sidecar is up. vLLM's own health stays reachable through pass-through

@@ -13,47 +13,24 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::allowlist::Allowlist;
 use crate::config::Config;
-use crate::inference_pool;
 use crate::proxy::Proxy;
-use crate::tls::ServerTls;
+use crate::security::tls::ServerTls;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight
-/// requests and streams finish for up to `config.drain_timeout`.
-pub async fn run(
-    config: Config,
+/// requests and streams finish for up to `config.drain_timeout`. Built by [`crate::App`].
+pub(crate) async fn run(
+    config: &Config,
+    proxy: Arc<Proxy>,
+    tls: Option<Arc<ServerTls>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let (allowlist, pool_watch) = match &config.ssrf {
-        None => (Allowlist::disabled(), None),
-        Some(ssrf) => match &ssrf.inference_pool {
-            None => (Allowlist::new(ssrf.rules.clone(), None), None),
-            Some((namespace, name)) => {
-                let client = kube_client(ssrf.kube_api.as_deref()).await.map_err(|e| {
-                    std::io::Error::other(format!(
-                        "-enable-ssrf-protection: no Kubernetes API: {e}"
-                    ))
-                })?;
-                let (pool, task) =
-                    inference_pool::spawn(client, namespace.clone(), name.clone(), ssrf.pool_api);
-                info!(namespace = %namespace, pool = %name, "SSRF protection: watching the InferencePool");
-                (Allowlist::new(ssrf.rules.clone(), Some(pool)), Some(task))
-            }
-        },
-    };
-    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-    let proxy = Arc::new(Proxy::new(&config, allowlist).map_err(invalid)?);
-    let tls = match &config.server_tls {
-        None => None,
-        Some(cert_dir) => Some(Arc::new(
-            ServerTls::new(cert_dir.as_deref()).map_err(invalid)?,
-        )),
-    };
     let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.config.clone()));
     let reloader = tls.map(|tls| {
         let interval = config.cert_reload_interval;
+        // Process-long: aborted below when serving ends.
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move { tls.reload_forever(interval).await })
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -99,6 +76,8 @@ pub async fn run(
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let handshake_timeout = config.header_read_timeout;
+        // A connection outlives the accept loop by design: the graceful watcher drains it.
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move {
             let served = match acceptor {
                 None => {
@@ -128,7 +107,7 @@ pub async fn run(
         });
     }
     drop(listener);
-    for task in [reloader, pool_watch].into_iter().flatten() {
+    if let Some(task) = reloader {
         task.abort();
     }
     info!("shutting down: draining in-flight requests");
@@ -137,17 +116,6 @@ pub async fn run(
         Err(_) => warn!("drain timeout reached; closing remaining connections"),
     }
     Ok(())
-}
-
-/// A client for `url`, or from the in-cluster service account or kubeconfig.
-async fn kube_client(url: Option<&str>) -> Result<kube::Client, String> {
-    match url {
-        Some(url) => {
-            let uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-            kube::Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
-        }
-        None => kube::Client::try_default().await.map_err(|e| e.to_string()),
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -169,5 +137,24 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+/// One thread (`-worker-threads=1`, or one available core): a current-thread runtime, which
+/// skips the multi-thread scheduler's cross-thread queues and wake-ups. Otherwise a
+/// multi-thread runtime with one worker per thread asked for (default: per available core).
+pub fn build_runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }

@@ -3,15 +3,21 @@
 //! Alone in its test binary: tracing caches per-callsite interest process-wide, so tests on
 //! other threads logging without a subscriber could race this test's thread-local one.
 
-mod common;
+// Test code: a failed expectation is the test failing, and its servers are bounded by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+// The shared support module; this binary uses only part of it.
+#[allow(dead_code)]
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::*;
 use serde_json::Value;
-use sidecar::logging::{self, LogFormat};
+use sidecar::observe::logging::{self, LogFormat};
 use sidecar::Connector;
+use support::*;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -1,15 +1,22 @@
 //! `-otlp-endpoint`: the request span and its per-leg spans reach an OTLP/HTTP collector, in the
 //! trace both legs carry in `traceparent`. Its own test binary: it installs a subscriber.
 
-mod common;
+// Test code: a failed expectation is the test failing, and its servers are bounded by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+// The shared support module; this binary uses only part of it.
+#[allow(dead_code)]
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::time::Duration;
 
-use common::recorder::Recorder;
-use common::*;
 use serde_json::Value;
-use sidecar::logging::{self, LogFormat};
-use sidecar::{otlp, Connector};
+use sidecar::observe::logging::{self, LogFormat};
+use sidecar::observe::otlp;
+use sidecar::Connector;
+use support::recorder::Recorder;
+use support::*;
 
 const ACCEPTED: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";

@@ -165,16 +165,16 @@ class Sidecar:
 
     def __enter__(self):
         self.logf = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            m = re.search(r"addr=127\.0\.0\.1:(\d+)", open(self.log_path, errors="replace").read())
-            if m:
-                self.port = int(m.group(1))
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+        # The readiness line ({"event":"listening","port":N}) comes on stdout; logs on stderr.
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.logf)
+        line = self.proc.stdout.readline() if self.proc.stdout else b""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {}
+        if event.get("event") == "listening":
+            self.port = int(event["port"])
+            return self
         self.__exit__(None, None, None)
         raise CheckFailed(f"{self.name} did not start; log {self.log_path}")
 

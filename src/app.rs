@@ -1,0 +1,167 @@
+//! Assembly: everything fallible built from a [`Config`] (SSRF allowlist and its Kubernetes
+//! watch, TLS material, upstream clients, the proxy), before `main` binds a port, so a bad
+//! certificate or an unreachable API server fails the start with nothing half-open.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::observe::metrics::Metrics;
+use crate::pd::PdContext;
+use crate::proxy::Proxy;
+use crate::runtime::busy_poll::BusyPoll;
+use crate::security::allowlist::Allowlist;
+use crate::security::inference_pool;
+use crate::security::tls::ServerTls;
+use crate::server;
+use crate::upstream::{Decoder, Upstream};
+
+/// Why the sidecar could not start. Each message names the flag to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// `-enable-ssrf-protection` needs the Kubernetes API to watch the InferencePool.
+    #[error("-enable-ssrf-protection: no Kubernetes API: {0}")]
+    NoKubeApi(String),
+    /// A TLS file or setting cannot be used (the message names the flag).
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The assembled sidecar, ready to serve on a listener.
+pub struct App {
+    config: Config,
+    proxy: Arc<Proxy>,
+    metrics: Metrics,
+    server_tls: Option<Arc<ServerTls>>,
+    /// The InferencePool watch, stopped when serving ends.
+    pool_watch: Option<JoinHandle<()>>,
+}
+
+impl App {
+    /// Builds the sidecar; the Kubernetes client, if SSRF protection needs one, comes from the
+    /// in-cluster service account or the kubeconfig.
+    pub async fn build(config: Config) -> Result<App, StartupError> {
+        Self::build_with_kube_api(config, None).await
+    }
+
+    /// As [`App::build`], with the Kubernetes API server at `kube_api` when given (tests run a
+    /// fake one).
+    pub async fn build_with_kube_api(
+        config: Config,
+        kube_api: Option<&str>,
+    ) -> Result<App, StartupError> {
+        let metrics = Metrics::new();
+        let busy_poll = BusyPoll::start(config.busy_poll);
+        let upstream = Upstream::with_tls(
+            config.connect_timeout,
+            &config.prefiller_tls,
+            &config.decoder_tls,
+        )
+        .map_err(StartupError::Tls)?
+        .with_busy_poll(busy_poll.clone());
+        let server_tls = match &config.server_tls {
+            None => None,
+            Some(cert_dir) => Some(Arc::new(
+                ServerTls::new(cert_dir.as_deref()).map_err(StartupError::Tls)?,
+            )),
+        };
+        let (allowlist, pool_watch) = allowlist(&config, kube_api).await?;
+        let decoder = Arc::new(Decoder::new(
+            config.decoder.clone(),
+            upstream.clone(),
+            config.decode_first_byte_timeout,
+            config.connect_timeout,
+        ));
+        let proxy = Proxy {
+            connector: config.connector,
+            pd: PdContext {
+                connector: config.connector,
+                decoder: Arc::clone(&decoder),
+                upstream,
+                max_body_bytes: config.max_body_bytes,
+                prefill_timeout: config.prefill_timeout,
+                prefill_failure_policy: config.prefill_failure_policy,
+                decode_admission_grace: config.decode_admission_grace,
+            },
+            decoder,
+            prefiller_use_tls: config.prefiller_use_tls,
+            allowlist,
+            busy_poll,
+            in_flight: (config.max_in_flight > 0).then(|| {
+                (
+                    Arc::new(Semaphore::new(config.max_in_flight)),
+                    config.max_in_flight,
+                )
+            }),
+            metrics: metrics.clone(),
+        };
+        Ok(App {
+            config,
+            proxy: Arc::new(proxy),
+            metrics,
+            server_tls,
+            pool_watch,
+        })
+    }
+
+    /// The metrics this sidecar reports to (served by `observe::admin`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then drains (see `server.rs`).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let served = server::run(
+            &self.config,
+            self.proxy,
+            self.server_tls,
+            listener,
+            shutdown,
+        )
+        .await;
+        if let Some(task) = self.pool_watch {
+            task.abort();
+        }
+        served
+    }
+}
+
+/// The SSRF allowlist, and the task that keeps it current from the InferencePool.
+async fn allowlist(
+    config: &Config,
+    kube_api: Option<&str>,
+) -> Result<(Allowlist, Option<JoinHandle<()>>), StartupError> {
+    let Some(ssrf) = &config.ssrf else {
+        return Ok((Allowlist::disabled(), None));
+    };
+    let Some((namespace, name)) = &ssrf.inference_pool else {
+        return Ok((Allowlist::new(ssrf.rules.clone(), None), None));
+    };
+    let client = kube_client(kube_api)
+        .await
+        .map_err(StartupError::NoKubeApi)?;
+    let (pool, task) =
+        inference_pool::spawn(client, namespace.clone(), name.clone(), ssrf.pool_api);
+    info!(namespace = %namespace, pool = %name, "SSRF protection: watching the InferencePool");
+    Ok((Allowlist::new(ssrf.rules.clone(), Some(pool)), Some(task)))
+}
+
+/// A client for `url`, or from the in-cluster service account or kubeconfig.
+async fn kube_client(url: Option<&str>) -> Result<kube::Client, String> {
+    match url {
+        Some(url) => {
+            let uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+            kube::Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
+        }
+        None => kube::Client::try_default().await.map_err(|e| e.to_string()),
+    }
+}

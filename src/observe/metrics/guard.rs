@@ -1,0 +1,390 @@
+//! The per-request guard ([`RequestGuard`]: metrics, the admission slot, the request span,
+//! cancellation) and the body wrappers that report to [`Metrics`].
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, Span};
+
+use super::{
+    error_kind, CancelLabels, ConnectorLabels, Metrics, Outcome, Phase, RequestLabels, Route,
+    RouteLabels,
+};
+use crate::body::{BoxError, ProxyBody};
+use crate::connector::Connector;
+use crate::error::ProxyError;
+use crate::upstream::Leg;
+
+/// One request's metrics guard. See the module documentation.
+pub struct RequestGuard {
+    metrics: Metrics,
+    connector: &'static str,
+    route: Route,
+    phase: Phase,
+    prefill_started: Option<Instant>,
+    /// When the decode leg went out; taken when its first byte is relayed.
+    decode_sent: Option<Instant>,
+    done: bool,
+    /// The request's span, entered for logs emitted after the handler returned.
+    span: Span,
+    /// The request's `-max-in-flight` slot, freed when the tracker (and so the response body)
+    /// is dropped.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl RequestGuard {
+    /// Called by [`Metrics::track`], which has already counted the request in flight.
+    pub(super) fn new(metrics: Metrics, connector: Connector, route: Route, span: Span) -> Self {
+        RequestGuard {
+            metrics,
+            connector: connector.name(),
+            route,
+            phase: match route {
+                Route::Pd => Phase::Prefill,
+                Route::PassThrough => Phase::Decode,
+            },
+            prefill_started: None,
+            decode_sent: None,
+            done: false,
+            span,
+            slot: None,
+        }
+    }
+
+    /// The request's span: every log line about the request is written in it.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Keeps the request's in-flight slot until the response is over.
+    pub fn hold(&mut self, slot: Option<OwnedSemaphorePermit>) {
+        self.slot = slot;
+    }
+
+    /// The prefill leg is being sent.
+    pub fn prefill_started(&mut self) {
+        self.prefill_started = Some(Instant::now());
+    }
+
+    /// The prefiller answered 2xx in full; the decode leg goes out now.
+    pub fn prefill_done(&mut self) {
+        let now = Instant::now();
+        if let Some(started) = self.prefill_started.take() {
+            self.metrics
+                .0
+                .prefill_duration
+                .get_or_create(&ConnectorLabels {
+                    connector: self.connector,
+                })
+                .observe((now - started).as_secs_f64());
+        }
+        self.phase = Phase::Handoff;
+        self.decode_sent = Some(now);
+    }
+
+    /// Counts the client's request body bytes.
+    pub fn request_bytes(&self, n: usize) {
+        self.metrics.bytes(self.route, "request", n);
+    }
+
+    /// Wraps a streamed client body (pass-through) so its bytes are counted as they go by.
+    pub fn count_request<B>(&self, body: B) -> CountedRequest<B> {
+        CountedRequest {
+            inner: body,
+            metrics: self.metrics.clone(),
+            route: self.route,
+        }
+    }
+
+    /// Counts an upstream failure and turns the error into the client's response.
+    pub fn error(&mut self, e: ProxyError) -> Response<ProxyBody> {
+        if let Some(leg) = e.leg() {
+            self.metrics.upstream_error(leg, error_kind(&e));
+        }
+        // Our error body is not the decoder's first byte.
+        self.decode_sent = None;
+        e.into_response()
+    }
+
+    /// Hands the guard to the response body, which finishes it when the body ends.
+    pub fn attach(mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        if matches!(self.phase, Phase::Prefill | Phase::Handoff) {
+            self.phase = Phase::Decode;
+        }
+        let (parts, body) = resp.into_parts();
+        let tracked = Tracked {
+            inner: body,
+            status: parts.status,
+            tracker: self,
+        };
+        Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(tracked))
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let m = &self.metrics.0;
+        m.requests
+            .get_or_create(&RequestLabels {
+                connector: self.connector,
+                route: self.route.as_str(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        m.in_flight
+            .get_or_create(&RouteLabels {
+                route: self.route.as_str(),
+            })
+            .dec();
+        if outcome == Outcome::Cancelled {
+            m.cancellations
+                .get_or_create(&CancelLabels {
+                    route: self.route.as_str(),
+                    phase: self.phase.as_str(),
+                })
+                .inc();
+            let _enter = self.span.enter();
+            debug!(phase = self.phase.as_str(), "client left");
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        // Dropped unfinished: hyper dropped the handler or the body because the client left.
+        self.finish(Outcome::Cancelled);
+    }
+}
+
+/// A response body that reports its bytes, its first byte and how it ended to its tracker.
+struct Tracked {
+    // Declared first so it drops first: a cancellation is counted before the upstream
+    // connection inside `inner` closes, so whoever sees that close sees the count too.
+    tracker: RequestGuard,
+    inner: ProxyBody,
+    status: StatusCode,
+}
+
+impl Tracked {
+    fn on_data(&mut self, data: &Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        let t = &mut self.tracker;
+        if let Some(sent) = t.decode_sent.take() {
+            t.metrics
+                .0
+                .decode_first_byte
+                .get_or_create(&ConnectorLabels {
+                    connector: t.connector,
+                })
+                .observe(sent.elapsed().as_secs_f64());
+        }
+        t.phase = Phase::Streaming;
+        t.metrics.bytes(t.route, "response", data.len());
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.on_data(data);
+                }
+                // hyper stops polling a body that reports its end, so finish on the last frame.
+                if this.inner.is_end_stream() {
+                    this.tracker.finish(Outcome::Status(this.status));
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.tracker
+                    .span
+                    .in_scope(|| debug!(error = %e, "upstream body failed mid-response"));
+                this.tracker
+                    .metrics
+                    .upstream_error(Leg::Decode, "stream_broken");
+                this.tracker.finish(Outcome::StreamError);
+            }
+            Poll::Ready(None) => this.tracker.finish(Outcome::Status(this.status)),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // Bodies hyper never polls (empty ones, HEAD responses) end here, complete.
+        if self.inner.is_end_stream() {
+            self.tracker.finish(Outcome::Status(self.status));
+        }
+    }
+}
+
+/// A request body that counts its bytes; see [`RequestGuard::count_request`].
+pub struct CountedRequest<B> {
+    inner: B,
+    metrics: Metrics,
+    route: Route,
+}
+
+impl<B> Body for CountedRequest<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.metrics.bytes(this.route, "request", data.len());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[tokio::test]
+    async fn a_finished_body_counts_its_outcome_and_bytes() {
+        let m = Metrics::new();
+        let t = m.track(Connector::NixlV2, Route::PassThrough, Span::none());
+        let resp = t.attach(Response::new(crate::body::full("hello")));
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "llm_d_sidecar_in_flight_requests{route=\"pass_through\"}"
+            ),
+            Some(1.0)
+        );
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "hello");
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pass_through\",outcome=\"2xx\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "llm_d_sidecar_relayed_bytes_total{route=\"pass_through\",direction=\"response\"}"
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "llm_d_sidecar_in_flight_requests{route=\"pass_through\"}"
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn a_dropped_guard_is_a_cancellation_in_its_phase() {
+        let m = Metrics::new();
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.prefill_started();
+        t.prefill_done();
+        drop(t);
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"handoff\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_d_sidecar_prefill_duration_seconds_count{connector=\"nixlv2\"} 1")
+        );
+    }
+
+    #[tokio::test]
+    async fn names_lists_every_family() {
+        let m = Metrics::new();
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.request_bytes(1);
+        t.prefill_started();
+        t.prefill_done();
+        let _ = t.error(ProxyError::DecoderUnreachable {
+            decoder: "d".into(),
+            detail: "x".into(),
+        });
+        t.decode_sent = Some(Instant::now());
+        let resp = t.attach(Response::new(crate::body::full("x")));
+        resp.into_body().collect().await.unwrap();
+        drop(m.track(Connector::NixlV2, Route::Pd, Span::none()));
+        let text = m.render();
+        let mut exposed: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        exposed.sort_unstable();
+        let mut names = super::super::NAMES.to_vec();
+        names.sort_unstable();
+        assert_eq!(exposed, names, "{text}");
+    }
+
+    #[test]
+    fn an_empty_body_never_polled_is_complete() {
+        let m = Metrics::new();
+        let t = m.track(Connector::LmCache, Route::PassThrough, Span::none());
+        drop(t.attach(Response::new(crate::body::empty())));
+        let text = m.render();
+        assert!(text.contains("outcome=\"2xx\"} 1"), "{text}");
+        assert!(!text.contains("cancellations_total{"), "{text}");
+    }
+}

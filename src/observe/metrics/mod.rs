@@ -1,0 +1,302 @@
+//! Prometheus metrics: every name, label and bucket is defined here.
+//!
+//! Exposed names (prefix `llm_d_sidecar_`; prometheus-client appends `_total` to counters):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `requests_total` | counter | `connector`, `route`, `outcome` |
+//! | `in_flight_requests` | gauge | `route` |
+//! | `prefill_duration_seconds` | histogram | `connector` |
+//! | `decode_first_byte_seconds` | histogram | `connector` |
+//! | `upstream_errors_total` | counter | `leg`, `kind` |
+//! | `cancellations_total` | counter | `route`, `phase` |
+//! | `relayed_bytes_total` | counter | `route`, `direction` |
+//!
+//! Labels carry only low-cardinality values the server controls (connector, route, phase…),
+//! never user input: the prefiller address comes from a request header, so it is never a label
+//! (it is in the logs instead). Every label value is a `&'static str` from the enums below.
+//!
+//! Per request, [`Metrics::track`] returns a [`RequestGuard`], an RAII guard: it holds the in-flight
+//! gauge up and knows the request's phase. Dropped before the response body ended, it counts a
+//! cancellation in that phase; this is how a client that leaves is detected, since hyper drops
+//! the handler future or the response body when the connection closes.
+
+mod guard;
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tracing::Span;
+
+use crate::connector::Connector;
+use crate::error::ProxyError;
+pub use crate::routing::Route;
+use crate::upstream::Leg;
+
+pub use guard::{CountedRequest, RequestGuard};
+
+/// Every exposed name starts with this.
+pub const PREFIX: &str = "llm_d_sidecar";
+
+/// Every exposed metric family, as scraped (the README's list is checked against this).
+pub const NAMES: [&str; 7] = [
+    "llm_d_sidecar_requests_total",
+    "llm_d_sidecar_in_flight_requests",
+    "llm_d_sidecar_prefill_duration_seconds",
+    "llm_d_sidecar_decode_first_byte_seconds",
+    "llm_d_sidecar_upstream_errors_total",
+    "llm_d_sidecar_cancellations_total",
+    "llm_d_sidecar_relayed_bytes_total",
+];
+
+/// Where a request was when its client left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the request or waiting for the prefiller (P/D only).
+    Prefill,
+    /// The prefill is done; the decoder has not answered yet (P/D only).
+    Handoff,
+    /// Waiting for the decoder (pass-through: for the local vLLM); no body byte sent yet.
+    Decode,
+    /// The response body is being relayed.
+    Streaming,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Handoff => "handoff",
+            Phase::Decode => "decode",
+            Phase::Streaming => "streaming",
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The response was sent in full with this status.
+    Status(StatusCode),
+    /// The upstream body broke after the status had been sent.
+    StreamError,
+    /// The client left first.
+    Cancelled,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Status(s) if s.is_success() => "2xx",
+            Outcome::Status(s) if s.is_redirection() => "3xx",
+            Outcome::Status(s) if s.is_client_error() => "4xx",
+            Outcome::Status(s) if s.is_server_error() => "5xx",
+            Outcome::Status(_) => "1xx",
+            Outcome::StreamError => "stream_error",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The `kind` label of an upstream error.
+fn error_kind(e: &ProxyError) -> &'static str {
+    match e {
+        ProxyError::PrefillUnreachable { .. } | ProxyError::DecoderUnreachable { .. } => {
+            "unreachable"
+        }
+        ProxyError::PrefillFailed { .. } => "http_5xx",
+        ProxyError::PrefillBadReply { .. } => "bad_reply",
+        ProxyError::Timeout { .. } => "timeout",
+        // Errors added later land here until they get a kind of their own.
+        _ => "other",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    connector: &'static str,
+    route: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectorLabels {
+    connector: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    leg: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CancelLabels {
+    route: &'static str,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    route: &'static str,
+    direction: &'static str,
+}
+
+type Histograms = Family<ConnectorLabels, Histogram, fn() -> Histogram>;
+
+/// 5 ms to ~82 s: a cached one-token prefill is milliseconds, a long prompt on a busy
+/// prefiller tens of seconds.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// The sidecar's metrics and their registry. Cheap to clone: clones share the counters.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    in_flight: Family<RouteLabels, Gauge>,
+    prefill_duration: Histograms,
+    decode_first_byte: Histograms,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    cancellations: Family<CancelLabels, Counter>,
+    relayed_bytes: Family<BytesLabels, Counter>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered. Each sidecar (and each test) owns one.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests served, by connector, route (pd, pass_through) and outcome (2xx, 4xx, 5xx, \
+             stream_error, cancelled); /health is not counted",
+            requests.clone(),
+        );
+        let in_flight = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests received and not yet answered in full, by route",
+            in_flight.clone(),
+        );
+        let prefill_duration = Histograms::new_with_constructor(latency_histogram);
+        registry.register(
+            "prefill_duration_seconds",
+            "Time from sending the prefill leg to having the prefiller's whole 2xx reply",
+            prefill_duration.clone(),
+        );
+        let decode_first_byte = Histograms::new_with_constructor(latency_histogram);
+        registry.register(
+            "decode_first_byte_seconds",
+            "Time from sending the decode leg to relaying the decoder's first body byte \
+             (streaming: the first token event)",
+            decode_first_byte.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures, by leg (prefill, decode) and kind (unreachable, http_5xx, \
+             bad_reply, stream_broken, other)",
+            upstream_errors.clone(),
+        );
+        let cancellations = Family::default();
+        registry.register(
+            "cancellations",
+            "Requests whose client left before the response ended, by route and phase \
+             (prefill, handoff, decode, streaming)",
+            cancellations.clone(),
+        );
+        let relayed_bytes = Family::default();
+        registry.register(
+            "relayed_bytes",
+            "Body bytes received from clients (direction=request) and sent to them \
+             (direction=response), by route",
+            relayed_bytes.clone(),
+        );
+        // Gauges show 0 rather than nothing before the first request.
+        for route in [Route::Pd, Route::PassThrough] {
+            in_flight
+                .get_or_create(&RouteLabels {
+                    route: route.as_str(),
+                })
+                .set(0);
+        }
+        Self(Arc::new(Inner {
+            registry,
+            requests,
+            in_flight,
+            prefill_duration,
+            decode_first_byte,
+            upstream_errors,
+            cancellations,
+            relayed_bytes,
+        }))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.0.registry);
+        text
+    }
+
+    /// Starts tracking one request: in flight until the returned guard is finished or dropped.
+    pub fn track(&self, connector: Connector, route: Route, span: Span) -> RequestGuard {
+        self.0
+            .in_flight
+            .get_or_create(&RouteLabels {
+                route: route.as_str(),
+            })
+            .inc();
+        RequestGuard::new(self.clone(), connector, route, span)
+    }
+
+    fn upstream_error(&self, leg: Leg, kind: &'static str) {
+        let leg = match leg {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        };
+        self.0
+            .upstream_errors
+            .get_or_create(&UpstreamErrorLabels { leg, kind })
+            .inc();
+    }
+
+    fn bytes(&self, route: Route, direction: &'static str, n: usize) {
+        self.0
+            .relayed_bytes
+            .get_or_create(&BytesLabels {
+                route: route.as_str(),
+                direction,
+            })
+            .inc_by(n as u64);
+    }
+}

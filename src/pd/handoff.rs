@@ -1,0 +1,274 @@
+//! The KV-lease safety net: what happens to a leg when its client leaves.
+//!
+//! Cancellation is by ownership almost everywhere: the client's future owns each leg, so
+//! dropping it closes the upstream connection and vLLM aborts the request. The exceptions are
+//! here, because a P/D prefill that finished has pinned KV blocks on the prefiller that only
+//! a decoder seeing the request (and then being closed) makes it free; a decode never sent
+//! strands them until vLLM's lease expires (30 s to 480 s, by version).
+//!
+//! - Both legs of a P/D request run in a [`LegTask`]: a spawned task whose handle the request
+//!   owns. Dropped before it resolved, the task is handed to its [`OnAbandon`] policy.
+//! - The prefill's policy ([`PrefillAbandoned`]): abort it, unless the connector pins blocks;
+//!   then give a reply already on its way [`LATE_REPLY_GRACE`] and, if it arrives, send the
+//!   decode anyway ([`LateReplyRelease`]) so the decoder releases the blocks.
+//! - A pinned decode's policy ([`CloseWhenAdmitted`]): let the request be written out in full
+//!   and admitted, then close it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::leg_parts;
+use super::prefill::Prefilled;
+use crate::body::{self, SentSignal};
+use crate::connector::{Connector, Handoff};
+use crate::error::ProxyError;
+use crate::json_edit::{JsonObject, Spliced};
+use crate::upstream::decoder::LegFailure;
+use crate::upstream::{Leg, Upstream};
+
+/// How long a prefill whose client left may still deliver a reply that is already on its way.
+/// A prefiller that finished has pinned KV blocks for the reply: reading it lets a decoder
+/// release them. One still prefilling is closed after this, so it aborts.
+pub const LATE_REPLY_GRACE: Duration = Duration::from_millis(50);
+
+type UpstreamResult = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+/// What to do with a leg's task when the request that owns it is dropped unfinished.
+pub trait OnAbandon<T>: Send + 'static {
+    fn abandon(self, pending: JoinHandle<T>);
+}
+
+/// A leg running in its own task, owned by the request: [`LegTask::result`] awaits it;
+/// dropping it first hands the task to the `A` policy.
+pub struct LegTask<T: Send + 'static, A: OnAbandon<T>> {
+    /// `None` once the result was taken: nothing left to abandon.
+    pending: Option<JoinHandle<T>>,
+    on_abandon: Option<A>,
+}
+
+impl<T: Send + 'static, A: OnAbandon<T>> LegTask<T, A> {
+    fn spawn(leg: impl Future<Output = T> + Send + 'static, on_abandon: A) -> Self {
+        // Outlives the request by design: the abandon policy decides when it ends.
+        #[allow(clippy::disallowed_methods)]
+        let pending = tokio::spawn(leg);
+        Self {
+            pending: Some(pending),
+            on_abandon: Some(on_abandon),
+        }
+    }
+
+    /// The leg's output; an error only if its task panicked.
+    pub async fn result(mut self) -> Result<T, String> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Err("the leg's result was already taken".into());
+        };
+        let joined = pending.await;
+        self.pending = None;
+        joined.map_err(|e| format!("leg task failed: {e}"))
+    }
+}
+
+impl<T: Send + 'static, A: OnAbandon<T>> Drop for LegTask<T, A> {
+    fn drop(&mut self) {
+        if let (Some(pending), Some(on_abandon)) = (self.pending.take(), self.on_abandon.take()) {
+            on_abandon.abandon(pending);
+        }
+    }
+}
+
+/// The prefill leg's task.
+pub type PrefillTask = LegTask<Result<Prefilled, ProxyError>, PrefillAbandoned>;
+
+/// Starts the prefill leg; `release` is what hands late-pinned blocks to a decoder (`None`
+/// for connectors that pin none).
+pub fn send_prefill(
+    leg: impl Future<Output = Result<Prefilled, ProxyError>> + Send + 'static,
+    release: Option<LateReplyRelease>,
+) -> PrefillTask {
+    LegTask::spawn(leg, PrefillAbandoned(release))
+}
+
+/// A prefill dropped before it resolved (the client left, or the prefill timed out).
+pub struct PrefillAbandoned(Option<LateReplyRelease>);
+
+impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
+    fn abandon(self, mut pending: JoinHandle<Result<Prefilled, ProxyError>>) {
+        let Some(release) = self.0 else {
+            pending.abort();
+            return;
+        };
+        // Bounded by LATE_REPLY_GRACE, then by the decode's admission grace.
+        #[allow(clippy::disallowed_methods)]
+        tokio::spawn(async move {
+            match tokio::time::timeout(LATE_REPLY_GRACE, &mut pending).await {
+                Ok(Ok(Ok(Prefilled::Reply(reply)))) => release.release(&reply),
+                Ok(_) => {}
+                Err(_) => pending.abort(),
+            }
+        });
+    }
+}
+
+/// Everything needed to send the decode leg without the client: after a prefill that pinned
+/// blocks, a decoder that sees the request (and is then closed) makes the prefiller free them.
+pub struct LateReplyRelease {
+    pub connector: Connector,
+    pub original: Bytes,
+    /// The client's request head, and the decode leg's address.
+    pub head: Arc<Parts>,
+    pub uri: http::Uri,
+    pub upstream: Upstream,
+    pub grace: Duration,
+}
+
+impl LateReplyRelease {
+    fn release(self, reply: &Bytes) {
+        let Ok(request) = JsonObject::parse(&self.original) else {
+            return;
+        };
+        let Ok(plan) = self.connector.decode_plan(&request, &self.original, reply) else {
+            return;
+        };
+        if plan.handoff == Handoff::Remote {
+            debug!("client left as its prefill finished; handing the KV blocks to the decoder to release");
+            drop(deliver_then_close(
+                &self.upstream,
+                leg_parts(&self.head, self.uri),
+                plan.body,
+                self.grace,
+            ));
+        }
+    }
+}
+
+/// A pinned decode's task.
+pub type DecodeTask = LegTask<UpstreamResult, CloseWhenAdmitted>;
+
+/// Sends the decode leg of a request whose prefiller pinned KV blocks for it. Dropped before
+/// the decoder answered, the request is still written out in full and kept open until the
+/// decoder shows it admitted it (see [`CloseWhenAdmitted`]).
+pub fn deliver_then_close(
+    upstream: &Upstream,
+    parts: Parts,
+    body: Spliced,
+    grace: Duration,
+) -> DecodeTask {
+    let (body, sent) = SentSignal::new(body);
+    let req = Request::from_parts(parts, body::boxed(body));
+    let upstream = upstream.clone();
+    LegTask::spawn(
+        async move { upstream.send(Leg::Decode, req).await },
+        CloseWhenAdmitted { sent, grace },
+    )
+}
+
+impl DecodeTask {
+    /// The decoder's response head, for `Decoder::within_deadline`.
+    pub async fn response(self) -> Result<Response<Incoming>, LegFailure> {
+        match self.result().await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(LegFailure::Upstream(e)),
+            Err(task) => Err(LegFailure::Task(task)),
+        }
+    }
+}
+
+/// Closes an abandoned decode once the decoder shows it admitted it, or `grace` after it was
+/// sent, whichever comes first. vLLM answers a JSON request only when done, and sends a
+/// stream's headers before it admits the request, so the first stream event is the signal;
+/// the deadline bounds how long a request nobody reads may keep a GPU busy.
+pub struct CloseWhenAdmitted {
+    /// Resolves with when hyper took the whole body.
+    sent: oneshot::Receiver<Instant>,
+    /// The longest an abandoned request stays open after it was sent.
+    grace: Duration,
+}
+
+impl OnAbandon<UpstreamResult> for CloseWhenAdmitted {
+    fn abandon(self, mut pending: JoinHandle<UpstreamResult>) {
+        debug!("closing an abandoned decode once it is admitted");
+        // Bounded: ends `grace` after the request was sent, or when it failed to be.
+        #[allow(clippy::disallowed_methods)]
+        tokio::spawn(async move {
+            // The sender drops if the request failed before being written: nothing to wait for.
+            if let Ok(sent_at) = self.sent.await {
+                let admitted = async {
+                    if let Ok(Ok(resp)) = (&mut pending).await {
+                        if is_event_stream(&resp) {
+                            let _ = resp.into_body().frame().await;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout_at(sent_at + self.grace, admitted).await;
+            }
+            // Dropping the response, or aborting the task, closes the upstream connection.
+            pending.abort();
+        });
+    }
+}
+
+fn is_event_stream(resp: &Response<Incoming>) -> bool {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+    use tokio::io::AsyncReadExt;
+
+    /// A decode abandoned before it was even sent is still delivered whole, then closed: the
+    /// decoder must see it to release the prefiller's blocks.
+    #[tokio::test]
+    async fn an_abandoned_decode_is_delivered_then_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = Upstream::new(Duration::from_secs(5));
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = Method::POST;
+        parts.uri = format!("http://{addr}/v1/completions").parse().unwrap();
+        let body = Bytes::from_static(br#"{"prompt":"p","kv_transfer_params":{"x":1}}"#);
+        // Dropped at once, as when the client leaves during the hand-off.
+        drop(deliver_then_close(
+            &upstream,
+            parts,
+            Spliced::from(body.clone()),
+            Duration::from_millis(50),
+        ));
+
+        let (mut sock, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut received = Vec::new();
+        // read_to_end returns once the sidecar closes the connection.
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut received))
+            .await
+            .expect("the abandoned request is closed after the grace period")
+            .unwrap();
+        let text = String::from_utf8(received).unwrap();
+        assert!(
+            text.starts_with("POST /v1/completions HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(std::str::from_utf8(&body).unwrap()),
+            "{text}"
+        );
+    }
+}

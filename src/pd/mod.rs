@@ -1,0 +1,225 @@
+//! The P/D request path: read the body, prefill, build the decode leg, stream the decode back.
+//!
+//! [`serve`] holds the stages in order; the prefill leg is in `prefill.rs`, and what becomes of
+//! each leg when the client leaves (the KV-lease safety net) is in `handoff.rs`. This module
+//! sees only its [`PdContext`], never the router's state, and returns errors for the router
+//! to log, count and answer once.
+
+mod handoff;
+mod prefill;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{debug, info_span, trace, warn, Instrument};
+
+use crate::body::{self, CollectError, ProxyBody};
+use crate::config::PrefillFailurePolicy;
+use crate::connector::{Connector, Handoff};
+use crate::error::{describe, ProxyError};
+use crate::headers::{self, PREFILL_FALLBACK, REQUEST_ID};
+use crate::json_edit::{JsonObject, ParseError};
+use crate::observe::metrics::RequestGuard;
+use crate::observe::trace_context;
+use crate::upstream::decoder::from_upstream;
+use crate::upstream::{Decoder, Leg, Target, Upstream};
+
+use handoff::LateReplyRelease;
+use prefill::Prefilled;
+
+/// What the P/D path needs, and nothing else of the proxy's.
+pub struct PdContext {
+    pub connector: Connector,
+    pub decoder: Arc<Decoder>,
+    /// The client for prefill legs.
+    pub upstream: Upstream,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: usize,
+    pub prefill_timeout: Duration,
+    pub prefill_failure_policy: PrefillFailurePolicy,
+    /// How long an abandoned pinned decode may stay open to be admitted.
+    pub decode_admission_grace: Duration,
+}
+
+/// Runs the connector's P/D flow for one request.
+pub async fn serve(
+    cx: &PdContext,
+    req: Request<Incoming>,
+    prefiller: Target,
+    client: SocketAddr,
+    guard: &mut RequestGuard,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = Instant::now();
+
+    // 1. The client's request, whole, and the head both legs share.
+    let (mut parts, body) = req.into_parts();
+    let original = body::collect_limited(body, cx.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            CollectError::TooLarge => ProxyError::BodyTooLarge {
+                limit: cx.max_body_bytes,
+            },
+            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
+        })?;
+    guard.request_bytes(original.len());
+    let request = JsonObject::parse(&original).map_err(|e| match e {
+        ParseError::Invalid(e) => ProxyError::InvalidJson(e),
+        ParseError::NotObject => ProxyError::NotAnObject,
+    })?;
+    headers::for_upstream(&mut parts.headers);
+    headers::append_forwarded_for(&mut parts.headers, client.ip());
+    let request_id = headers::request_id(&parts.headers);
+    parts.headers.insert(REQUEST_ID, request_id.clone());
+    // Both legs carry rewritten bodies; hyper sets the right length for each.
+    parts.headers.remove(CONTENT_LENGTH);
+    // Both legs clone these headers, so they share the trace id.
+    let trace_id = trace_context::ensure_traceparent(&mut parts.headers);
+    trace_context::record_ids(guard.span(), &request_id, &trace_id);
+    // Shared with the late-reply release, which needs the head only if the client leaves.
+    let parts = Arc::new(parts);
+    trace!(body = %String::from_utf8_lossy(&original), "client request");
+
+    // 2. Prefill, unless the decoder is known to be down: the prefiller would pin KV blocks
+    //    for a decode that cannot happen.
+    if let Err(e) = cx.decoder.health().check().await {
+        return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
+    }
+    let prefill_body = cx.connector.prefill_body(&request);
+    trace!(body = %prefill_body, "prefill request");
+    let prefill_req = leg(
+        &parts,
+        prefiller.uri(parts.uri.path_and_query()),
+        body::spliced(prefill_body),
+    );
+    guard.prefill_started();
+    let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
+    let release = cx
+        .connector
+        .pins_prefill_blocks()
+        .then(|| LateReplyRelease {
+            connector: cx.connector,
+            original: original.clone(),
+            head: Arc::clone(&parts),
+            uri: decode_uri.clone(),
+            upstream: cx.decoder.upstream().clone(),
+            grace: cx.decode_admission_grace,
+        });
+    let prefill_leg = {
+        let (upstream, prefiller) = (cx.upstream.clone(), prefiller.clone());
+        async move { prefill::prefill(&upstream, prefill_req, &prefiller).await }
+            .instrument(info_span!("prefill"))
+    };
+    let pending = handoff::send_prefill(prefill_leg, release);
+    let prefilled = match tokio::time::timeout(cx.prefill_timeout, pending.result()).await {
+        Ok(Ok(prefilled)) => prefilled,
+        Ok(Err(task)) => Err(ProxyError::Internal(task)),
+        Err(_) => Err(ProxyError::Timeout {
+            leg: Leg::Prefill,
+            target: prefiller.authority().to_string(),
+            after: cx.prefill_timeout,
+        }),
+    };
+    let reply = match prefilled {
+        Ok(Prefilled::Reply(reply)) => reply,
+        Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
+        Err(e) if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
+            // Logged here because the client gets a 2xx: no error reaches the router.
+            warn!(error = %e, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
+            let body = cx.connector.local_decode_body(&request, &original);
+            let resp = cx
+                .decoder
+                .send(leg(&parts, decode_uri, body::spliced(body)))
+                .await?;
+            let mut resp = with_request_id(from_upstream(resp), request_id);
+            resp.headers_mut()
+                .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
+            return Ok(resp);
+        }
+        Err(e) => return Err(e),
+    };
+    guard.prefill_done();
+    let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    // 3. The decode leg, from the original request and the prefiller's reply.
+    let plan = cx
+        .connector
+        .decode_plan(&request, &original, &reply)
+        .map_err(|e| ProxyError::PrefillBadReply {
+            prefiller: prefiller.authority().to_string(),
+            detail: e.to_string(),
+        })?;
+    if let Handoff::LocalPrefill(why) = plan.handoff {
+        warn!(reason = why, "decoder will prefill locally: no KV handoff");
+    }
+    trace!(body = %plan.body, "decode request");
+
+    // 4. Decode, streamed back unbuffered. A decode after blocks were pinned is delivered
+    //    even if the client leaves, so the decoder releases them (see `handoff.rs`).
+    let pinned = cx.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
+    let resp = if pinned {
+        let sent = handoff::deliver_then_close(
+            cx.decoder.upstream(),
+            leg_parts(&parts, decode_uri),
+            plan.body,
+            cx.decode_admission_grace,
+        );
+        cx.decoder
+            .within_deadline(sent.response())
+            .instrument(info_span!("decode"))
+            .await
+            .map_err(|e| match e {
+                // vLLM offers no call to free them (handing the decode to the prefiller
+                // itself fails its NIXL handshake), so say where they went.
+                ProxyError::DecoderUnreachable { decoder, detail } => {
+                    ProxyError::DecoderUnreachable {
+                        decoder,
+                        detail: format!(
+                            "{detail} (after the prefill: its KV blocks wait for their lease to expire)"
+                        ),
+                    }
+                }
+                other => other,
+            })?
+    } else {
+        cx.decoder
+            .send(leg(&parts, decode_uri, body::spliced(plan.body)))
+            .instrument(info_span!("decode"))
+            .await?
+    };
+    // Per request, so debug: at info the sidecar logs only what needs attention.
+    debug!(
+        prefill_ms = format_args!("{prefill_ms:.1}"),
+        status = resp.status().as_u16(),
+        "decode started"
+    );
+    Ok(with_request_id(from_upstream(resp), request_id))
+}
+
+/// The head of a leg: POST to `uri` over HTTP/1.1 with the client's (cleaned) headers.
+fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {
+    let (mut leg, ()) = Request::new(()).into_parts();
+    leg.method = Method::POST;
+    leg.uri = uri;
+    leg.version = Version::HTTP_11;
+    leg.headers = parts.headers.clone();
+    leg
+}
+
+fn leg(parts: &Parts, uri: http::Uri, body: ProxyBody) -> Request<ProxyBody> {
+    Request::from_parts(leg_parts(parts, uri), body)
+}
+
+/// Tells the client which id both legs used, unless the decoder already did.
+fn with_request_id(mut resp: Response<ProxyBody>, id: HeaderValue) -> Response<ProxyBody> {
+    resp.headers_mut().entry(REQUEST_ID).or_insert(id);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().remove(REQUEST_ID);
+    }
+    resp
+}

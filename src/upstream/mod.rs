@@ -1,0 +1,110 @@
+//! The pooled HTTP clients for both legs, the local decoder behind its deadline, and
+//! upstream addresses (the prefiller's from request headers).
+
+pub mod decoder;
+pub mod decoder_health;
+mod leg;
+pub mod target;
+
+pub use decoder::Decoder;
+pub use leg::Leg;
+pub use target::{prefiller_from, Target};
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ProxyBody;
+use crate::runtime::busy_poll::BusyPoll;
+use crate::security::tls::ClientTls;
+
+/// vLLM's uvicorn closes keep-alive connections idle for 5 s; we retire ours sooner so a
+/// request rarely races the server's close.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Idle connections kept per upstream. Each holds about 16 KiB of buffers; a burst of
+/// concurrent prefills would otherwise leave that many idle connections behind for seconds.
+/// 256 covers vLLM's default batch (`max_num_seqs`) with no reconnects.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// The pooled clients, built once and shared by every request: one per leg, since each leg
+/// has its own TLS settings. Each speaks plain HTTP or TLS as the target's scheme says.
+#[derive(Clone)]
+pub struct Upstream {
+    prefill: LegClient,
+    decode: LegClient,
+    busy_poll: BusyPoll,
+}
+
+impl Upstream {
+    /// Plain-HTTP-only clients with default TLS settings. `connect_timeout` bounds each connect.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_tls(
+            connect_timeout,
+            &ClientTls::default(),
+            &ClientTls::default(),
+        )
+        .unwrap_or_else(|_| unreachable!("default TLS settings read no files"))
+    }
+
+    /// Clients for both legs with their TLS settings.
+    pub fn with_tls(
+        connect_timeout: Duration,
+        prefill: &ClientTls,
+        decode: &ClientTls,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            prefill: leg_client(connect_timeout, prefill)?,
+            decode: leg_client(connect_timeout, decode)?,
+            busy_poll: BusyPoll::default(),
+        })
+    }
+
+    /// The same clients, opening a busy-polling window whenever a request is sent.
+    pub fn with_busy_poll(mut self, busy_poll: BusyPoll) -> Self {
+        self.busy_poll = busy_poll;
+        self
+    }
+
+    /// Sends `req` on `leg`'s client and resolves with the response head; the body streams
+    /// afterwards.
+    pub async fn send(
+        &self,
+        leg: Leg,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        // The answer is awaited from now: keep polling for it if busy polling is on.
+        self.busy_poll.touch();
+        match leg {
+            Leg::Prefill => self.prefill.request(req).await,
+            Leg::Decode => self.decode.request(req).await,
+        }
+    }
+}
+
+fn leg_client(connect_timeout: Duration, tls: &ClientTls) -> Result<LegClient, String> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.client_config()?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        // A pooled connection the server closed before our request reached it is retried
+        // on a fresh one: the request never ran, so this is safe even for POST.
+        .retry_canceled_requests(true)
+        .build(connector))
+}

@@ -1,0 +1,172 @@
+//! Upstream addresses: a scheme plus `host:port`, and the prefiller named by a request's
+//! `x-prefiller-host-port` / `x-prefiller-url` header.
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::HeaderMap;
+
+use crate::headers::{PREFILLER_HOST_PORT, PREFILLER_URL};
+
+/// An upstream server: scheme plus `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Target {
+    /// A plain-HTTP target.
+    pub fn http(authority: Authority) -> Self {
+        Self {
+            scheme: Scheme::HTTP,
+            authority,
+        }
+    }
+
+    /// A target with the given scheme: TLS when `tls`.
+    pub fn new(authority: Authority, tls: bool) -> Self {
+        let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+        Self { scheme, authority }
+    }
+
+    /// The URI for `path_and_query` on this target.
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        // Scheme, authority and path were each validated already.
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// `host:port`, for logs and error messages.
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    /// The host, IPv6 in brackets.
+    pub fn host(&self) -> &str {
+        self.authority.host()
+    }
+
+    /// The port, or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
+    }
+}
+
+/// The prefiller a request asks for: `x-prefiller-host-port`, else `x-prefiller-url`.
+/// `Ok(None)` means "no P/D for this request". A comma-separated list picks its first entry,
+/// as the llm-d scheduler may send several. TLS is used with `tls` (`-prefiller-use-tls`)
+/// or an `https://` value.
+pub fn prefiller_from(headers: &HeaderMap, tls: bool) -> Result<Option<Target>, String> {
+    let raw = headers
+        .get(PREFILLER_HOST_PORT)
+        .or_else(|| headers.get(PREFILLER_URL));
+    let Some(raw) = raw else { return Ok(None) };
+    let raw = raw
+        .to_str()
+        .map_err(|_| "the header is not visible ASCII".to_string())?;
+    let first = raw.split(',').next().unwrap_or("").trim();
+    if first.is_empty() {
+        return Ok(None);
+    }
+    parse_target(first, tls).map(Some)
+}
+
+fn parse_target(value: &str, tls: bool) -> Result<Target, String> {
+    let default = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+    // The Go sidecar stripped "http://" and applied its TLS flag; so do we.
+    let (scheme, rest) = if let Some(rest) = value.strip_prefix("http://") {
+        (default, rest)
+    } else if let Some(rest) = value.strip_prefix("https://") {
+        (Scheme::HTTPS, rest)
+    } else {
+        (default, value)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(format!("'{value}' must be host:port with no path"));
+    }
+    let authority: Authority = rest
+        .parse()
+        .map_err(|_| format!("'{value}' is not a valid host:port"))?;
+    if authority.host().is_empty() {
+        return Err(format!("'{value}' has no host"));
+    }
+    if authority.as_str() != authority.host() && authority.port_u16().is_none() {
+        return Err(format!("'{value}' has an invalid port"));
+    }
+    Ok(Target { scheme, authority })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn target(h: &str, v: &str) -> Result<Option<Target>, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::HeaderName::from_bytes(h.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+        prefiller_from(&headers, false)
+    }
+
+    #[test]
+    fn both_headers_and_forms_are_accepted() {
+        let want = Some(Target::http("10.0.0.1:8000".parse().unwrap()));
+        assert_eq!(
+            target("x-prefiller-host-port", "10.0.0.1:8000").unwrap(),
+            want
+        );
+        assert_eq!(
+            target("x-prefiller-url", "http://10.0.0.1:8000").unwrap(),
+            want
+        );
+        assert_eq!(
+            target("x-prefiller-url", "http://10.0.0.1:8000/").unwrap(),
+            want
+        );
+        assert_eq!(
+            target("x-prefiller-host-port", " 10.0.0.1:8000 , b:1").unwrap(),
+            want
+        );
+        assert_eq!(
+            target("x-prefiller-host-port", "[::1]:8000")
+                .unwrap()
+                .unwrap()
+                .authority(),
+            "[::1]:8000"
+        );
+    }
+
+    #[test]
+    fn empty_means_no_pd_and_garbage_is_an_error() {
+        assert_eq!(target("x-prefiller-host-port", "").unwrap(), None);
+        assert_eq!(prefiller_from(&HeaderMap::new(), false).unwrap(), None);
+        assert!(target("x-prefiller-url", "http://h:1/v1").is_err());
+        assert!(target("x-prefiller-url", "http://user@h:1").is_err());
+        assert!(target("x-prefiller-host-port", "h:notaport").is_err());
+    }
+
+    #[test]
+    fn uri_keeps_path_and_query() {
+        let t = Target::http("p:8000".parse().unwrap());
+        let pq = PathAndQuery::from_static("/v1/completions?x=1");
+        assert_eq!(
+            t.uri(Some(&pq)).to_string(),
+            "http://p:8000/v1/completions?x=1"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! Runs the fuzz targets' invariants (fuzz/invariants.rs) over every saved input under
+//! fuzz/corpus/<target>/: hand-written seeds plus what `cargo fuzz` found. This is how the
+//! fuzzing runs in CI without a nightly toolchain.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+#[path = "../../fuzz/invariants.rs"]
+mod invariants;
+
+fn run_corpus(target: &str, check: fn(&[u8]), at_least: usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= at_least,
+        "{}: {} inputs, expected at least {at_least}",
+        dir.display(),
+        files.len()
+    );
+    let mut failed = Vec::new();
+    for path in &files {
+        let data = std::fs::read(path).unwrap();
+        if catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
+            failed.push(path.display().to_string());
+        }
+    }
+    assert!(failed.is_empty(), "invariants failed on: {failed:#?}");
+}
+
+#[test]
+fn json_edit_corpus_holds_the_invariants() {
+    run_corpus("json_edit", invariants::check_json_edit, 20);
+}
+
+#[test]
+fn headers_corpus_holds_the_invariants() {
+    run_corpus("headers", invariants::check_headers, 15);
+}

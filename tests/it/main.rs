@@ -1,0 +1,23 @@
+//! The sidecar's integration tests: one binary (one link of the dependency graph instead of
+//! one per file), one support module. `logs.rs` and `otlp.rs` stay separate binaries because
+//! they install a global subscriber, and tracing caches callsite interest per process.
+
+// Test code: a failed expectation is the test failing, and its servers are bounded by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+mod support;
+
+mod cancel;
+mod cli;
+mod deploy;
+mod errors;
+mod fuzz_corpus;
+mod metrics;
+mod passthrough;
+mod pd_flow;
+mod policy;
+mod shutdown;
+mod ssrf_pool;
+mod streaming;
+mod tls;
+mod trace_context;

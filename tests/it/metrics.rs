@@ -1,0 +1,406 @@
+//! The admin listener's `/metrics` after real traffic: P/D, pass-through, failing prefills and
+//! clients that leave in each phase. Scrapes are taken after a synchronising event (the full
+//! response, or `/sim/wait`), never after a sleep.
+
+use std::net::SocketAddr;
+
+use crate::support::*;
+use sidecar::observe::metrics::Metrics;
+use sidecar::{App, Config, Connector};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use vllm_sim::SimServer;
+
+/// A sidecar in front of `decoder`, with its admin listener.
+struct Observed {
+    sidecar: Sidecar,
+    admin: SocketAddr,
+    admin_task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.admin_task.abort();
+    }
+}
+
+impl Observed {
+    async fn start(decoder: SocketAddr, connector: Connector) -> Observed {
+        let config = Config::new(&decoder.to_string(), connector).expect("config");
+        let app = App::build(config).await.expect("the sidecar assembles");
+        let metrics: Metrics = app.metrics().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = listener.local_addr().expect("addr");
+        let admin_task = tokio::spawn(sidecar::observe::admin::serve(listener, metrics));
+        Observed {
+            sidecar: Sidecar::serve(app).await,
+            admin,
+            admin_task,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.sidecar.addr
+    }
+
+    async fn scrape(&self) -> String {
+        let (resp, body) = call(self.admin, get("/metrics")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        String::from_utf8(body.to_vec()).expect("UTF-8")
+    }
+}
+
+/// The value of one series (`name{labels}`), if exposed.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.parse().ok()
+    })
+}
+
+fn must(text: &str, series: &str) -> f64 {
+    value(text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+async fn pd_pair() -> (SimServer, SimServer) {
+    (sim(|_| {}).await, sim(|_| {}).await)
+}
+
+#[tokio::test]
+async fn pd_and_pass_through_requests_are_counted_with_latencies() {
+    let (p, d) = pd_pair().await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let before = s.scrape().await;
+    assert_eq!(
+        value(&before, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
+        Some(0.0)
+    );
+
+    let (resp, _) = call(
+        s.addr(),
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"p","max_tokens":3}"#,
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let (resp, body) = call(
+        s.addr(),
+        post(
+            "/v1/chat/completions",
+            Some(p.api_addr()),
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+    // vLLM's own /metrics stays on the main port, passed through.
+    let (resp, vllm_metrics) = call(s.addr(), get("/metrics")).await;
+    assert_eq!(resp.status(), 200);
+    let vllm_metrics = String::from_utf8_lossy(&vllm_metrics);
+    assert!(vllm_metrics.contains("vllm:"), "{vllm_metrics}");
+    assert!(!vllm_metrics.contains("llm_d_sidecar"));
+    // Probes are not requests.
+    let (resp, _) = call(s.addr(), get("/health")).await;
+    assert_eq!(resp.status(), 200);
+
+    let m = s.scrape().await;
+    let pd_ok = "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"2xx\"}";
+    assert_eq!(must(&m, pd_ok), 2.0);
+    let pt_ok =
+        "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pass_through\",outcome=\"2xx\"}";
+    assert_eq!(must(&m, pt_ok), 1.0);
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_prefill_duration_seconds_count{connector=\"nixlv2\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_decode_first_byte_seconds_count{connector=\"nixlv2\"}"
+        ),
+        2.0
+    );
+    assert!(
+        must(
+            &m,
+            "llm_d_sidecar_prefill_duration_seconds_sum{connector=\"nixlv2\"}"
+        ) > 0.0
+    );
+    for route in ["pd", "pass_through"] {
+        let series = format!("llm_d_sidecar_in_flight_requests{{route=\"{route}\"}}");
+        assert_eq!(must(&m, &series), 0.0);
+        let series = format!(
+            "llm_d_sidecar_relayed_bytes_total{{route=\"{route}\",direction=\"response\"}}"
+        );
+        assert!(must(&m, &series) > 0.0);
+    }
+    assert!(
+        must(
+            &m,
+            "llm_d_sidecar_relayed_bytes_total{route=\"pd\",direction=\"request\"}"
+        ) > 0.0
+    );
+    assert!(!m.contains("upstream_errors_total{"), "{m}");
+    assert!(!m.contains("cancellations_total{"), "{m}");
+}
+
+#[tokio::test]
+async fn failing_prefills_are_upstream_errors_by_kind() {
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let dead = dead_addr().await;
+    let (resp, _) = call(
+        s.addr(),
+        post("/v1/completions", Some(dead), r#"{"prompt":"p"}"#),
+    )
+    .await;
+    assert_eq!(resp.status(), 502);
+    let mut req = post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#);
+    req.headers_mut()
+        .insert("x-sim-fault", "prefill_http_500".parse().unwrap());
+    let (resp, _) = call(s.addr(), req).await;
+    assert_eq!(resp.status(), 502);
+    // A bad header is the client's fault, not an upstream's.
+    let mut req = post("/v1/completions", None, r#"{"prompt":"p"}"#);
+    req.headers_mut()
+        .insert("x-prefiller-host-port", "h:notaport".parse().unwrap());
+    let (resp, _) = call(s.addr(), req).await;
+    assert_eq!(resp.status(), 400);
+
+    let m = s.scrape().await;
+    let errors = |kind: &str| {
+        value(
+            &m,
+            &format!("llm_d_sidecar_upstream_errors_total{{leg=\"prefill\",kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(errors("unreachable"), Some(1.0), "{m}");
+    assert_eq!(errors("http_5xx"), Some(1.0), "{m}");
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"5xx\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"4xx\"}"
+        ),
+        1.0
+    );
+    // Failed prefills are not in the latency histogram, and no decode was sent.
+    assert!(!m.contains("prefill_duration_seconds_count{"), "{m}");
+    assert!(!m.contains("decode_first_byte_seconds_count{"), "{m}");
+    assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_decoder_is_a_decode_upstream_error() {
+    let dead = dead_addr().await;
+    let s = Observed::start(dead, Connector::NixlV2).await;
+    let (resp, _) = call(s.addr(), get("/v1/models")).await;
+    assert_eq!(resp.status(), 502);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_upstream_errors_total{leg=\"decode\",kind=\"unreachable\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_is_a_streaming_cancellation() {
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.itl_ms = 60_000).await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let mut client = send(
+        s.addr(),
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(client.head().await.status(), 200);
+    client.next_data().await.expect("a first token");
+    let m = s.scrape().await;
+    assert_eq!(
+        must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_decode_first_byte_seconds_count{connector=\"nixlv2\"}"
+        ),
+        1.0
+    );
+
+    drop(client);
+    // The decoder goes idle once the sidecar dropped the response body, which is what counts.
+    assert!(sim_wait(&d, "idle", LIMIT).await);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"streaming\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"cancelled\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_during_prefill_or_handoff_is_counted_in_that_phase() {
+    // During the prefill.
+    let p = sim(|c| c.ttft_ms = 60_000).await;
+    let d = sim(|_| {}).await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let client = send(
+        s.addr(),
+        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
+    )
+    .await;
+    assert!(sim_wait(&p, "busy", LIMIT).await);
+    drop(client);
+    assert!(sim_wait(&p, "idle", LIMIT).await);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"prefill\"}"
+        ),
+        1.0
+    );
+
+    // After the prefill, before the decoder answered (a non-streaming decode answers last).
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.ttft_ms = 60_000).await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let client = send(
+        s.addr(),
+        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
+    )
+    .await;
+    assert!(sim_wait(&d, "busy", LIMIT).await);
+    drop(client);
+    assert!(sim_wait(&d, "idle", LIMIT).await);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"handoff\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_pass_through_client_that_leaves_is_a_decode_cancellation() {
+    let d = sim(|c| c.ttft_ms = 60_000).await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    let client = send(
+        s.addr(),
+        post("/v1/completions", None, r#"{"prompt":"p","max_tokens":2}"#),
+    )
+    .await;
+    assert!(sim_wait(&d, "busy", LIMIT).await);
+    drop(client);
+    assert!(sim_wait(&d, "idle", LIMIT).await);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_cancellations_total{route=\"pass_through\",phase=\"decode\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_health_and_nothing_else() {
+    let d = sim(|_| {}).await;
+    let s = Observed::start(d.api_addr(), Connector::LmCache).await;
+    let (resp, _) = call(s.admin, get("/health")).await;
+    assert_eq!(resp.status(), 200);
+    let (resp, _) = call(s.admin, get("/v1/models")).await;
+    assert_eq!(resp.status(), 404);
+    let (resp, _) = call(s.admin, post("/metrics", None, "{}")).await;
+    assert_eq!(resp.status(), 405);
+    let m = s.scrape().await;
+    // Families without samples are not exposed; gauges start at 0 so they always are.
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_in_flight_requests{route=\"pass_through\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_decoder_stream_that_breaks_is_a_stream_error() {
+    let (p, d) = pd_pair().await;
+    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+    // Only the decoder breaks: the prefill leg carries the client's headers too.
+    sim_config(&d, r#"{"faults":["drop_after_tokens:2"]}"#).await;
+    let req = post(
+        "/v1/completions",
+        Some(p.api_addr()),
+        r#"{"prompt":"p","max_tokens":8,"stream":true}"#,
+    );
+    let mut client = send(s.addr(), req).await;
+    assert_eq!(client.head().await.status(), 200);
+    // Read until the sidecar ends the response (it cannot finish a chunked body it lost).
+    let body = client.head().await.body_mut();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(LIMIT, http_body_util::BodyExt::frame(body))
+        .await
+        .map(|f| f.map(|r| r.map(|_| ())))
+    {}
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_upstream_errors_total{leg=\"decode\",kind=\"stream_broken\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"stream_error\"}"
+        ),
+        1.0
+    );
+}

@@ -1,0 +1,250 @@
+//! Test harness: the sidecar and simulated vLLM workers in-process on ephemeral loopback
+//! ports, a one-connection HTTP client the tests can drop to play a client that leaves, and a
+//! raw recording upstream for byte-level assertions.
+
+pub mod fake_kube;
+pub mod recorder;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sidecar::{App, Config, Connector};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vllm_sim::{SimConfig, SimServer};
+
+/// Every await on the network in tests is bounded by this.
+pub const LIMIT: Duration = Duration::from_secs(10);
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Sidecar {
+    /// Starts a sidecar with `config`, on 127.0.0.1 with an ephemeral port.
+    pub async fn start(config: Config) -> Sidecar {
+        Sidecar::serve(App::build(config).await.expect("the sidecar assembles")).await
+    }
+
+    /// Serves an assembled sidecar on 127.0.0.1 with an ephemeral port.
+    pub async fn serve(app: App) -> Sidecar {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Sidecar {
+            addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Starts a sidecar for the decoder at `decoder` with `connector`.
+    pub async fn for_decoder(decoder: SocketAddr, connector: Connector) -> Sidecar {
+        Sidecar::start(Config::new(&decoder.to_string(), connector).expect("config")).await
+    }
+
+    /// Signals shutdown and returns the server's join handle.
+    pub fn begin_shutdown(&mut self) -> &mut JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        &mut self.task
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A simulated vLLM worker with the spec defaults and fast timings.
+pub async fn sim(configure: impl FnOnce(&mut SimConfig)) -> SimServer {
+    let mut cfg = SimConfig {
+        ttft_ms: 5,
+        itl_ms: 1,
+        kv_transfer_ms: 1,
+        ..SimConfig::default()
+    };
+    configure(&mut cfg);
+    vllm_sim::spawn(cfg).await.expect("sim starts")
+}
+
+/// An open client connection with one request in flight; drop it to disconnect.
+pub struct InFlight {
+    pub response: Option<Response<Incoming>>,
+    conn: JoinHandle<()>,
+    pending: Option<JoinHandle<hyper::Result<Response<Incoming>>>>,
+}
+
+impl InFlight {
+    /// Waits for the response head.
+    pub async fn head(&mut self) -> &mut Response<Incoming> {
+        if let Some(pending) = self.pending.take() {
+            let resp = tokio::time::timeout(LIMIT, pending)
+                .await
+                .expect("response head in time")
+                .expect("join")
+                .expect("response");
+            self.response = Some(resp);
+        }
+        self.response.as_mut().expect("response")
+    }
+
+    /// Reads the next body frame's data (None at the end of the body).
+    pub async fn next_data(&mut self) -> Option<Bytes> {
+        let body = self.head().await.body_mut();
+        loop {
+            let frame = tokio::time::timeout(LIMIT, body.frame())
+                .await
+                .expect("frame in time")?
+                .expect("body frame");
+            if let Ok(data) = frame.into_data() {
+                return Some(data);
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Closing the connection is what a client that leaves does.
+        self.conn.abort();
+        if let Some(p) = self.pending.take() {
+            p.abort();
+        }
+    }
+}
+
+/// Sends `req` to `addr` on a fresh connection and returns without waiting for the answer.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> InFlight {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let pending = tokio::spawn(async move { sender.send_request(req).await });
+    InFlight {
+        response: None,
+        conn,
+        pending: Some(pending),
+    }
+}
+
+/// Sends `req` and collects the whole response.
+pub async fn call(addr: SocketAddr, req: Request<Full<Bytes>>) -> (Response<()>, Bytes) {
+    let mut inflight = send(addr, req).await;
+    inflight.head().await;
+    let resp = inflight.response.take().expect("response");
+    let (parts, body) = resp.into_parts();
+    let bytes = tokio::time::timeout(LIMIT, body.collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    (Response::from_parts(parts, ()), bytes)
+}
+
+/// A POST with a JSON body and optional prefiller header.
+pub fn post(path: &str, prefiller: Option<SocketAddr>, body: &str) -> Request<Full<Bytes>> {
+    let mut b = Request::post(path)
+        .header("host", "sidecar.test")
+        .header("content-type", "application/json");
+    if let Some(p) = prefiller {
+        b = b.header("x-prefiller-host-port", p.to_string());
+    }
+    b.body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
+}
+
+/// A GET.
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "sidecar.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// Parses a JSON body.
+pub fn json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+/// `GET /sim/state` of a simulator.
+pub async fn sim_state(sim: &SimServer) -> Value {
+    let (resp, body) = call(sim.api_addr(), get("/sim/state")).await;
+    assert_eq!(resp.status(), 200);
+    json(&body)
+}
+
+/// `GET /sim/requests`: every request the simulator received, oldest first.
+pub async fn sim_requests(sim: &SimServer) -> Vec<Value> {
+    let (resp, body) = call(sim.api_addr(), get("/sim/requests")).await;
+    assert_eq!(resp.status(), 200);
+    match json(&body) {
+        Value::Array(a) => a,
+        Value::Object(mut o) => match o.remove("requests") {
+            Some(Value::Array(a)) => a,
+            other => panic!("unexpected /sim/requests shape: {other:?}"),
+        },
+        other => panic!("unexpected /sim/requests shape: {other}"),
+    }
+}
+
+/// `GET /sim/wait?until=...`: true if the condition held within `timeout`.
+pub async fn sim_wait(sim: &SimServer, until: &str, timeout: Duration) -> bool {
+    let path = format!("/sim/wait?until={until}&timeout_ms={}", timeout.as_millis());
+    let (resp, _) = call(sim.api_addr(), get(&path)).await;
+    resp.status() == 200
+}
+
+/// `POST /sim/config` with a JSON merge patch.
+pub async fn sim_config(sim: &SimServer, patch: &str) {
+    let (resp, body) = call(sim.api_addr(), post("/sim/config", None, patch)).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// The recorded body of a simulator request record, as JSON.
+pub fn record_body(record: &Value) -> Value {
+    json(
+        record["body"]
+            .as_str()
+            .expect("body is a string")
+            .as_bytes(),
+    )
+}
+
+/// The first value of a header in a simulator request record.
+pub fn record_header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
+    record["headers"][name][0].as_str()
+}
+
+/// A counter from `/sim/state`.
+pub fn counter(state: &Value, path: &str) -> i64 {
+    state
+        .pointer(&format!("/counters/{path}"))
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("no counter {path} in {state}"))
+}
+
+/// A loopback address where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}

@@ -1,0 +1,32 @@
+//! vLLM P/D simulator (`vllm-sim`): one process (or in-process server) is one simulated vLLM
+//! instance that can act as prefiller and decoder, with KV leases and a side channel.
+//! SPEC.md beside this crate is its specification; `§` references in the code point there.
+
+// A simulated engine runs work in tasks by design (requests, lease timers, side channel);
+// the sidecar's rule that a spawned task must justify outliving its request is not for it.
+#![allow(clippy::disallowed_methods)]
+
+mod api;
+mod config;
+mod control;
+mod counters;
+mod decode;
+mod engine;
+mod engine_work;
+mod faults;
+mod generate;
+mod http_util;
+mod kv;
+mod prompt;
+mod reqlog;
+mod responses;
+mod server;
+mod side_channel;
+mod state;
+mod validate;
+
+pub use config::{
+    Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, SimArgs,
+    SimConfig,
+};
+pub use server::{spawn, SimServer};

@@ -1,0 +1,13 @@
+//! The simulator's integration tests: one binary, one support module.
+
+// Test code: a failed expectation is the test failing, and its servers are bounded by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+mod support;
+
+mod abort;
+mod http;
+mod pd;
+
+pub const COMPLETIONS: &str = "/v1/completions";
+pub const CHAT: &str = "/v1/chat/completions";
