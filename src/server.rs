@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -46,6 +47,9 @@ pub(crate) async fn run(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so the ones still open at the drain deadline are closed when serving
+    // ends, in a process that goes on (an embedder, a test) as in one that exits.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     info!(
         addr = %listener.local_addr()?,
@@ -76,9 +80,11 @@ pub(crate) async fn run(
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let handshake_timeout = config.header_read_timeout;
-        // A connection outlives the accept loop by design: the graceful watcher drains it.
-        #[allow(clippy::disallowed_methods)]
-        tokio::spawn(async move {
+        // Finished connections are reaped here, so the set holds only open ones.
+        while connections.try_join_next().is_some() {}
+        // A connection outlives the accept loop by design: the graceful watcher drains it,
+        // and the drain deadline below ends it.
+        connections.spawn(async move {
             let served = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -113,7 +119,13 @@ pub(crate) async fn run(
     info!("shutting down: draining in-flight requests");
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => info!("drained"),
-        Err(_) => warn!("drain timeout reached; closing remaining connections"),
+        Err(_) => {
+            warn!(
+                open = connections.len(),
+                "drain timeout reached; closing remaining connections"
+            );
+            connections.abort_all();
+        }
     }
     Ok(())
 }

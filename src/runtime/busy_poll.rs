@@ -82,11 +82,21 @@ async fn spin(inner: Arc<Inner>) {
 mod tests {
     use super::*;
 
+    /// Off (the default), busy polling costs nothing: no poller task, and touching it does
+    /// not start one. The enabled case shows the count can move.
     #[tokio::test]
-    async fn disabled_is_a_no_op() {
-        let busy = BusyPoll::start(Duration::ZERO);
-        assert!(busy.inner.is_none());
-        busy.touch();
+    async fn disabled_starts_no_poller() {
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        let off = BusyPoll::start(Duration::ZERO);
+        off.touch();
+        assert_eq!(tasks(), before, "a disabled busy poll spawned a task");
+        let _on = BusyPoll::start(Duration::from_micros(50));
+        assert_eq!(tasks(), before + 1, "an enabled busy poll runs one poller");
     }
 
     /// The spinner must not starve the tasks it polls for: sockets and timers still work

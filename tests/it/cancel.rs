@@ -16,21 +16,15 @@ async fn leaving_during_prefill_closes_the_prefill_and_never_calls_the_decoder()
     let p = sim(|c| c.ttft_ms = 60_000).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let client = send(
+    let client = send_pd(
         sidecar.addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"long prompt","max_tokens":4}"#,
-        ),
+        &p,
+        r#"{"prompt":"long prompt","max_tokens":4}"#,
     )
     .await;
     assert!(sim_wait(&p, "busy", LIMIT).await, "the prefill started");
 
-    let left = Instant::now();
-    drop(client);
-    assert!(sim_wait(&p, "idle", LIMIT).await);
-    let closed_after = left.elapsed();
+    let closed_after = leave_and_wait_idle(client, &p).await;
     assert!(
         closed_after < CLOSE_BOUND,
         "prefill closed {closed_after:?} after the client left"
@@ -52,23 +46,17 @@ async fn leaving_during_decode_closes_the_decode_and_the_blocks_were_pulled() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let mut client = send(
+    let mut client = send_pd(
         sidecar.addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
-        ),
+        &p,
+        r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
     )
     .await;
     assert_eq!(client.head().await.status(), 200);
     let first = client.next_data().await.expect("a first token");
     assert!(first.starts_with(b"data: "));
 
-    let left = Instant::now();
-    drop(client);
-    assert!(sim_wait(&d, "idle", LIMIT).await);
-    let closed_after = left.elapsed();
+    let closed_after = leave_and_wait_idle(client, &d).await;
     assert!(
         closed_after < CLOSE_BOUND,
         "decode closed {closed_after:?} after the client left"
@@ -86,15 +74,7 @@ async fn leaving_before_the_decoder_ran_the_request_releases_the_prefill_blocks(
     // The decoder admits nothing: the decode waits in its queue, as under load.
     sim_config(&d, r#"{"max_num_seqs":0}"#).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let client = send(
-        sidecar.addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"p","max_tokens":5}"#,
-        ),
-    )
-    .await;
+    let client = send_pd(sidecar.addr, &p, r#"{"prompt":"p","max_tokens":5}"#).await;
     assert!(sim_wait(&d, "queued", LIMIT).await);
     assert_eq!(sim_state(&p).await["kv"]["leases_held"], 1);
 
@@ -130,11 +110,7 @@ async fn a_down_decoder_is_noticed_and_later_requests_pin_no_blocks() {
     let sidecar = Sidecar::for_decoder(gone, Connector::NixlV2).await;
     let body = r#"{"prompt":"p","max_tokens":5}"#;
 
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), body),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, body).await;
     assert_eq!(resp.status(), 502);
     assert!(sim_wait(&p, "idle_and_no_leases", LIMIT).await);
     assert_eq!(
@@ -144,11 +120,7 @@ async fn a_down_decoder_is_noticed_and_later_requests_pin_no_blocks() {
     );
 
     for _ in 0..3 {
-        let (resp, bytes) = call(
-            sidecar.addr,
-            post("/v1/completions", Some(p.api_addr()), body),
-        )
-        .await;
+        let (resp, bytes) = call_pd(sidecar.addr, &p, body).await;
         assert_eq!(resp.status(), 502);
         assert!(String::from_utf8_lossy(&bytes).contains("no prefill was sent"));
     }
@@ -161,11 +133,7 @@ async fn a_down_decoder_is_noticed_and_later_requests_pin_no_blocks() {
 
     // The decoder comes back on its port: P/D resumes.
     let d = sim(|c| c.port = gone.port()).await;
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), body),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(counter(&sim_state(&d).await, "decode_completed"), 1);
 }
@@ -190,8 +158,7 @@ async fn leaving_during_a_non_streaming_decode_closes_it() {
     .await;
     assert!(sim_wait(&d, "busy", LIMIT).await);
     let left = Instant::now();
-    drop(client);
-    assert!(sim_wait(&d, "idle", LIMIT).await);
+    leave_and_wait_idle(client, &d).await;
     assert!(
         left.elapsed() < CLOSE_BOUND,
         "decode closed {:?} after the client left",
@@ -203,8 +170,9 @@ async fn leaving_during_a_non_streaming_decode_closes_it() {
 
 /// A client that leaves just as its prefill finishes: the prefiller has pinned blocks and its
 /// reply is on the wire. The sidecar reads that late reply and hands the blocks to a decoder to
-/// release, instead of stranding them. The delays only spread the disconnects over the
-/// prefill's end (the race this covers); the assertion waits on the simulator's state.
+/// release, instead of stranding them. The delays (0 to 10 ms against a 4 ms prefill) only
+/// spread the disconnects over the prefill's end, the race this covers; the assertions wait
+/// on the simulator's state and check that the race happened.
 #[tokio::test]
 async fn clients_leaving_as_the_prefill_finishes_strand_no_blocks() {
     let p = sim(|c| c.ttft_ms = 4).await;
@@ -225,7 +193,7 @@ async fn clients_leaving_as_the_prefill_finishes_strand_no_blocks() {
                 ),
             )
             .await;
-            tokio::time::sleep(Duration::from_micros(2_000 + i * 40)).await;
+            tokio::time::sleep(Duration::from_micros(i * 50)).await;
             drop(client);
         }));
     }
@@ -238,4 +206,16 @@ async fn clients_leaving_as_the_prefill_finishes_strand_no_blocks() {
         "stranded leases: {}",
         sim_state(&p).await["kv"]
     );
+    // The race happened: prefills pinned blocks for clients that were leaving (a prefill
+    // whose client left gets LATE_REPLY_GRACE to finish, so none is aborted at 4 ms), and
+    // every lease was released by a decode that reached the decoder, none left to expire.
+    let state = sim_state(&p).await;
+    let created = counter(&state, "leases_created");
+    assert!(created > 0, "every client left before its prefill: {state}");
+    assert_eq!(
+        counter(&state, "leases_pulled") + counter(&state, "leases_released_by_notify"),
+        created,
+        "{state}"
+    );
+    assert_eq!(counter(&sim_state(&d).await, "requests_total"), created);
 }

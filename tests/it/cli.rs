@@ -84,15 +84,7 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
     assert_eq!(event["event"], "listening", "{event}");
     let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let (resp, body) = call(
-        addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"hi","max_tokens":2}"#,
-        ),
-    )
-    .await;
+    let (resp, body) = call_pd(addr, &p, r#"{"prompt":"hi","max_tokens":2}"#).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(counter(&sim_state(&p).await, "leases_pulled"), 1);
 

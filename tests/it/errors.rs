@@ -60,11 +60,7 @@ async fn the_sidecar_keeps_serving_after_bad_requests() {
     let (resp, bytes) = call(sidecar.addr, bad_header).await;
     let v = assert_error(resp.status().as_u16(), &bytes, 400, "BadRequestError");
     assert_eq!(v["error"]["param"], "x-prefiller-host-port");
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"ok"}"#),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, r#"{"prompt":"ok"}"#).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -123,13 +119,10 @@ async fn a_prefiller_4xx_reaches_the_client_with_its_body() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let (resp, bytes) = call(
+    let (resp, bytes) = call_pd(
         sidecar.addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"model":"no-such-model","prompt":"x"}"#,
-        ),
+        &p,
+        r#"{"model":"no-such-model","prompt":"x"}"#,
     )
     .await;
     let v = assert_error(resp.status().as_u16(), &bytes, 404, "NotFoundError");
@@ -207,11 +200,7 @@ async fn a_prefiller_reply_that_is_not_json_is_502() {
 async fn a_down_decoder_after_prefill_is_502() {
     let p = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(dead_addr().await, Connector::NixlV2).await;
-    let (resp, bytes) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#),
-    )
-    .await;
+    let (resp, bytes) = call_pd(sidecar.addr, &p, r#"{"prompt":"x"}"#).await;
     let v = assert_error(resp.status().as_u16(), &bytes, 502, "BadGatewayError");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("decode"),

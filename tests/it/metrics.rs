@@ -26,7 +26,10 @@ impl Drop for Observed {
 
 impl Observed {
     async fn start(decoder: SocketAddr, connector: Connector) -> Observed {
-        let config = Config::new(&decoder.to_string(), connector).expect("config");
+        Observed::with(Config::new(&decoder.to_string(), connector).expect("config")).await
+    }
+
+    async fn with(config: Config) -> Observed {
         let app = App::build(config).await.expect("the sidecar assembles");
         let metrics: Metrics = app.metrics().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -80,15 +83,7 @@ async fn pd_and_pass_through_requests_are_counted_with_latencies() {
         Some(0.0)
     );
 
-    let (resp, _) = call(
-        s.addr(),
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"p","max_tokens":3}"#,
-        ),
-    )
-    .await;
+    let (resp, _) = call_pd(s.addr(), &p, r#"{"prompt":"p","max_tokens":3}"#).await;
     assert_eq!(resp.status(), 200);
     let (resp, body) = call(
         s.addr(),
@@ -229,13 +224,10 @@ async fn a_client_leaving_mid_stream_is_a_streaming_cancellation() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
     let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
-    let mut client = send(
+    let mut client = send_pd(
         s.addr(),
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
-        ),
+        &p,
+        r#"{"prompt":"p","max_tokens":5,"stream":true}"#,
     )
     .await;
     assert_eq!(client.head().await.status(), 200);
@@ -279,51 +271,35 @@ async fn a_client_leaving_mid_stream_is_a_streaming_cancellation() {
 
 #[tokio::test]
 async fn a_client_leaving_during_prefill_or_handoff_is_counted_in_that_phase() {
-    // During the prefill.
-    let p = sim(|c| c.ttft_ms = 60_000).await;
-    let d = sim(|_| {}).await;
-    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
-    let client = send(
-        s.addr(),
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
-    )
-    .await;
-    assert!(sim_wait(&p, "busy", LIMIT).await);
-    drop(client);
-    assert!(sim_wait(&p, "idle", LIMIT).await);
-    let m = s.scrape().await;
-    assert_eq!(
-        must(
-            &m,
-            "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"prefill\"}"
-        ),
-        1.0
-    );
-
-    // After the prefill, before the decoder answered (a non-streaming decode answers last).
-    let p = sim(|_| {}).await;
-    let d = sim(|c| c.ttft_ms = 60_000).await;
-    let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
-    let client = send(
-        s.addr(),
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
-    )
-    .await;
-    assert!(sim_wait(&d, "busy", LIMIT).await);
-    drop(client);
-    assert!(sim_wait(&d, "idle", LIMIT).await);
-    let m = s.scrape().await;
-    assert_eq!(
-        must(
-            &m,
-            "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"handoff\"}"
-        ),
-        1.0
-    );
-    assert_eq!(
-        must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
-        0.0
-    );
+    // During the prefill (a slow prefiller); after it, before the decoder answered (a slow
+    // decoder: a non-streaming decode answers last).
+    for (slow_prefill, phase) in [(true, "prefill"), (false, "handoff")] {
+        let slow = |c: &mut vllm_sim::SimConfig| c.ttft_ms = 60_000;
+        let p = sim(|c| {
+            if slow_prefill {
+                slow(c)
+            }
+        })
+        .await;
+        let d = sim(|c| {
+            if !slow_prefill {
+                slow(c)
+            }
+        })
+        .await;
+        let s = Observed::start(d.api_addr(), Connector::NixlV2).await;
+        let client = send_pd(s.addr(), &p, r#"{"prompt":"p"}"#).await;
+        let busy = if slow_prefill { &p } else { &d };
+        assert!(sim_wait(busy, "busy", LIMIT).await);
+        leave_and_wait_idle(client, busy).await;
+        let m = s.scrape().await;
+        let series = format!("llm_d_sidecar_cancellations_total{{route=\"pd\",phase=\"{phase}\"}}");
+        assert_eq!(must(&m, &series), 1.0, "{m}");
+        assert_eq!(
+            must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
+            0.0
+        );
+    }
 }
 
 #[tokio::test]
@@ -336,8 +312,7 @@ async fn a_pass_through_client_that_leaves_is_a_decode_cancellation() {
     )
     .await;
     assert!(sim_wait(&d, "busy", LIMIT).await);
-    drop(client);
-    assert!(sim_wait(&d, "idle", LIMIT).await);
+    leave_and_wait_idle(client, &d).await;
     let m = s.scrape().await;
     assert_eq!(
         must(
@@ -401,6 +376,38 @@ async fn a_decoder_stream_that_breaks_is_a_stream_error() {
             &m,
             "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pd\",outcome=\"stream_error\"}"
         ),
+        1.0
+    );
+}
+
+/// A request refused by `-max-in-flight` is counted like any other answer (a 5xx outcome),
+/// and the one holding the slot stays in flight.
+#[tokio::test]
+async fn a_request_refused_for_max_in_flight_is_counted() {
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.itl_ms = 60_000).await;
+    let mut config = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    config.max_in_flight = 1;
+    let s = Observed::with(config).await;
+    let stream = r#"{"prompt":"x","max_tokens":3,"stream":true}"#;
+    let mut first = send_pd(s.addr(), &p, stream).await;
+    first
+        .next_data()
+        .await
+        .expect("the first stream holds the one slot");
+    let (resp, _) = call(s.addr(), get("/v1/models")).await;
+    assert_eq!(resp.status(), 503);
+    let m = s.scrape().await;
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_requests_total{connector=\"nixlv2\",route=\"pass_through\",outcome=\"5xx\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
         1.0
     );
 }

@@ -23,11 +23,7 @@ async fn nixlv2_prefills_then_decodes_with_the_prefillers_params_verbatim() {
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     // Big integers, odd key order, escapes and a client-injected kv_transfer_params.
     let original = r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":5,"min_tokens":2,"kv_transfer_params":{"remote_host":"evil"},"zz":[1.0e2]}"#;
-    let (resp, body) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), original),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p, original).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     let reply = json(&body);
     assert_eq!(reply["choices"][0]["text"], " t0 t1 t2 t3 t4");
@@ -128,15 +124,7 @@ async fn every_era_of_kv_params_is_relayed_and_pulled() {
             sim_config(s, &format!(r#"{{"kv_params_era":"{era}"}}"#)).await;
         }
         let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-        let (resp, body) = call(
-            sidecar.addr,
-            post(
-                "/v1/completions",
-                Some(p.api_addr()),
-                r#"{"prompt":"x y z","max_tokens":2}"#,
-            ),
-        )
-        .await;
+        let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x y z","max_tokens":2}"#).await;
         assert_eq!(
             resp.status(),
             200,
@@ -153,11 +141,7 @@ async fn legacy_nixl_uses_top_level_fields_and_one_request_id() {
     let d = sim(|c| c.protocol = "nixl-v1".parse().unwrap()).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::Nixl).await;
     let original = r#"{"prompt":"hello there","max_tokens":4,"stream":true}"#;
-    let (resp, body) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), original),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p, original).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
     let p_body = record_body(&sim_requests(&p).await[0]);
@@ -192,11 +176,7 @@ async fn lmcache_prefills_one_token_then_sends_the_untouched_request() {
     .await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::LmCache).await;
     let original = r#"{"prompt": "shared prefix", "max_tokens": 3, "stream": false}"#;
-    let (resp, body) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), original),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p, original).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     let p_req = &sim_requests(&p).await[0];
     assert_eq!(record_body(p_req)["max_tokens"], 1);
@@ -297,15 +277,7 @@ async fn a_busy_polling_sidecar_serves_pd_requests() {
     config.busy_poll = Duration::from_millis(1);
     let sidecar = Sidecar::start(config).await;
     for _ in 0..3 {
-        let (resp, body) = call(
-            sidecar.addr,
-            post(
-                "/v1/completions",
-                Some(p.api_addr()),
-                r#"{"prompt":"a b","max_tokens":2}"#,
-            ),
-        )
-        .await;
+        let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"a b","max_tokens":2}"#).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(json(&body)["choices"][0]["text"], " t0 t1");
     }

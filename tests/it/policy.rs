@@ -20,11 +20,7 @@ async fn a_prefill_past_its_deadline_is_504_and_is_cancelled() {
     let mut cfg = config(d.api_addr());
     cfg.prefill_timeout = Duration::from_millis(200);
     let sidecar = Sidecar::start(cfg).await;
-    let (resp, body) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x"}"#).await;
     assert_eq!(resp.status(), 504);
     assert_eq!(json(&body)["error"]["type"], "GatewayTimeoutError");
     assert!(sim_wait(&p, "idle", LIMIT).await);
@@ -39,15 +35,7 @@ async fn a_decode_past_its_first_byte_deadline_is_504_and_frees_everything() {
     let mut cfg = config(d.api_addr());
     cfg.decode_first_byte_timeout = Duration::from_millis(300);
     let sidecar = Sidecar::start(cfg).await;
-    let (resp, body) = call(
-        sidecar.addr,
-        post(
-            "/v1/completions",
-            Some(p.api_addr()),
-            r#"{"prompt":"x","max_tokens":3}"#,
-        ),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x","max_tokens":3}"#).await;
     assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
     assert!(json(&body)["error"]["message"]
         .as_str()
@@ -127,11 +115,7 @@ async fn static_allowlist_admits_listed_prefillers_only() {
         pool_api: sidecar::security::inference_pool::PoolApi::V1,
     });
     let sidecar = Sidecar::start(cfg).await;
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"x"}"#),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, r#"{"prompt":"x"}"#).await;
     assert_eq!(resp.status(), 200);
     let (resp, body) = call(
         sidecar.addr,
@@ -157,11 +141,7 @@ async fn requests_beyond_max_in_flight_get_503_until_a_slot_frees() {
     cfg.max_in_flight = 1;
     let sidecar = Sidecar::start(cfg).await;
     let stream = r#"{"prompt":"x","max_tokens":3,"stream":true}"#;
-    let mut first = send(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), stream),
-    )
-    .await;
+    let mut first = send_pd(sidecar.addr, &p, stream).await;
     first.next_data().await.expect("the first stream is open");
     let (resp, body) = call(sidecar.addr, get("/v1/models")).await;
     assert_eq!(resp.status(), 503);

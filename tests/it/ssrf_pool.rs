@@ -92,11 +92,7 @@ async fn only_the_pools_pods_on_its_ports_are_allowed_as_the_pool_changes() {
     let sidecar = Sidecar::serve(app).await;
 
     until_status(sidecar.addr, p1.api_addr(), 200).await;
-    let (resp, body) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p2.api_addr()), r#"{"prompt":"x"}"#),
-    )
-    .await;
+    let (resp, body) = call_pd(sidecar.addr, &p2, r#"{"prompt":"x"}"#).await;
     assert_eq!(resp.status(), 403, "same host, port not in the pool");
     assert_eq!(json(&body)["error"]["type"], "PermissionDeniedError");
     assert_eq!(counter(&sim_state(&p2).await, "requests_total"), 0);

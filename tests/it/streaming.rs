@@ -35,11 +35,7 @@ async fn the_stream_is_relayed_event_for_event() {
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
     let body = r#"{"prompt":"a b c","max_tokens":8,"stream":true,"stream_options":{"include_usage":true}}"#;
-    let (resp, bytes) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), body),
-    )
-    .await;
+    let (resp, bytes) = call_pd(sidecar.addr, &p, body).await;
     assert_eq!(resp.status(), 200);
     let text = String::from_utf8(bytes.to_vec()).unwrap();
     let events: Vec<&str> = text.split_terminator("\n\n").collect();

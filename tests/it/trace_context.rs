@@ -49,11 +49,7 @@ async fn without_a_traceparent_both_legs_share_a_new_trace() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, r#"{"prompt":"p"}"#).await;
     assert_eq!(resp.status(), 200);
     let prefill = only_request(&p).await;
     let decode = only_request(&d).await;
@@ -68,11 +64,7 @@ async fn without_a_traceparent_both_legs_share_a_new_trace() {
         .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
 
     // A second request starts another trace.
-    let (resp, _) = call(
-        sidecar.addr,
-        post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
-    )
-    .await;
+    let (resp, _) = call_pd(sidecar.addr, &p, r#"{"prompt":"p"}"#).await;
     assert_eq!(resp.status(), 200);
     let second = sim_requests(&p).await.pop().expect("second prefill");
     assert_ne!(record_header(&second, "traceparent"), Some(tp));

@@ -106,14 +106,21 @@ impl InFlight {
 
     /// Reads the next body frame's data (None at the end of the body).
     pub async fn next_data(&mut self) -> Option<Bytes> {
+        self.try_next_data().await.expect("body frame")
+    }
+
+    /// As [`InFlight::next_data`], with a body that fails (a cut stream) as an `Err`.
+    pub async fn try_next_data(&mut self) -> Result<Option<Bytes>, hyper::Error> {
         let body = self.head().await.body_mut();
         loop {
-            let frame = tokio::time::timeout(LIMIT, body.frame())
+            let Some(frame) = tokio::time::timeout(LIMIT, body.frame())
                 .await
-                .expect("frame in time")?
-                .expect("body frame");
-            if let Ok(data) = frame.into_data() {
-                return Some(data);
+                .expect("frame in time")
+            else {
+                return Ok(None);
+            };
+            if let Ok(data) = frame?.into_data() {
+                return Ok(Some(data));
             }
         }
     }
@@ -247,4 +254,41 @@ pub fn counter(state: &Value, path: &str) -> i64 {
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     l.local_addr().expect("addr")
+}
+
+/// Sends a P/D completion with `body` to the sidecar at `sidecar`, naming `prefiller`;
+/// returns at once (see [`InFlight`]).
+pub async fn send_pd(sidecar: SocketAddr, prefiller: &SimServer, body: &str) -> InFlight {
+    send(
+        sidecar,
+        post("/v1/completions", Some(prefiller.api_addr()), body),
+    )
+    .await
+}
+
+/// The client leaves (its connection is dropped); returns once `at` is idle again, with how
+/// long that took.
+pub async fn leave_and_wait_idle(client: InFlight, at: &SimServer) -> Duration {
+    let left = std::time::Instant::now();
+    drop(client);
+    assert!(
+        sim_wait(at, "idle", LIMIT).await,
+        "{} stayed busy",
+        at.api_addr()
+    );
+    left.elapsed()
+}
+
+/// Sends a P/D completion with `body` to the sidecar at `sidecar`, naming `prefiller`, and
+/// reads the whole answer.
+pub async fn call_pd(
+    sidecar: SocketAddr,
+    prefiller: &SimServer,
+    body: &str,
+) -> (Response<()>, Bytes) {
+    call(
+        sidecar,
+        post("/v1/completions", Some(prefiller.api_addr()), body),
+    )
+    .await
 }

@@ -57,17 +57,8 @@ async fn decode_aborted_while_queued_notifies_prefiller() {
         let p = sim(|_| {}).await;
         let d = sim(|c| c.max_num_seqs = 0).await;
         let original = json!({"prompt": "a b c", "max_tokens": 3});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
-        let pending = start(
-            d.api_addr(),
-            "POST",
-            COMPLETIONS,
-            &decode_body(&original, &prj),
-            &[],
-        )
-        .await;
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
+        let pending = start_decode(&d, COMPLETIONS, &original, &prj).await;
         assert_eq!(wait(&d, "queued", 2000).await.0, 200);
         pending.disconnect().await;
         let (code, ds) = wait(&d, "idle", 2000).await;
@@ -89,9 +80,7 @@ async fn decode_aborted_during_transfer_still_pulls() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 3});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         // x-sim-ttft-ms on a decode sets the transfer time.
         let hdr = [("x-sim-ttft-ms", "400")];
         let pending = start(

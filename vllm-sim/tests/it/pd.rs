@@ -93,11 +93,11 @@ async fn expired_lease_fails_decode_like_vllm() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original)).await.json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         let e = post(p.api_addr(), "/sim/expire_leases", "{}").await.json();
         assert_eq!(e["expired"], 1);
         // Non-streaming: 500 InternalServerError.
-        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
+        let dr = decoded(&d, COMPLETIONS, &original, &prj).await;
         assert_eq!(dr.status, 500);
         assert_eq!(
             dr.text(),
@@ -127,11 +127,9 @@ async fn unknown_lease_with_stale_policy_succeeds() {
         let p = sim(|_| {}).await;
         let d = sim(|c| c.on_unknown_lease = vllm_sim::OnUnknownLease::Stale).await;
         let original = json!({"prompt": "x y", "max_tokens": 1});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         post(p.api_addr(), "/sim/expire_leases", "{}").await;
-        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
+        let dr = decoded(&d, COMPLETIONS, &original, &prj).await;
         assert_eq!(dr.status, 200);
         assert_eq!(counter(&state(&d).await, "decode_stale_reads"), 1);
     })
@@ -144,9 +142,7 @@ async fn invalid_params_rejected_and_prefiller_notified() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         let mut body: Value = serde_json::from_str(&decode_body(&original, &prj)).expect("json");
         body["kv_transfer_params"]
             .as_object_mut()
@@ -164,9 +160,7 @@ async fn invalid_params_rejected_and_prefiller_notified() {
         assert_eq!(ps["kv"]["leases_held"], 0);
 
         // A §7.4 failure (unknown model) on a remote-prefill request also notifies P.
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         let mut body: Value = serde_json::from_str(&decode_body(&original, &prj)).expect("json");
         body["model"] = "nope".into();
         let dr = post(d.api_addr(), COMPLETIONS, &body.to_string()).await;
@@ -221,11 +215,9 @@ async fn prompt_change_between_legs_is_detected() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b c", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         let changed = json!({"prompt": "a b d", "max_tokens": 2});
-        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&changed, &prj)).await;
+        let dr = decoded(&d, COMPLETIONS, &changed, &prj).await;
         assert_eq!(dr.status, 500);
         assert_eq!(
             state(&p).await["kv"]["leases_held"],
@@ -268,17 +260,8 @@ async fn heartbeats_keep_a_queued_decode_lease_alive() {
         })
         .await;
         let original = json!({"prompt": "a b", "max_tokens": 1});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
-        let pending = start(
-            d.api_addr(),
-            "POST",
-            COMPLETIONS,
-            &decode_body(&original, &prj),
-            &[],
-        )
-        .await;
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
+        let pending = start_decode(&d, COMPLETIONS, &original, &prj).await;
         assert_eq!(wait(&d, "queued", 2000).await.0, 200);
         // Without heartbeats the 300 ms lease would be gone well within 900 ms.
         let (code, ps) = wait(&p, "no_leases", 900).await;
@@ -429,9 +412,7 @@ async fn side_channel_down_is_a_kv_load_failure() {
         let p = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let original = json!({"prompt": "a b", "max_tokens": 2});
-        let prj = post(p.api_addr(), COMPLETIONS, &prefill_body(&original))
-            .await
-            .json();
+        let prj = prefilled(&p, COMPLETIONS, &original).await;
         let r = post(
             p.api_addr(),
             "/sim/config",
@@ -439,7 +420,7 @@ async fn side_channel_down_is_a_kv_load_failure() {
         )
         .await;
         assert_eq!(r.status, 200);
-        let dr = post(d.api_addr(), COMPLETIONS, &decode_body(&original, &prj)).await;
+        let dr = decoded(&d, COMPLETIONS, &original, &prj).await;
         assert_eq!(dr.status, 500);
         let ds = state(&d).await;
         assert_eq!(counter(&ds, "decode_kv_load_failures"), 1);

@@ -194,3 +194,20 @@ pub fn prefill_body(original: &Value) -> String {
         "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
     b.to_string()
 }
+
+/// Runs the prefill leg of `original` on `p` at `path` and returns the prefiller's reply.
+pub async fn prefilled(p: &SimServer, path: &str, original: &Value) -> Value {
+    post(p.api_addr(), path, &prefill_body(original))
+        .await
+        .json()
+}
+
+/// Starts the decode leg of `original` on `d` after the prefill reply `prj`, without waiting.
+pub async fn start_decode(d: &SimServer, path: &str, original: &Value, prj: &Value) -> Pending {
+    start(d.api_addr(), "POST", path, &decode_body(original, prj), &[]).await
+}
+
+/// Runs the decode leg of `original` on `d` after the prefill reply `prj`.
+pub async fn decoded(d: &SimServer, path: &str, original: &Value, prj: &Value) -> Reply {
+    post(d.api_addr(), path, &decode_body(original, prj)).await
+}
