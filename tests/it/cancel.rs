@@ -144,7 +144,7 @@ async fn leaving_during_a_non_streaming_decode_closes_it() {
     let d = sim(|c| c.itl_ms = 60_000).await;
     // A JSON decode shows no sign of admission until it is done, so an abandoned one stays
     // open for the admission grace; the bound below is on top of a short grace.
-    let mut config = sidecar::Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut config = config(d.api_addr());
     config.decode_admission_grace = Duration::from_millis(20);
     let sidecar = Sidecar::start(config).await;
     let client = send(

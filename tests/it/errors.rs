@@ -6,7 +6,7 @@ use crate::support::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use sidecar::{Config, Connector};
+use sidecar::Connector;
 
 fn assert_error(status: u16, body: &[u8], want_status: u16, want_type: &str) -> serde_json::Value {
     assert_eq!(status, want_status, "{}", String::from_utf8_lossy(body));
@@ -44,9 +44,7 @@ async fn malformed_bodies_are_400_and_reach_no_upstream() {
 
 #[tokio::test]
 async fn the_sidecar_keeps_serving_after_bad_requests() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d: _d, sidecar } = Pd::start(Connector::NixlV2).await;
     let (resp, _) = call(
         sidecar.addr,
         post("/v1/completions", Some(p.api_addr()), "{oops"),
@@ -68,7 +66,7 @@ async fn the_sidecar_keeps_serving_after_bad_requests() {
 async fn oversized_bodies_are_413_whether_sized_or_chunked() {
     let p = Recorder::start(OK).await;
     let d = Recorder::start(OK).await;
-    let mut config = Config::new(&d.addr.to_string(), Connector::NixlV2).unwrap();
+    let mut config = config(d.addr);
     config.max_body_bytes = 1024;
     let sidecar = Sidecar::start(config).await;
     let big = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(2048));
@@ -116,9 +114,7 @@ impl hyper::body::Body for Chunks {
 
 #[tokio::test]
 async fn a_prefiller_4xx_reaches_the_client_with_its_body() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let (resp, bytes) = call_pd(
         sidecar.addr,
         &p,
@@ -139,9 +135,7 @@ async fn a_prefiller_4xx_reaches_the_client_with_its_body() {
 
 #[tokio::test]
 async fn prefiller_5xx_is_502_and_503_stays_503_naming_the_prefiller() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     for (fault, status, kind) in [
         ("prefill_http_500", 502, "BadGatewayError"),
         ("prefill_http_503", 503, "ServiceUnavailableError"),

@@ -386,7 +386,7 @@ async fn a_decoder_stream_that_breaks_is_a_stream_error() {
 async fn a_request_refused_for_max_in_flight_is_counted() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
-    let mut config = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut config = config(d.api_addr());
     config.max_in_flight = 1;
     let s = Observed::with(config).await;
     let stream = r#"{"prompt":"x","max_tokens":3,"stream":true}"#;

@@ -18,9 +18,7 @@ async fn assert_no_leak(prefiller: &vllm_sim::SimServer, expected: i64) {
 
 #[tokio::test]
 async fn nixlv2_prefills_then_decodes_with_the_prefillers_params_verbatim() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     // Big integers, odd key order, escapes and a client-injected kv_transfer_params.
     let original = r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":5,"min_tokens":2,"kv_transfer_params":{"remote_host":"evil"},"zz":[1.0e2]}"#;
     let (resp, body) = call_pd(sidecar.addr, &p, original).await;
@@ -65,9 +63,7 @@ async fn nixlv2_prefills_then_decodes_with_the_prefillers_params_verbatim() {
 
 #[tokio::test]
 async fn nixlv2_chat_streams_with_the_original_stream_options_restored() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let original = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":3}"#;
     let mut req = post("/v1/chat/completions", None, original);
     req.headers_mut().insert(
@@ -195,9 +191,7 @@ async fn lmcache_prefills_one_token_then_sends_the_untouched_request() {
 
 #[tokio::test]
 async fn concurrent_requests_leave_no_leases_behind() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let mut tasks = Vec::new();
     for i in 0..16 {
         let (addr, pa) = (sidecar.addr, p.api_addr());
@@ -272,8 +266,7 @@ async fn a_large_prompt_reaches_both_legs_byte_for_byte() {
 async fn a_busy_polling_sidecar_serves_pd_requests() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let mut config =
-        sidecar::Config::new(&d.api_addr().to_string(), Connector::NixlV2).expect("config");
+    let mut config = config(d.api_addr());
     config.busy_poll = Duration::from_millis(1);
     let sidecar = Sidecar::start(config).await;
     for _ in 0..3 {

@@ -6,12 +6,7 @@ use std::time::Duration;
 use crate::support::recorder::Recorder;
 use crate::support::*;
 use sidecar::config::{PrefillFailurePolicy, SsrfConfig};
-use sidecar::{Config, Connector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn config(decoder: std::net::SocketAddr) -> Config {
-    Config::new(&decoder.to_string(), Connector::NixlV2).unwrap()
-}
 
 #[tokio::test]
 async fn a_prefill_past_its_deadline_is_504_and_is_cancelled() {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use sidecar::{Config, Connector};
+use sidecar::Connector;
 
 #[tokio::test]
 async fn in_flight_streams_finish_and_new_connections_are_refused() {
@@ -63,7 +63,7 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> Optio
 async fn the_drain_timeout_bounds_shutdown() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 60_000).await;
-    let mut config = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut config = config(d.api_addr());
     config.drain_timeout = Duration::from_millis(200);
     let mut sidecar = Sidecar::start(config).await;
     let body = r#"{"prompt":"x","max_tokens":10,"stream":true}"#;

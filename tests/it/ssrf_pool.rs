@@ -10,7 +10,7 @@ use crate::support::*;
 use serde_json::{json, Value};
 use sidecar::config::SsrfConfig;
 use sidecar::security::inference_pool::PoolApi;
-use sidecar::{App, Config, Connector};
+use sidecar::App;
 
 const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools";
 const PODS: &str = "/api/v1/namespaces/llm/pods";
@@ -80,7 +80,7 @@ async fn only_the_pools_pods_on_its_ports_are_allowed_as_the_pool_changes() {
         ),
     ])
     .await;
-    let mut cfg = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut cfg = config(d.api_addr());
     cfg.ssrf = Some(SsrfConfig {
         rules: vec![],
         inference_pool: Some(("llm".into(), "pool".into())),
@@ -126,7 +126,7 @@ async fn only_the_pools_pods_on_its_ports_are_allowed_as_the_pool_changes() {
 #[tokio::test]
 async fn without_a_kubernetes_api_protection_refuses_to_start() {
     let d = sim(|_| {}).await;
-    let mut cfg = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut cfg = config(d.api_addr());
     cfg.ssrf = Some(SsrfConfig {
         rules: vec![],
         inference_pool: Some(("llm".into(), "pool".into())),

@@ -31,9 +31,7 @@ async fn each_event_reaches_the_client_before_the_next_is_written() {
 
 #[tokio::test]
 async fn the_stream_is_relayed_event_for_event() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let body = r#"{"prompt":"a b c","max_tokens":8,"stream":true,"stream_options":{"include_usage":true}}"#;
     let (resp, bytes) = call_pd(sidecar.addr, &p, body).await;
     assert_eq!(resp.status(), 200);

@@ -11,7 +11,6 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use sidecar::security::tls::ClientTls;
 use sidecar::upstream::Leg;
 use sidecar::upstream::Upstream;
-use sidecar::{Config, Connector};
 
 /// A client for `https://` URIs with the given trust settings.
 fn client(tls: ClientTls) -> Upstream {
@@ -41,7 +40,7 @@ fn insecure() -> ClientTls {
 #[tokio::test]
 async fn secure_proxy_serves_tls_with_a_self_signed_certificate() {
     let d = sim(|_| {}).await;
-    let mut cfg = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut cfg = config(d.api_addr());
     cfg.server_tls = Some(None);
     let sidecar = Sidecar::start(cfg).await;
     let url = format!("https://{}/v1/models", sidecar.addr);
@@ -66,13 +65,13 @@ async fn prefill_and_decode_legs_speak_tls() {
     let d = sim(|_| {}).await;
     // TLS fronts for both workers: sidecars with -secure-proxy passing requests through.
     let front = |backend: std::net::SocketAddr| {
-        let mut cfg = Config::new(&backend.to_string(), Connector::NixlV2).unwrap();
+        let mut cfg = config(backend);
         cfg.server_tls = Some(None);
         Sidecar::start(cfg)
     };
     let p_front = front(p.api_addr()).await;
     let d_front = front(d.api_addr()).await;
-    let mut cfg = Config::new(&d_front.addr.to_string(), Connector::NixlV2).unwrap();
+    let mut cfg = config(d_front.addr);
     cfg.decoder = sidecar::upstream::Target::new(d_front.addr.to_string().parse().unwrap(), true);
     cfg.prefiller_use_tls = true;
     cfg.prefiller_tls = insecure();
@@ -136,7 +135,7 @@ async fn cert_path_is_served_and_reloaded_when_rotated() {
     let dir = scratch_dir("certs");
     let (first, second) = (pki(), pki());
     install(&dir, &first);
-    let mut cfg = Config::new(&d.api_addr().to_string(), Connector::NixlV2).unwrap();
+    let mut cfg = config(d.api_addr());
     cfg.server_tls = Some(Some(dir.clone()));
     cfg.cert_reload_interval = Duration::from_millis(50);
     let sidecar = Sidecar::start(cfg).await;

@@ -26,9 +26,7 @@ async fn only_request(sim: &vllm_sim::SimServer) -> Value {
 
 #[tokio::test]
 async fn the_clients_traceparent_and_tracestate_reach_both_legs_unchanged() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let req = with_headers(
         post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#),
         &[
@@ -46,9 +44,7 @@ async fn the_clients_traceparent_and_tracestate_reach_both_legs_unchanged() {
 
 #[tokio::test]
 async fn without_a_traceparent_both_legs_share_a_new_trace() {
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let Pd { p, d, sidecar } = Pd::start(Connector::NixlV2).await;
     let (resp, _) = call_pd(sidecar.addr, &p, r#"{"prompt":"p"}"#).await;
     assert_eq!(resp.status(), 200);
     let prefill = only_request(&p).await;

@@ -292,3 +292,26 @@ pub async fn call_pd(
     )
     .await
 }
+
+/// The usual cast of a P/D test: a prefiller and a decoder (default simulators) and a
+/// sidecar in front of the decoder.
+pub struct Pd {
+    pub p: SimServer,
+    pub d: SimServer,
+    pub sidecar: Sidecar,
+}
+
+impl Pd {
+    pub async fn start(connector: Connector) -> Pd {
+        let p = sim(|_| {}).await;
+        let d = sim(|_| {}).await;
+        let sidecar = Sidecar::for_decoder(d.api_addr(), connector).await;
+        Pd { p, d, sidecar }
+    }
+}
+
+/// The default configuration (nixlv2) for a decoder at `decoder`, for tests that change a
+/// setting before starting the sidecar.
+pub fn config(decoder: SocketAddr) -> Config {
+    Config::new(&decoder.to_string(), Connector::NixlV2).expect("config")
+}
