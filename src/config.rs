@@ -67,6 +67,35 @@ pub struct SsrfConfig {
     pub pool_api: PoolApi,
 }
 
+/// A flag value that parses but cannot be used; each message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("-tls-ca-file {0} is not a readable file")]
+    CaFileUnreadable(String),
+    #[error("-cert-path {dir}: {file} is missing")]
+    CertFileMissing { dir: String, file: &'static str },
+    #[error("-vllm-host '{0}' is not a valid host")]
+    BadVllmHost(String),
+    #[error("-max-header-size must be at least 8KiB")]
+    HeaderLimitTooSmall,
+    #[error("-allowed-prefillers: {0}")]
+    BadAllowRule(String),
+    #[error(
+        "-enable-ssrf-protection needs -inference-pool-namespace and -inference-pool-name \
+         (or INFERENCE_POOL_NAMESPACE and INFERENCE_POOL_NAME)"
+    )]
+    NoInferencePool,
+    /// `-otlp-endpoint` (the message names it).
+    #[error("{0}")]
+    BadOtlpEndpoint(String),
+    /// [`Config::new`]'s decoder address.
+    #[error("'{0}' is not host:port")]
+    NotHostPort(String),
+    /// [`Config::new`]'s flags (never expected: they are built in).
+    #[error("{0}")]
+    Flags(String),
+}
+
 /// What to do when the prefill leg fails on the upstream's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillFailurePolicy {
@@ -93,30 +122,27 @@ impl std::str::FromStr for PrefillFailurePolicy {
 impl Config {
     /// A configuration for a decoder at `decoder` (`host:port`), with every other setting
     /// at its default. For embedding and tests.
-    pub fn new(decoder: &str, connector: Connector) -> Result<Self, String> {
+    pub fn new(decoder: &str, connector: Connector) -> Result<Self, ConfigError> {
         let args = crate::cli::parse_from(["sidecar", "-connector", connector.name()])
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ConfigError::Flags(e.to_string()))?;
         let mut config = Config::try_from(args)?;
         config.decoder = Target::http(
             decoder
                 .parse()
-                .map_err(|_| format!("'{decoder}' is not host:port"))?,
+                .map_err(|_| ConfigError::NotHostPort(decoder.to_string()))?,
         );
         Ok(config)
     }
 }
 
 impl TryFrom<Args> for Config {
-    type Error = String;
+    type Error = ConfigError;
 
-    fn try_from(args: Args) -> Result<Self, String> {
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
         let ca_file = args.tls_ca_file.as_ref().map(PathBuf::from);
         if let Some(ca) = &ca_file {
             if !ca.is_file() {
-                return Err(format!(
-                    "-tls-ca-file {} is not a readable file",
-                    ca.display()
-                ));
+                return Err(ConfigError::CaFileUnreadable(ca.display().to_string()));
             }
         }
         let cert_path = args
@@ -127,7 +153,10 @@ impl TryFrom<Args> for Config {
         if let (true, Some(dir)) = (args.secure_proxy, &cert_path) {
             for f in ["tls.crt", "tls.key"] {
                 if !dir.join(f).is_file() {
-                    return Err(format!("-cert-path {}: {f} is missing", dir.display()));
+                    return Err(ConfigError::CertFileMissing {
+                        dir: dir.display().to_string(),
+                        file: f,
+                    });
                 }
             }
         }
@@ -137,10 +166,10 @@ impl TryFrom<Args> for Config {
         };
         let authority = format!("{host}:{}", args.vllm_port)
             .parse()
-            .map_err(|_| format!("-vllm-host '{}' is not a valid host", args.vllm_host))?;
+            .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
         let ssrf = ssrf_config(&args)?;
         if args.max_header_size < 8192 {
-            return Err("-max-header-size must be at least 8KiB".into());
+            return Err(ConfigError::HeaderLimitTooSmall);
         }
         Ok(Config {
             prefill_timeout: args.prefill_timeout,
@@ -175,22 +204,23 @@ impl TryFrom<Args> for Config {
                 .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
             log_format: args.log_format,
             otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-                Some(e) => Some(crate::observe::otlp::traces_uri(e).map(|_| e.to_string())?),
+                Some(e) => Some(
+                    crate::observe::otlp::traces_uri(e)
+                        .map(|_| e.to_string())
+                        .map_err(ConfigError::BadOtlpEndpoint)?,
+                ),
                 None => None,
             },
         })
     }
 }
 
-fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, String> {
+fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, ConfigError> {
     let rules = args
         .allowed_prefillers
         .iter()
         .filter(|r| !r.trim().is_empty())
-        .map(|r| {
-            r.parse::<Rule>()
-                .map_err(|e| format!("-allowed-prefillers: {e}"))
-        })
+        .map(|r| r.parse::<Rule>().map_err(ConfigError::BadAllowRule))
         .collect::<Result<Vec<_>, _>>()?;
     let inference_pool = if args.enable_ssrf_protection {
         let ns = args
@@ -200,11 +230,7 @@ fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, String> {
         let name = args.inference_pool_name.clone().filter(|s| !s.is_empty());
         match (ns, name) {
             (Some(ns), Some(name)) => Some((ns, name)),
-            _ => return Err(
-                "-enable-ssrf-protection needs -inference-pool-namespace and -inference-pool-name \
-                     (or INFERENCE_POOL_NAMESPACE and INFERENCE_POOL_NAME)"
-                    .into(),
-            ),
+            _ => return Err(ConfigError::NoInferencePool),
         }
     } else {
         None
@@ -226,7 +252,7 @@ mod tests {
     fn config(args: &[&str]) -> Result<Config, String> {
         let args = crate::cli::parse_from(std::iter::once("sidecar").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        Config::try_from(args)
+        Config::try_from(args).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     };
     let config = match Config::try_from(args) {
         Ok(config) => config,
-        Err(e) => return fail(2, &e),
+        Err(e) => return fail(2, &e.to_string()),
     };
     let (otlp, exporter) = match config
         .otlp_endpoint
