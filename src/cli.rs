@@ -136,7 +136,7 @@ pub struct Args {
     /// When the prefill fails (5xx, unreachable, timeout, unusable reply): `error` answers the
     /// client with it; `decode-local` sends the request to the decoder without KV handoff
     #[arg(long = "prefill-failure-policy", default_value = "error", value_parser = parse_failure_policy, value_name = "POLICY")]
-    pub prefill_failure_policy: crate::config::PrefillFailurePolicy,
+    pub prefill_failure_policy: crate::pd::PrefillFailurePolicy,
 
     /// Most requests served at once; beyond it requests get 503 (0: no limit)
     #[arg(long = "max-in-flight", default_value_t = 4096, value_name = "N")]
@@ -273,7 +273,7 @@ fn parse_connector(s: &str) -> Result<Connector, String> {
     s.parse()
 }
 
-fn parse_failure_policy(s: &str) -> Result<crate::config::PrefillFailurePolicy, String> {
+fn parse_failure_policy(s: &str) -> Result<crate::pd::PrefillFailurePolicy, String> {
     s.parse()
 }
 

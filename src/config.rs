@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::cli::Args;
 use crate::connector::Connector;
 use crate::observe::logging::LogFormat;
+pub use crate::pd::PrefillFailurePolicy;
 use crate::security::allowlist::Rule;
 use crate::security::inference_pool::PoolApi;
 use crate::security::tls::ClientTls;
@@ -94,29 +95,6 @@ pub enum ConfigError {
     /// [`Config::new`]'s flags (never expected: they are built in).
     #[error("{0}")]
     Flags(String),
-}
-
-/// What to do when the prefill leg fails on the upstream's side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefillFailurePolicy {
-    /// Return the failure to the client (502/503/504).
-    Error,
-    /// Decode without KV handoff, so the user still gets an answer (slower: full prefill on D).
-    DecodeLocal,
-}
-
-impl std::str::FromStr for PrefillFailurePolicy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "error" => Ok(Self::Error),
-            "decode-local" => Ok(Self::DecodeLocal),
-            other => Err(format!(
-                "unknown policy '{other}' (expected error or decode-local)"
-            )),
-        }
-    }
 }
 
 impl Config {

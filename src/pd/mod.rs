@@ -20,7 +20,6 @@ use tokio::time::Instant;
 use tracing::{debug, info_span, trace, warn, Instrument};
 
 use crate::body::{self, CollectError, ProxyBody};
-use crate::config::PrefillFailurePolicy;
 use crate::connector::{Connector, Handoff};
 use crate::error::{describe, ProxyError};
 use crate::headers::{self, PREFILL_FALLBACK, REQUEST_ID};
@@ -32,6 +31,29 @@ use crate::upstream::{Decoder, Leg, Target, Upstream};
 
 use handoff::LateReplyRelease;
 use prefill::Prefilled;
+
+/// What to do when the prefill leg fails on the upstream's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillFailurePolicy {
+    /// Return the failure to the client (502/503/504).
+    Error,
+    /// Decode without KV handoff, so the user still gets an answer (slower: full prefill on D).
+    DecodeLocal,
+}
+
+impl std::str::FromStr for PrefillFailurePolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Self::Error),
+            "decode-local" => Ok(Self::DecodeLocal),
+            other => Err(format!(
+                "unknown policy '{other}' (expected error or decode-local)"
+            )),
+        }
+    }
+}
 
 /// What the P/D path needs, and nothing else of the proxy's.
 pub struct PdContext {
