@@ -26,61 +26,37 @@ use hyper_util::rt::TokioExecutor;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A bounded soak of a running sidecar (see the module documentation).
+#[derive(clap::Parser)]
+#[command(name = "pd-soak")]
 struct Opts {
+    /// The sidecar, host:port.
+    #[arg(long)]
     addr: String,
+    /// The prefiller the P/D requests name, host:port.
+    #[arg(long)]
     prefiller: String,
+    /// The sidecar's process id, for /proc sampling.
+    #[arg(long)]
     pid: u32,
+    /// Requests to send in all.
+    #[arg(long, default_value_t = 200_000)]
     requests: u64,
+    /// Upper bound on the run, in seconds.
+    #[arg(long, default_value_t = 600)]
     max_secs: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Allowed RSS growth after warm-up, as a fraction.
+    #[arg(long, default_value_t = 0.5)]
     rss_tolerance: f64,
+    /// Descriptors the sidecar may hold above its baseline at the end.
+    #[arg(long, default_value_t = 4)]
     fd_slack: usize,
+    /// The largest request body the sidecar accepts (bigger ones must get 413).
+    #[arg(long, default_value_t = 65_536)]
     max_body: usize,
-}
-
-fn parse_opts() -> Opts {
-    let mut o = Opts {
-        addr: String::new(),
-        prefiller: String::new(),
-        pid: 0,
-        requests: 200_000,
-        max_secs: 600,
-        concurrency: 32,
-        rss_tolerance: 0.5,
-        fd_slack: 4,
-        max_body: 65_536,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let [flag, value] = pair else {
-            die(&format!("{} needs a value", pair[0]))
-        };
-        let num = || -> u64 {
-            value
-                .parse()
-                .unwrap_or_else(|_| die(&format!("bad {flag}: {value}")))
-        };
-        match flag.as_str() {
-            "--addr" => o.addr = value.clone(),
-            "--prefiller" => o.prefiller = value.clone(),
-            "--pid" => o.pid = num() as u32,
-            "--requests" => o.requests = num(),
-            "--max-secs" => o.max_secs = num(),
-            "--concurrency" => o.concurrency = num() as usize,
-            "--fd-slack" => o.fd_slack = num() as usize,
-            "--max-body" => o.max_body = num() as usize,
-            "--rss-tolerance" => {
-                o.rss_tolerance = value
-                    .parse()
-                    .unwrap_or_else(|_| die(&format!("bad {flag}: {value}")))
-            }
-            other => die(&format!("unknown flag {other}")),
-        }
-    }
-    if o.addr.is_empty() || o.prefiller.is_empty() || o.pid == 0 {
-        die("--addr, --prefiller and --pid are required");
-    }
-    o
 }
 
 fn die(msg: &str) -> ! {
@@ -274,7 +250,7 @@ async fn one(client: &HttpClient, o: &Opts, i: u64, oversized: &Bytes) -> Result
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let o = Arc::new(parse_opts());
+    let o = Arc::new(<Opts as clap::Parser>::parse());
     let oversized = Bytes::from(format!(
         r#"{{"prompt":"{}"}}"#,
         "x".repeat(o.max_body + 1024)
