@@ -3,7 +3,7 @@
 #
 # Build: make image   (or: docker build -t llm-d-routing-sidecar .)
 
-# Built against glibc, as benchmarked (README "Performance"): the sidecar tunes glibc's
+# Built against glibc, as benchmarked (docs/design.md, "Allocator"): the sidecar tunes glibc's
 # allocator for large request bodies, and musl's allocator is markedly slower under load.
 # The builder is Debian 12, like the runtime image, so the glibc versions match.
 FROM docker.io/library/rust:1-bookworm AS build

@@ -50,7 +50,7 @@ e2e-vllm:
 	./scripts/e2e-vllm/run.sh
 
 # Bounded soak test on loopback (SOAK_REQUESTS=200000 by default, SOAK_MAX_SECS=600): memory
-# and descriptors of the sidecar must not grow, and no KV lease may leak. See README "Soak test".
+# and descriptors of the sidecar must not grow, and no KV lease may leak. See docs/testing.md "Soak test".
 .PHONY: soak
 soak:
 	./scripts/soak.sh

@@ -16,6 +16,7 @@ mod metrics;
 mod passthrough;
 mod pd_flow;
 mod policy;
+mod readme;
 mod shutdown;
 mod ssrf_pool;
 mod streaming;

@@ -45,7 +45,7 @@ pub use guard::{CountedRequest, RequestGuard};
 /// Every exposed name starts with this.
 pub const PREFIX: &str = "llm_d_sidecar";
 
-/// Every exposed metric family, as scraped (the README's list is checked against this).
+/// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
 pub const NAMES: [&str; 7] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",

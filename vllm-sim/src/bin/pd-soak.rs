@@ -303,7 +303,7 @@ async fn main() {
         }));
     }
 
-    // Samples once a second while the load runs. Warm-up ends at 10% of the requests.
+    // Samples every 250 ms while the load runs. Warm-up ends at 10% of the requests.
     let warm_at = o.requests / 10;
     let mut rss_warm = None;
     let mut rss_max = 0;

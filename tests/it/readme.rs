@@ -1,17 +1,28 @@
-//! The README's flags table is the one `-help` describes, and its metrics list names every
-//! metric the sidecar exposes. `UPDATE_README=1 cargo test --release --test readme flags` rewrites
-//! the flags table from the CLI definition.
+//! The documentation agrees with the code: README.md's flags table is the one `-help` describes,
+//! and docs/operating.md names every metric the sidecar exposes and quotes its real error
+//! messages in the troubleshooting table. `UPDATE_README=1 cargo test --release --test it
+//! flags_table` rewrites the flags table from the CLI definition.
 
 use std::path::PathBuf;
 
 use clap::CommandFactory;
 use sidecar::cli::Args;
 
-const BEGIN: &str = "<!-- flags:begin (generated from -help by tests/readme.rs) -->";
+const BEGIN: &str = "<!-- flags:begin (generated from -help by tests/it/readme.rs) -->";
 const END: &str = "<!-- flags:end -->";
 
+/// A file of the repository, by its path from the repository root.
+fn repo_file(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
 fn readme_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md")
+    repo_file("README.md")
+}
+
+/// Where the metrics list and the troubleshooting table live.
+fn operating_doc() -> String {
+    std::fs::read_to_string(repo_file("docs/operating.md")).expect("docs/operating.md")
 }
 
 /// One row per visible flag, from the same definition `-help` prints.
@@ -65,26 +76,26 @@ fn the_readme_flags_table_matches_help() {
         return;
     }
     panic!(
-        "README flags table is stale; run UPDATE_README=1 cargo test --release --test readme flags.\n\
+        "README flags table is stale; run UPDATE_README=1 cargo test --release --test it flags_table.\n\
          Expected:\n{wanted}"
     );
 }
 
 #[test]
-fn the_readme_lists_every_metric() {
-    let readme = std::fs::read_to_string(readme_path()).expect("README.md");
-    for name in sidecar::metrics::NAMES {
+fn the_operating_doc_lists_every_metric() {
+    let doc = operating_doc();
+    for name in sidecar::observe::metrics::NAMES {
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README does not document {name}"
+            doc.contains(&format!("`{name}`")),
+            "docs/operating.md does not document {name}"
         );
     }
 }
 
 #[test]
-fn the_readme_troubleshooting_quotes_real_error_messages() {
+fn the_operating_doc_troubleshooting_quotes_real_error_messages() {
     use sidecar::error::ProxyError;
-    let readme = std::fs::read_to_string(readme_path()).expect("README.md");
+    let doc = operating_doc();
     // Variable parts are '#' or digits; the longest fixed part must be quoted.
     let p = || "#".to_string();
     let d = || "#".to_string();
@@ -124,8 +135,8 @@ fn the_readme_troubleshooting_quotes_real_error_messages() {
             .unwrap_or_default()
             .to_string();
         assert!(
-            readme.contains(&fixed),
-            "README troubleshooting does not quote {fixed:?} (from {message:?})"
+            doc.contains(&fixed),
+            "docs/operating.md troubleshooting does not quote {fixed:?} (from {message:?})"
         );
     }
 }
