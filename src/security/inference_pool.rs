@@ -127,7 +127,8 @@ async fn watch_pool(
     let mut events = watcher::watcher(pools, config).default_backoff().boxed();
     let mut current: Option<Targets> = None;
     let mut listed: Option<Targets> = None;
-    let mut pods: Option<JoinHandle<()>> = None;
+    // Aborted on drop too, so aborting this watch stops the pods' watch with it.
+    let mut pods: Option<AbortOnDrop> = None;
     while let Some(event) = events.next().await {
         let next = match event {
             Err(e) => {
@@ -151,9 +152,7 @@ async fn watch_pool(
             continue;
         }
         info!(pool = %name, targets = ?next, "InferencePool changed");
-        if let Some(task) = pods.take() {
-            task.abort();
-        }
+        drop(pods.take());
         tx.send_replace(PoolSet::default());
         if let Some(targets) = &next {
             // The pods' watch for the current pool; aborted when the pool changes or goes.
@@ -164,9 +163,18 @@ async fn watch_pool(
                 targets.clone(),
                 tx.clone(),
             ));
-            pods = Some(task);
+            pods = Some(AbortOnDrop(task));
         }
         current = next;
+    }
+}
+
+/// A task handle that aborts its task when dropped (a plain `JoinHandle` detaches it).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
