@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
@@ -15,6 +14,7 @@ use crate::observe::metrics::Metrics;
 use crate::pd::PdContext;
 use crate::proxy::Proxy;
 use crate::runtime::busy_poll::BusyPoll;
+use crate::runtime::AbortOnDrop;
 use crate::security::allowlist::Allowlist;
 use crate::security::inference_pool;
 use crate::security::tls::ServerTls;
@@ -36,10 +36,9 @@ pub enum StartupError {
 pub struct App {
     config: Config,
     proxy: Arc<Proxy>,
-    metrics: Metrics,
     server_tls: Option<Arc<ServerTls>>,
-    /// The InferencePool watch, stopped when serving ends.
-    pool_watch: Option<JoinHandle<()>>,
+    /// The InferencePool watch; it stops when the App is dropped (after serving ends).
+    _pool_watch: Option<AbortOnDrop>,
 }
 
 impl App {
@@ -78,7 +77,6 @@ impl App {
             config.connect_timeout,
         ));
         let proxy = Proxy {
-            connector: config.connector,
             pd: PdContext {
                 connector: config.connector,
                 decoder: Arc::clone(&decoder),
@@ -98,20 +96,19 @@ impl App {
                     config.max_in_flight,
                 )
             }),
-            metrics: metrics.clone(),
+            metrics,
         };
         Ok(App {
             config,
             proxy: Arc::new(proxy),
-            metrics,
             server_tls,
-            pool_watch,
+            _pool_watch: pool_watch,
         })
     }
 
     /// The metrics this sidecar reports to (served by `observe::admin`).
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.proxy.metrics
     }
 
     /// Serves `listener` until `shutdown` resolves, then drains (see `server.rs`).
@@ -120,18 +117,14 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let served = server::run(
+        server::run(
             &self.config,
-            self.proxy,
-            self.server_tls,
+            Arc::clone(&self.proxy),
+            self.server_tls.clone(),
             listener,
             shutdown,
         )
-        .await;
-        if let Some(task) = self.pool_watch {
-            task.abort();
-        }
-        served
+        .await
     }
 }
 
@@ -139,7 +132,7 @@ impl App {
 async fn allowlist(
     config: &Config,
     kube_api: Option<&str>,
-) -> Result<(Allowlist, Option<JoinHandle<()>>), StartupError> {
+) -> Result<(Allowlist, Option<AbortOnDrop>), StartupError> {
     let Some(ssrf) = &config.ssrf else {
         return Ok((Allowlist::disabled(), None));
     };

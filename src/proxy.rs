@@ -11,7 +11,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
-use crate::connector::Connector;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::observe::metrics::{Metrics, RequestGuard};
@@ -25,7 +24,6 @@ use crate::upstream::{Decoder, Target};
 
 /// The shared per-process state the handler reads, built once by [`crate::App::build`].
 pub struct Proxy {
-    pub(crate) connector: Connector,
     pub(crate) decoder: Arc<Decoder>,
     pub(crate) pd: PdContext,
     pub(crate) prefiller_use_tls: bool,
@@ -57,7 +55,7 @@ impl Proxy {
         // Dropped with this future if the client leaves: that counts the cancellation.
         let mut guard = self
             .metrics
-            .track(self.connector, routing.route(), span.clone());
+            .track(self.pd.connector, routing.route(), span.clone());
         let resp = match self.admit() {
             Err(e) => respond_error(&mut guard, client, e),
             Ok(permit) => {

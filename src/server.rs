@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::runtime::AbortOnDrop;
 use crate::security::tls::ServerTls;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight
@@ -30,9 +31,11 @@ pub(crate) async fn run(
     let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.config.clone()));
     let reloader = tls.map(|tls| {
         let interval = config.cert_reload_interval;
-        // Process-long: aborted below when serving ends.
+        // Lives as long as the handle, dropped below when serving ends.
         #[allow(clippy::disallowed_methods)]
-        tokio::spawn(async move { tls.reload_forever(interval).await })
+        AbortOnDrop(tokio::spawn(
+            async move { tls.reload_forever(interval).await },
+        ))
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The header read timeout bounds slow-loris clients; the buffer bound caps the request
@@ -113,9 +116,7 @@ pub(crate) async fn run(
         });
     }
     drop(listener);
-    if let Some(task) = reloader {
-        task.abort();
-    }
+    drop(reloader);
     info!("shutting down: draining in-flight requests");
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => info!("drained"),

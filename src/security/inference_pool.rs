@@ -16,9 +16,9 @@ use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::Value;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::runtime::AbortOnDrop;
 use crate::security::allowlist::PoolSet;
 
 /// Which InferencePool API the cluster serves.
@@ -106,12 +106,12 @@ pub fn spawn(
     namespace: String,
     name: String,
     api: PoolApi,
-) -> (watch::Receiver<PoolSet>, JoinHandle<()>) {
+) -> (watch::Receiver<PoolSet>, AbortOnDrop) {
     let (tx, rx) = watch::channel(PoolSet::default());
-    // Process-long: App aborts it when serving ends.
+    // Lives as long as the returned handle: the App holds it while it serves.
     #[allow(clippy::disallowed_methods)]
     let task = tokio::spawn(watch_pool(client, namespace, name, api, tx));
-    (rx, task)
+    (rx, AbortOnDrop(task))
 }
 
 async fn watch_pool(
@@ -166,15 +166,6 @@ async fn watch_pool(
             pods = Some(AbortOnDrop(task));
         }
         current = next;
-    }
-}
-
-/// A task handle that aborts its task when dropped (a plain `JoinHandle` detaches it).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

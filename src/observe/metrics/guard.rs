@@ -31,7 +31,7 @@ pub struct RequestGuard {
     done: bool,
     /// The request's span, entered for logs emitted after the handler returned.
     span: Span,
-    /// The request's `-max-in-flight` slot, freed when the tracker (and so the response body)
+    /// The request's `-max-in-flight` slot, freed when the guard (and so the response body)
     /// is dropped.
     slot: Option<OwnedSemaphorePermit>,
 }
@@ -119,7 +119,7 @@ impl RequestGuard {
         let tracked = Tracked {
             inner: body,
             status: parts.status,
-            tracker: self,
+            guard: self,
         };
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(tracked))
     }
@@ -162,11 +162,11 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that reports its bytes, its first byte and how it ended to its tracker.
+/// A response body that reports its bytes, its first byte and how it ended to its guard.
 struct Tracked {
     // Declared first so it drops first: a cancellation is counted before the upstream
     // connection inside `inner` closes, so whoever sees that close sees the count too.
-    tracker: RequestGuard,
+    guard: RequestGuard,
     inner: ProxyBody,
     status: StatusCode,
 }
@@ -176,7 +176,7 @@ impl Tracked {
         if data.is_empty() {
             return;
         }
-        let t = &mut self.tracker;
+        let t = &mut self.guard;
         if let Some(sent) = t.decode_sent.take() {
             t.metrics
                 .0
@@ -208,19 +208,19 @@ impl Body for Tracked {
                 }
                 // hyper stops polling a body that reports its end, so finish on the last frame.
                 if this.inner.is_end_stream() {
-                    this.tracker.finish(Outcome::Status(this.status));
+                    this.guard.finish(Outcome::Status(this.status));
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                this.tracker
+                this.guard
                     .span
                     .in_scope(|| debug!(error = %e, "upstream body failed mid-response"));
-                this.tracker
+                this.guard
                     .metrics
                     .upstream_error(Leg::Decode, "stream_broken");
-                this.tracker.finish(Outcome::StreamError);
+                this.guard.finish(Outcome::StreamError);
             }
-            Poll::Ready(None) => this.tracker.finish(Outcome::Status(this.status)),
+            Poll::Ready(None) => this.guard.finish(Outcome::Status(this.status)),
             Poll::Pending => {}
         }
         polled
@@ -239,7 +239,7 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // Bodies hyper never polls (empty ones, HEAD responses) end here, complete.
         if self.inner.is_end_stream() {
-            self.tracker.finish(Outcome::Status(self.status));
+            self.guard.finish(Outcome::Status(self.status));
         }
     }
 }
