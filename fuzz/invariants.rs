@@ -325,7 +325,8 @@ pub fn check_headers(input: &[u8]) {
 
     let mut targets = Vec::new();
     for tls in [tls, !tls] {
-        if let Ok(Some(target)) = sidecar::upstream::prefiller_from(&headers, tls) {
+        let first = sidecar::upstream::prefillers_from(&headers, tls).map(|l| l.into_iter().next());
+        if let Ok(Some(target)) = first {
             assert!(!target.host().is_empty(), "empty host from {headers:?}");
             let uri = target.uri(None);
             assert_eq!(

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::observe::metrics::Metrics;
 use crate::pd::PdContext;
 use crate::proxy::Proxy;
+use crate::routing::Pick;
 use crate::runtime::busy_poll::BusyPoll;
 use crate::runtime::AbortOnDrop;
 use crate::security::allowlist::Allowlist;
@@ -58,6 +59,7 @@ impl App {
         let busy_poll = BusyPoll::start(config.busy_poll);
         let upstream = Upstream::with_tls(
             config.connect_timeout,
+            config.max_idle_per_host,
             &config.prefiller_tls,
             &config.decoder_tls,
         )
@@ -84,10 +86,15 @@ impl App {
                 max_body_bytes: config.max_body_bytes,
                 prefill_timeout: config.prefill_timeout,
                 prefill_failure_policy: config.prefill_failure_policy,
+                prefill_retry: config.prefill_retry,
                 decode_admission_grace: config.decode_admission_grace,
+                metrics: metrics.clone(),
             },
             decoder,
-            prefiller_use_tls: config.prefiller_use_tls,
+            pick: Pick {
+                tls: config.prefiller_use_tls,
+                sampling: config.prefiller_sampling,
+            },
             allowlist,
             busy_poll,
             in_flight: (config.max_in_flight > 0).then(|| {

@@ -12,11 +12,11 @@ use sidecar::{cli, server, App, Config};
 
 fn main() -> ExitCode {
     alloc::tune_allocator();
-    let args = match cli::parse_from(std::env::args_os()) {
-        Ok(args) => args,
+    let parsed = match cli::parse_from(std::env::args_os()) {
+        Ok(parsed) => parsed,
         Err(e) => return cli::report(e),
     };
-    let config = match Config::try_from(args) {
+    let config = match Config::try_from(parsed) {
         Ok(config) => config,
         Err(e) => return fail(2, &e.to_string()),
     };
@@ -29,18 +29,27 @@ fn main() -> ExitCode {
         Some(Err(e)) => return fail(2, &e),
         None => (None, None),
     };
-    logging::init(config.verbosity, config.log_format, otlp);
+    logging::init(config.log, otlp);
+    for notice in &config.notices {
+        tracing::warn!("{notice}");
+    }
     let runtime = match server::build_runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
         let (listen, metrics_listen) = (config.listen, config.metrics_listen);
+        let metrics_defaulted = config.metrics_port_defaulted;
         let app = App::build(config).await.map_err(|e| e.to_string())?;
         let listener = bind("-port", listen).await?;
         let admin = match metrics_listen {
-            Some(addr) => Some(bind("-metrics-port", addr).await?),
             None => None,
+            // The default port may be another container's in the pod: serving matters more.
+            Some(addr) if metrics_defaulted => bind("-metrics-port", addr)
+                .await
+                .inspect_err(|e| tracing::warn!("{e}; serving without /metrics"))
+                .ok(),
+            Some(addr) => Some(bind("-metrics-port", addr).await?),
         };
         if let Some(exporter) = exporter {
             // Process-long: spans are exported until exit.

@@ -16,7 +16,7 @@ use crate::headers;
 use crate::observe::metrics::{Metrics, RequestGuard};
 use crate::observe::trace_context;
 use crate::pd::{self, PdContext};
-use crate::routing::{self, Routing};
+use crate::routing::{self, Pick, Routing};
 use crate::runtime::busy_poll::BusyPoll;
 use crate::security::allowlist::Allowlist;
 use crate::upstream::decoder::from_upstream;
@@ -26,7 +26,8 @@ use crate::upstream::{Decoder, Target};
 pub struct Proxy {
     pub(crate) decoder: Arc<Decoder>,
     pub(crate) pd: PdContext,
-    pub(crate) prefiller_use_tls: bool,
+    /// How the prefiller is picked from the request's header.
+    pub(crate) pick: Pick,
     pub(crate) allowlist: Allowlist,
     /// Opened on each request too: the next request of a keep-alive client comes soon.
     pub(crate) busy_poll: BusyPoll,
@@ -44,7 +45,7 @@ impl Proxy {
         if path == "/health" && (method == Method::GET || method == Method::HEAD) {
             return health();
         }
-        let routing = routing::decide(&req, self.prefiller_use_tls, &self.allowlist);
+        let routing = routing::decide(&req, self.pick, &self.allowlist);
         let span = trace_context::request_span(
             routing.route(),
             method,
@@ -94,7 +95,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let served = match routing {
             Routing::PassThrough => self.pass_through(req, client, guard).await,
-            Routing::Pd(prefiller) => pd::serve(&self.pd, req, prefiller, client, guard).await,
+            Routing::Pd(prefillers) => pd::serve(&self.pd, req, prefillers, client, guard).await,
             Routing::Refused { error, .. } => Err(error),
         };
         served.unwrap_or_else(|e| respond_error(guard, client, e))

@@ -29,8 +29,9 @@ impl Route {
 pub enum Routing {
     /// Relayed to the local vLLM as is.
     PassThrough,
-    /// Prefilled on this prefiller, then decoded locally.
-    Pd(Target),
+    /// Prefilled on the first of these prefillers (a retry goes to the next), then decoded
+    /// locally.
+    Pd(Vec<Target>),
     /// Meant for P/D but refused before any upstream is called (bad header, SSRF).
     Refused {
         prefiller: Option<Target>,
@@ -38,27 +39,49 @@ pub enum Routing {
     },
 }
 
+/// How the prefiller is picked from the header's list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pick {
+    /// Prefillers named without a scheme use TLS (`-enable-tls=prefiller`).
+    pub tls: bool,
+    /// Uniformly at random (`-enable-prefiller-sampling`), instead of the first entry.
+    pub sampling: bool,
+}
+
 /// The completion routes with a prefiller header go P/D; everything else passes through.
-pub fn decide<B>(req: &Request<B>, prefiller_tls: bool, allowlist: &Allowlist) -> Routing {
+pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing {
     let path = req.uri().path();
     let completion = path == "/v1/completions" || path == "/v1/chat/completions";
     if req.method() != Method::POST || !completion {
         return Routing::PassThrough;
     }
-    match upstream::prefiller_from(req.headers(), prefiller_tls) {
-        Ok(None) => Routing::PassThrough,
-        Ok(Some(prefiller)) if !allowlist.allows(&prefiller) => Routing::Refused {
+    let list = match upstream::prefillers_from(req.headers(), pick.tls) {
+        Ok(list) if list.is_empty() => return Routing::PassThrough,
+        Ok(list) => list,
+        Err(e) => {
+            return Routing::Refused {
+                prefiller: None,
+                error: ProxyError::BadPrefillerHeader(e),
+            }
+        }
+    };
+    let first = if pick.sampling {
+        fastrand::usize(..list.len())
+    } else {
+        0
+    };
+    let picked = &list[first];
+    if !allowlist.allows(picked) {
+        return Routing::Refused {
             error: ProxyError::PrefillerNotAllowed {
-                prefiller: prefiller.authority().to_string(),
+                prefiller: picked.authority().to_string(),
             },
-            prefiller: Some(prefiller),
-        },
-        Ok(Some(prefiller)) => Routing::Pd(prefiller),
-        Err(e) => Routing::Refused {
-            prefiller: None,
-            error: ProxyError::BadPrefillerHeader(e),
-        },
+            prefiller: Some(picked.clone()),
+        };
     }
+    // Retries go down the list from the pick, skipping what SSRF protection refuses.
+    let order = list.iter().cycle().skip(first).take(list.len());
+    Routing::Pd(order.filter(|t| allowlist.allows(t)).cloned().collect())
 }
 
 impl Routing {
@@ -73,7 +96,7 @@ impl Routing {
     /// The prefiller named, for the request span.
     pub fn prefiller(&self) -> Option<&Target> {
         match self {
-            Routing::Pd(p) => Some(p),
+            Routing::Pd(list) => list.first(),
             Routing::Refused { prefiller, .. } => prefiller.as_ref(),
             Routing::PassThrough => None,
         }

@@ -58,6 +58,8 @@ pub(crate) async fn run(
         addr = %listener.local_addr()?,
         decoder = config.decoder.authority(),
         connector = config.connector.name(),
+        tls = config.server_tls.is_some(),
+        defaults = config.defaults,
         "listening"
     );
     loop {

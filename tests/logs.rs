@@ -15,7 +15,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use sidecar::observe::logging::{self, LogFormat};
+use sidecar::observe::logging::{self, LogFormat, LogLevel, LogSettings, LogTime};
 use sidecar::Connector;
 use support::*;
 
@@ -42,8 +42,11 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
     let sink = Capture::default();
     let writer = sink.clone();
     let _guard = tracing::subscriber::set_default(logging::subscriber(
-        4,
-        LogFormat::Json,
+        LogSettings {
+            level: LogLevel::Verbosity(4),
+            format: LogFormat::Json,
+            time: LogTime::Rfc3339,
+        },
         false,
         move || writer.clone(),
         None,

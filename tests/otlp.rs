@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use sidecar::observe::logging::{self, LogFormat};
+use sidecar::observe::logging::{self, LogFormat, LogLevel, LogSettings, LogTime};
 use sidecar::observe::otlp;
 use sidecar::Connector;
 use support::recorder::Recorder;
@@ -31,8 +31,11 @@ async fn request_and_leg_spans_are_exported_in_the_requests_trace() {
     )
     .unwrap();
     let _guard = tracing::subscriber::set_default(logging::subscriber(
-        0,
-        LogFormat::Text,
+        LogSettings {
+            level: LogLevel::Verbosity(0),
+            format: LogFormat::Text,
+            time: LogTime::Rfc3339,
+        },
         false,
         std::io::sink,
         Some(layer),

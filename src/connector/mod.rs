@@ -148,9 +148,10 @@ impl FromStr for Connector {
         match s {
             "nixlv2" => Ok(Connector::NixlV2),
             "nixl" => Ok(Connector::Nixl),
-            "lmcache" => Ok(Connector::LmCache),
+            // pd-sidecar's name for it since llm-d-router#509.
+            "lmcache" | "shared-storage" => Ok(Connector::LmCache),
             other => Err(format!(
-                "unknown connector '{other}' (expected nixlv2, nixl or lmcache)"
+                "unknown connector '{other}' (expected nixlv2, nixl, shared-storage or lmcache)"
             )),
         }
     }

@@ -1,14 +1,17 @@
-//! Log setup: klog-style `-v` levels, overridden by `RUST_LOG` when set; text or JSON lines.
+//! Log setup: a verbosity (klog's `-v`, zap's `--zap-log-level`), overridden by `RUST_LOG` when
+//! set; text or JSON lines; the timestamp format zap's `--zap-time-encoding` names.
 
 use std::str::FromStr;
 
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::observe::otlp::OtlpLayer;
 
-/// How log lines are written (`-log-format`).
+/// How log lines are written (`-log-format`, `--zap-encoder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// Human-readable lines; a request's span fields (request id, trace id) prefix each line.
@@ -30,23 +33,83 @@ impl FromStr for LogFormat {
     }
 }
 
+/// Which events are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// klog/logr verbosity: 0-3 info, 4 debug (routing decisions), 5 and more trace (bodies).
+    Verbosity(u8),
+    /// Errors only (zap's `error`).
+    Errors,
+    /// Nothing (zap's `panic`: the sidecar does not panic). Startup failures still print.
+    Off,
+}
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel::Verbosity(0)
+    }
+}
+
+impl LogLevel {
+    /// The `EnvFilter` directive for this level.
+    fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Verbosity(0..=3) => "warn,sidecar=info",
+            LogLevel::Verbosity(4) => "warn,sidecar=debug",
+            LogLevel::Verbosity(_) => "warn,sidecar=trace",
+            LogLevel::Errors => "error",
+            LogLevel::Off => "off",
+        }
+    }
+}
+
+/// The timestamp on each line (`--zap-time-encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogTime {
+    /// RFC 3339 in UTC with microseconds (zap's `iso8601`, `rfc3339`, `rfc3339nano`).
+    #[default]
+    Rfc3339,
+    /// Seconds since the Unix epoch, fractional (zap's `epoch`).
+    Epoch,
+    /// Milliseconds since the epoch, fractional (zap's `millis`).
+    Millis,
+    /// Nanoseconds since the epoch, an integer (zap's `nano`).
+    Nanos,
+}
+
+impl FormatTime for LogTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        match self {
+            LogTime::Rfc3339 => SystemTime.format_time(w),
+            LogTime::Epoch => write!(w, "{:.6}", since.as_secs_f64()),
+            LogTime::Millis => write!(w, "{:.3}", since.as_secs_f64() * 1e3),
+            LogTime::Nanos => write!(w, "{}", since.as_nanos()),
+        }
+    }
+}
+
+/// Everything about logging the flags decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogSettings {
+    pub level: LogLevel,
+    pub format: LogFormat,
+    pub time: LogTime,
+}
+
 /// Installs the global subscriber, writing to stderr. Safe to call more than once.
-pub fn init(verbosity: u8, format: LogFormat, otlp: Option<OtlpLayer>) {
+pub fn init(settings: LogSettings, otlp: Option<OtlpLayer>) {
     // Colour codes would garble logs collected by Kubernetes or parsed by scripts.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing::subscriber::set_global_default(subscriber(
-        verbosity,
-        format,
-        ansi,
-        std::io::stderr,
-        otlp,
-    ));
+    let _ =
+        tracing::subscriber::set_global_default(subscriber(settings, ansi, std::io::stderr, otlp));
 }
 
 /// The subscriber [`init`] installs, writing to `writer`; tests capture logs with it.
 pub fn subscriber<W>(
-    verbosity: u8,
-    format: LogFormat,
+    settings: LogSettings,
     ansi: bool,
     writer: W,
     otlp: Option<OtlpLayer>,
@@ -54,18 +117,14 @@ pub fn subscriber<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let level = match verbosity {
-        0..=3 => "info",
-        4 => "debug",
-        _ => "trace",
-    };
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,sidecar={level}")));
+        .unwrap_or_else(|_| EnvFilter::new(settings.level.directive()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_timer(settings.time)
         .with_target(false);
-    match format {
+    match settings.format {
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish().with(otlp)),
         // The span list carries the request span's ids on lines logged inside a leg's span.
         LogFormat::Json => Box::new(

@@ -15,6 +15,7 @@
 //!   and admitted, then close it.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,21 +92,41 @@ impl<T: Send + 'static, A: OnAbandon<T>> Drop for LegTask<T, A> {
 /// The prefill leg's task.
 pub type PrefillTask = LegTask<Result<Prefilled, ProxyError>, PrefillAbandoned>;
 
+/// Set when a request drops its prefill unfinished, so the prefill sends no further attempt.
+#[derive(Debug, Clone, Default)]
+pub struct Abandoned(Arc<AtomicBool>);
+
+impl Abandoned {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Starts the prefill leg; `release` is what hands late-pinned blocks to a decoder (`None`
-/// for connectors that pin none).
+/// for connectors that pin none); `abandoned` is the leg's flag, set if the request drops it.
 pub fn send_prefill(
     leg: impl Future<Output = Result<Prefilled, ProxyError>> + Send + 'static,
     release: Option<LateReplyRelease>,
+    abandoned: Abandoned,
 ) -> PrefillTask {
-    LegTask::spawn(leg, PrefillAbandoned(release))
+    LegTask::spawn(leg, PrefillAbandoned { release, abandoned })
 }
 
 /// A prefill dropped before it resolved (the client left, or the prefill timed out).
-pub struct PrefillAbandoned(Option<LateReplyRelease>);
+pub struct PrefillAbandoned {
+    release: Option<LateReplyRelease>,
+    abandoned: Abandoned,
+}
 
 impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
     fn abandon(self, mut pending: JoinHandle<Result<Prefilled, ProxyError>>) {
-        let Some(release) = self.0 else {
+        // Before anything else: an attempt in flight may finish, but none starts.
+        self.abandoned.set();
+        let Some(release) = self.release else {
             pending.abort();
             return;
         };

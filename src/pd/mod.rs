@@ -7,6 +7,9 @@
 
 mod handoff;
 mod prefill;
+mod retry;
+
+pub use retry::RetryPolicy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,13 +27,13 @@ use crate::connector::{Connector, Handoff};
 use crate::error::{describe, ProxyError};
 use crate::headers::{self, PREFILL_FALLBACK, REQUEST_ID};
 use crate::json_edit::{JsonObject, ParseError};
-use crate::observe::metrics::RequestGuard;
+use crate::observe::metrics::{Metrics, RequestGuard};
 use crate::observe::trace_context;
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Decoder, Leg, Target, Upstream};
 
-use handoff::LateReplyRelease;
-use prefill::Prefilled;
+use handoff::{Abandoned, LateReplyRelease};
+use prefill::{Attempts, Prefilled};
 
 /// What to do when the prefill leg fails on the upstream's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,19 +68,26 @@ pub struct PdContext {
     pub max_body_bytes: usize,
     pub prefill_timeout: Duration,
     pub prefill_failure_policy: PrefillFailurePolicy,
+    pub prefill_retry: RetryPolicy,
     /// How long an abandoned pinned decode may stay open to be admitted.
     pub decode_admission_grace: Duration,
+    /// For the retry count; everything else is counted by the request's guard.
+    pub metrics: Metrics,
 }
 
-/// Runs the connector's P/D flow for one request.
+/// Runs the connector's P/D flow for one request. `prefillers` holds the one picked first,
+/// then the ones a retry may go to.
 pub async fn serve(
     cx: &PdContext,
     req: Request<Incoming>,
-    prefiller: Target,
+    prefillers: Vec<Target>,
     client: SocketAddr,
     guard: &mut RequestGuard,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
+    let Some(prefiller) = prefillers.first().cloned() else {
+        return Err(ProxyError::Internal("P/D without a prefiller".into()));
+    };
 
     // 1. The client's request, whole, and the head both legs share.
     let (mut parts, body) = req.into_parts();
@@ -114,11 +124,6 @@ pub async fn serve(
     }
     let prefill_body = cx.connector.prefill_body(&request);
     trace!(body = %prefill_body, "prefill request");
-    let prefill_req = leg(
-        &parts,
-        prefiller.uri(parts.uri.path_and_query()),
-        body::spliced(prefill_body),
-    );
     guard.prefill_started();
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
     let release = cx
@@ -132,12 +137,29 @@ pub async fn serve(
             upstream: cx.decoder.upstream().clone(),
             grace: cx.decode_admission_grace,
         });
+    let abandoned = Abandoned::default();
     let prefill_leg = {
-        let (upstream, prefiller) = (cx.upstream.clone(), prefiller.clone());
-        async move { prefill::prefill(&upstream, prefill_req, &prefiller).await }
-            .instrument(info_span!("prefill"))
+        let (upstream, metrics, head) =
+            (cx.upstream.clone(), cx.metrics.clone(), Arc::clone(&parts));
+        let (policy, abandoned) = (cx.prefill_retry, abandoned.clone());
+        async move {
+            let attempts = Attempts {
+                upstream: &upstream,
+                prefillers: &prefillers,
+                policy,
+                abandoned: &abandoned,
+                metrics: &metrics,
+            };
+            // Each attempt sends the same bytes: the pieces are shared, not copied.
+            prefill::prefill(attempts, |to| {
+                let uri = to.uri(head.uri.path_and_query());
+                leg(&head, uri, body::spliced(prefill_body.clone()))
+            })
+            .await
+        }
+        .instrument(info_span!("prefill"))
     };
-    let pending = handoff::send_prefill(prefill_leg, release);
+    let pending = handoff::send_prefill(prefill_leg, release, abandoned);
     let prefilled = match tokio::time::timeout(cx.prefill_timeout, pending.result()).await {
         Ok(Ok(prefilled)) => prefilled,
         Ok(Err(task)) => Err(ProxyError::Internal(task)),

@@ -1,12 +1,18 @@
 //! The prefill leg: a one-token request to the prefiller, its reply read in full (it is small),
-//! and the prefiller's answer sorted into a reply to use, a refusal for the client, or a failure.
+//! and the prefiller's answer sorted into a reply to use, a refusal for the client, or a failure;
+//! sent again, per the [`RetryPolicy`], when the failure cannot have pinned KV blocks.
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 
+use tracing::info;
+
+use super::handoff::Abandoned;
+use super::retry::RetryPolicy;
 use crate::body::{self, CollectError, ProxyBody};
 use crate::error::{describe, ProxyError};
+use crate::observe::metrics::Metrics;
 use crate::upstream::{Leg, Target, Upstream};
 
 /// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
@@ -20,21 +26,83 @@ pub enum Prefilled {
     Rejected(Response<ProxyBody>),
 }
 
-/// Sends the prefill leg and reads the prefiller's answer.
+/// What a prefill needs besides its request: where to send it, and how often.
+pub struct Attempts<'a> {
+    pub upstream: &'a Upstream,
+    /// The prefiller picked first, then the header's other allowed entries, in order.
+    pub prefillers: &'a [Target],
+    pub policy: RetryPolicy,
+    /// Set once the request was dropped: no further attempt is sent.
+    pub abandoned: &'a Abandoned,
+    pub metrics: &'a Metrics,
+}
+
+/// Sends the prefill leg built by `request` and reads the prefiller's answer. A failure that
+/// cannot have pinned KV blocks (no connection; 502, 503 or 504) is retried up to
+/// `policy.max_retries` times, each on the next prefiller of the list, after a backoff; never
+/// after a 2xx, never once the client left (`abandoned`).
 pub async fn prefill(
+    attempts: Attempts<'_>,
+    request: impl Fn(&Target) -> Request<ProxyBody>,
+) -> Result<Prefilled, ProxyError> {
+    let mut retry = 0;
+    loop {
+        let Some(prefiller) = attempts
+            .prefillers
+            .get(retry as usize % attempts.prefillers.len().max(1))
+        else {
+            return Err(ProxyError::Internal("no prefiller to send to".into()));
+        };
+        let failure = match once(attempts.upstream, request(prefiller), prefiller).await {
+            Ok(prefilled) => return Ok(prefilled),
+            Err(failure) => failure,
+        };
+        let reason = match failure.retry_reason {
+            Some(reason) if retry < attempts.policy.max_retries && !attempts.abandoned.is_set() => {
+                reason
+            }
+            _ => return Err(failure.error),
+        };
+        retry += 1;
+        let delay = attempts.policy.delay(retry);
+        info!(
+            error = %failure.error,
+            retry,
+            delay_ms = delay.as_millis() as u64,
+            "prefill failed before pinning KV blocks; retrying"
+        );
+        attempts.metrics.prefill_retry(reason);
+        tokio::time::sleep(delay).await;
+        if attempts.abandoned.is_set() {
+            return Err(failure.error);
+        }
+    }
+}
+
+/// A failed attempt, and whether it may be sent again (`Some(reason)` for the metric).
+struct Failure {
+    error: ProxyError,
+    retry_reason: Option<&'static str>,
+}
+
+/// One attempt on `prefiller`.
+async fn once(
     upstream: &Upstream,
     req: Request<ProxyBody>,
     prefiller: &Target,
-) -> Result<Prefilled, ProxyError> {
+) -> Result<Prefilled, Failure> {
     let name = || prefiller.authority().to_string();
-    let resp =
-        upstream
-            .send(Leg::Prefill, req)
-            .await
-            .map_err(|e| ProxyError::PrefillUnreachable {
+    let resp = upstream
+        .send(Leg::Prefill, req)
+        .await
+        .map_err(|e| Failure {
+            // Only a connection never made is sure not to have reached vLLM.
+            retry_reason: e.is_connect().then_some("connect"),
+            error: ProxyError::PrefillUnreachable {
                 prefiller: name(),
                 detail: describe(&e),
-            })?;
+            },
+        })?;
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let body = body::collect_limited(resp.into_body(), PREFILL_REPLY_LIMIT)
@@ -44,9 +112,12 @@ pub async fn prefill(
                 CollectError::TooLarge => format!("reply longer than {PREFILL_REPLY_LIMIT} bytes"),
                 CollectError::Read(e) => describe(&*e),
             };
-            ProxyError::PrefillBadReply {
-                prefiller: name(),
-                detail,
+            Failure {
+                error: ProxyError::PrefillBadReply {
+                    prefiller: name(),
+                    detail,
+                },
+                retry_reason: None,
             }
         })?;
     tracing::debug!(status = status.as_u16(), bytes = body.len(), "prefill done");
@@ -63,10 +134,18 @@ pub async fn prefill(
         }
         return Ok(Prefilled::Rejected(resp));
     }
-    Err(ProxyError::PrefillFailed {
-        prefiller: name(),
-        status,
-        detail: upstream_message(&body),
+    Err(Failure {
+        retry_reason: match status.as_u16() {
+            502 => Some("http_502"),
+            503 => Some("http_503"),
+            504 => Some("http_504"),
+            _ => None,
+        },
+        error: ProxyError::PrefillFailed {
+            prefiller: name(),
+            status,
+            detail: upstream_message(&body),
+        },
     })
 }
 

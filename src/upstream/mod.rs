@@ -8,7 +8,7 @@ pub mod target;
 
 pub use decoder::Decoder;
 pub use leg::Leg;
-pub use target::{prefiller_from, Target};
+pub use target::{prefillers_from, Target};
 
 use std::time::Duration;
 
@@ -27,11 +27,6 @@ use crate::security::tls::ClientTls;
 /// request rarely races the server's close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// Idle connections kept per upstream. Each holds about 16 KiB of buffers; a burst of
-/// concurrent prefills would otherwise leave that many idle connections behind for seconds.
-/// 256 covers vLLM's default batch (`max_num_seqs`) with no reconnects.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
-
 type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// The pooled clients, built once and shared by every request: one per leg, since each leg
@@ -48,21 +43,24 @@ impl Upstream {
     pub fn new(connect_timeout: Duration) -> Self {
         Self::with_tls(
             connect_timeout,
+            crate::config::DEFAULT_MAX_IDLE_PER_HOST,
             &ClientTls::default(),
             &ClientTls::default(),
         )
         .unwrap_or_else(|_| unreachable!("default TLS settings read no files"))
     }
 
-    /// Clients for both legs with their TLS settings.
+    /// Clients for both legs with their TLS settings, keeping up to `max_idle` idle
+    /// connections per upstream (`-max-idle-conns-per-host`).
     pub fn with_tls(
         connect_timeout: Duration,
+        max_idle: usize,
         prefill: &ClientTls,
         decode: &ClientTls,
     ) -> Result<Self, String> {
         Ok(Self {
-            prefill: leg_client(connect_timeout, prefill)?,
-            decode: leg_client(connect_timeout, decode)?,
+            prefill: leg_client(connect_timeout, max_idle, prefill)?,
+            decode: leg_client(connect_timeout, max_idle, decode)?,
             busy_poll: BusyPoll::default(),
         })
     }
@@ -89,7 +87,11 @@ impl Upstream {
     }
 }
 
-fn leg_client(connect_timeout: Duration, tls: &ClientTls) -> Result<LegClient, String> {
+fn leg_client(
+    connect_timeout: Duration,
+    max_idle: usize,
+    tls: &ClientTls,
+) -> Result<LegClient, String> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -102,7 +104,7 @@ fn leg_client(connect_timeout: Duration, tls: &ClientTls) -> Result<LegClient, S
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .pool_max_idle_per_host(max_idle)
         // A pooled connection the server closed before our request reached it is retried
         // on a fresh one: the request never ran, so this is safe even for POST.
         .retry_canceled_requests(true)

@@ -64,23 +64,26 @@ impl Target {
     }
 }
 
-/// The prefiller a request asks for: `x-prefiller-host-port`, else `x-prefiller-url`.
-/// `Ok(None)` means "no P/D for this request". A comma-separated list picks its first entry,
-/// as the llm-d scheduler may send several. TLS is used with `tls` (`-prefiller-use-tls`)
-/// or an `https://` value.
-pub fn prefiller_from(headers: &HeaderMap, tls: bool) -> Result<Option<Target>, String> {
-    let raw = headers
-        .get(PREFILLER_HOST_PORT)
-        .or_else(|| headers.get(PREFILLER_URL));
-    let Some(raw) = raw else { return Ok(None) };
-    let raw = raw
-        .to_str()
-        .map_err(|_| "the header is not visible ASCII".to_string())?;
-    let first = raw.split(',').next().unwrap_or("").trim();
-    if first.is_empty() {
-        return Ok(None);
+/// The prefillers a request names: `x-prefiller-host-port`, else `x-prefiller-url`. The llm-d
+/// scheduler may send a comma-separated list, or the header more than once; every entry is
+/// returned, in order. Empty means "no P/D for this request". TLS is used with `tls`
+/// (`-prefiller-use-tls`) or an `https://` value.
+pub fn prefillers_from(headers: &HeaderMap, tls: bool) -> Result<Vec<Target>, String> {
+    let name = if headers.contains_key(PREFILLER_HOST_PORT) {
+        PREFILLER_HOST_PORT
+    } else {
+        PREFILLER_URL
+    };
+    let mut out = Vec::new();
+    for value in headers.get_all(name) {
+        let value = value
+            .to_str()
+            .map_err(|_| "the header is not visible ASCII".to_string())?;
+        for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            out.push(parse_target(entry, tls)?);
+        }
     }
-    parse_target(first, tls).map(Some)
+    Ok(out)
 }
 
 fn parse_target(value: &str, tls: bool) -> Result<Target, String> {
@@ -120,7 +123,23 @@ mod tests {
             http::HeaderName::from_bytes(h.as_bytes()).unwrap(),
             HeaderValue::from_str(v).unwrap(),
         );
-        prefiller_from(&headers, false)
+        prefillers_from(&headers, false).map(|list| list.into_iter().next())
+    }
+
+    #[test]
+    fn every_entry_of_every_header_line_is_a_candidate() {
+        let mut headers = HeaderMap::new();
+        headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static("a:1, b:2"));
+        headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static(",c:3"));
+        headers.append(PREFILLER_URL, HeaderValue::from_static("ignored:4"));
+        let names: Vec<String> = prefillers_from(&headers, false)
+            .unwrap()
+            .iter()
+            .map(|t| t.authority().to_string())
+            .collect();
+        assert_eq!(names, ["a:1", "b:2", "c:3"]);
+        headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static("bad:port"));
+        assert!(prefillers_from(&headers, false).is_err());
     }
 
     #[test]
@@ -154,7 +173,9 @@ mod tests {
     #[test]
     fn empty_means_no_pd_and_garbage_is_an_error() {
         assert_eq!(target("x-prefiller-host-port", "").unwrap(), None);
-        assert_eq!(prefiller_from(&HeaderMap::new(), false).unwrap(), None);
+        assert!(prefillers_from(&HeaderMap::new(), false)
+            .unwrap()
+            .is_empty());
         assert!(target("x-prefiller-url", "http://h:1/v1").is_err());
         assert!(target("x-prefiller-url", "http://user@h:1").is_err());
         assert!(target("x-prefiller-host-port", "h:notaport").is_err());

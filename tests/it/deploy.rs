@@ -145,12 +145,13 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
     }
     let parsed = cli::parse_from(std::iter::once("llm-d-routing-sidecar".to_string()).chain(args))
         .unwrap_or_else(|e| panic!("deploy/ sidecar args: {e}"));
-    assert_eq!(parsed.port, 8000);
-    assert_eq!(parsed.vllm_port, 8001);
+    assert_eq!(parsed.args.port, 8000);
+    assert_eq!(config_port(&parsed), 8001);
+    let drain = parsed.args.drain_timeout;
     let config =
         Config::try_from(parsed.clone()).unwrap_or_else(|e| panic!("deploy/ sidecar args: {e}"));
     assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9090));
-    let pool = config.ssrf.and_then(|s| s.inference_pool);
+    let pool = config.ssrf.clone().and_then(|s| s.inference_pool);
     assert_eq!(
         pool.map(|(_, name)| name).as_deref(),
         Some("vllm-pool"),
@@ -159,7 +160,12 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
     let ports = container_ports(sidecar);
     assert_eq!(
         ports,
-        [8000, u64::from(parsed.metrics_port)].into_iter().collect()
+        [
+            8000,
+            u64::from(config.metrics_listen.map_or(0, |a| a.port()))
+        ]
+        .into_iter()
+        .collect()
     );
     assert_health_probe(sidecar, "readinessProbe", &ports);
     assert_health_probe(sidecar, "livenessProbe", &ports);
@@ -192,7 +198,15 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
     let grace = decode["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
-    assert!(grace > parsed.drain_timeout.as_secs());
+    assert!(grace > drain.as_secs());
+}
+
+/// The decoder port the parsed flags resolve to.
+fn config_port(parsed: &cli::Parsed) -> u16 {
+    Config::try_from(parsed.clone())
+        .expect("config")
+        .decoder
+        .port()
 }
 
 #[test]

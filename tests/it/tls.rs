@@ -14,7 +14,7 @@ use sidecar::upstream::Upstream;
 
 /// A client for `https://` URIs with the given trust settings.
 fn client(tls: ClientTls) -> Upstream {
-    Upstream::with_tls(Duration::from_secs(5), &tls, &tls).expect("client")
+    Upstream::with_tls(Duration::from_secs(5), 16, &tls, &tls).expect("client")
 }
 
 async fn get_status(client: &Upstream, url: &str) -> Result<u16, String> {

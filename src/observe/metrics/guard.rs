@@ -367,6 +367,7 @@ mod tests {
         let resp = t.attach(Response::new(crate::body::full("x")));
         resp.into_body().collect().await.unwrap();
         drop(m.track(Connector::NixlV2, Route::Pd, Span::none()));
+        m.prefill_retry("connect");
         let text = m.render();
         let mut exposed: Vec<&str> = text
             .lines()

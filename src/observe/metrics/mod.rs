@@ -11,6 +11,7 @@
 //! | `upstream_errors_total` | counter | `leg`, `kind` |
 //! | `cancellations_total` | counter | `route`, `phase` |
 //! | `relayed_bytes_total` | counter | `route`, `direction` |
+//! | `prefill_retries_total` | counter | `reason` |
 //!
 //! Labels carry only low-cardinality values the server controls (connector, route, phase…),
 //! never user input: the prefiller address comes from a request header, so it is never a label
@@ -46,7 +47,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -54,6 +55,7 @@ pub const NAMES: [&str; 7] = [
     "llm_d_sidecar_upstream_errors_total",
     "llm_d_sidecar_cancellations_total",
     "llm_d_sidecar_relayed_bytes_total",
+    "llm_d_sidecar_prefill_retries_total",
 ];
 
 /// Where a request was when its client left.
@@ -149,6 +151,11 @@ struct CancelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     route: &'static str,
     direction: &'static str,
@@ -175,6 +182,7 @@ struct Inner {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     cancellations: Family<CancelLabels, Counter>,
     relayed_bytes: Family<BytesLabels, Counter>,
+    prefill_retries: Family<RetryLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -240,6 +248,13 @@ impl Metrics {
              (direction=response), by route",
             relayed_bytes.clone(),
         );
+        let prefill_retries = Family::default();
+        registry.register(
+            "prefill_retries",
+            "Prefill legs sent again (-prefill-max-retries), by what failed: connect, http_502, \
+             http_503, http_504",
+            prefill_retries.clone(),
+        );
         // Gauges show 0 rather than nothing before the first request.
         for route in [Route::Pd, Route::PassThrough] {
             in_flight
@@ -257,6 +272,7 @@ impl Metrics {
             upstream_errors,
             cancellations,
             relayed_bytes,
+            prefill_retries,
         }))
     }
 
@@ -277,6 +293,14 @@ impl Metrics {
             })
             .inc();
         RequestGuard::new(self.clone(), connector, route, span)
+    }
+
+    /// Counts one prefill retry; `reason` is what failed before it.
+    pub fn prefill_retry(&self, reason: &'static str) {
+        self.0
+            .prefill_retries
+            .get_or_create(&RetryLabels { reason })
+            .inc();
     }
 
     fn upstream_error(&self, leg: Leg, kind: &'static str) {

@@ -1,18 +1,26 @@
 //! The validated configuration the server runs with, built from the flags before any port is
-//! bound, so a bad value fails at start with the flag named.
+//! bound, so a bad value fails at start with the flag named. The compatibility rules (renamed
+//! pairs, profile defaults, unbuilt features) are in `compat.rs`.
+
+pub mod compat;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::Args;
+use crate::cli::Parsed;
 use crate::connector::Connector;
-use crate::observe::logging::LogFormat;
-pub use crate::pd::PrefillFailurePolicy;
+use crate::observe::logging::LogSettings;
+pub use crate::pd::{PrefillFailurePolicy, RetryPolicy};
 use crate::security::allowlist::Rule;
 use crate::security::inference_pool::PoolApi;
 use crate::security::tls::ClientTls;
 use crate::upstream::Target;
+
+/// Idle connections kept per upstream when `-max-idle-conns-per-host` is 0 or less. Each holds
+/// about 16 KiB of buffers; 256 covers vLLM's default batch (`max_num_seqs`) with no
+/// reconnects, without leaving a burst's worth of idle connections behind.
+pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 256;
 
 /// Everything the server needs, checked.
 #[derive(Debug, Clone)]
@@ -26,13 +34,16 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
-    /// klog-style verbosity.
-    pub verbosity: u8,
+    pub log: LogSettings,
     pub prefill_timeout: Duration,
     pub decode_first_byte_timeout: Duration,
     pub prefill_failure_policy: PrefillFailurePolicy,
+    pub prefill_retry: RetryPolicy,
+    /// Pick the prefiller at random from the header's list (`-enable-prefiller-sampling`).
+    pub prefiller_sampling: bool,
     /// 0: no limit.
     pub max_in_flight: usize,
+    pub max_idle_per_host: usize,
     pub header_read_timeout: Duration,
     pub max_header_size: usize,
     /// SSRF protection: `None` when off.
@@ -53,9 +64,14 @@ pub struct Config {
     pub busy_poll: Duration,
     /// Where the admin listener (/metrics, /health) binds; `None` with `-metrics-port=0`.
     pub metrics_listen: Option<SocketAddr>,
-    pub log_format: LogFormat,
+    /// The metrics port was left at its default: failing to bind it does not stop serving.
+    pub metrics_port_defaulted: bool,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
     pub otlp_endpoint: Option<String>,
+    /// Whose defaults apply, for the startup log line.
+    pub defaults: String,
+    /// Flags accepted that have no effect here, logged at startup.
+    pub notices: Vec<String>,
 }
 
 /// What SSRF protection allows.
@@ -71,6 +87,11 @@ pub struct SsrfConfig {
 /// A flag value that parses but cannot be used; each message names the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("-{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    /// A pd-sidecar feature another piece of work builds; refused rather than ignored.
+    #[error("{flag}: {what} is not built in this sidecar yet")]
+    NotBuilt { flag: String, what: &'static str },
     #[error("-tls-ca-file {0} is not a readable file")]
     CaFileUnreadable(String),
     #[error("-cert-path {dir}: {file} is missing")]
@@ -82,8 +103,8 @@ pub enum ConfigError {
     #[error("-allowed-prefillers: {0}")]
     BadAllowRule(String),
     #[error(
-        "-enable-ssrf-protection needs -inference-pool-namespace and -inference-pool-name \
-         (or INFERENCE_POOL_NAMESPACE and INFERENCE_POOL_NAME)"
+        "-enable-ssrf-protection needs -inference-pool (or INFERENCE_POOL), or the older \
+         -inference-pool-namespace and -inference-pool-name"
     )]
     NoInferencePool,
     /// `-otlp-endpoint` (the message names it).
@@ -101,9 +122,9 @@ impl Config {
     /// A configuration for a decoder at `decoder` (`host:port`), with every other setting
     /// at its default. For embedding and tests.
     pub fn new(decoder: &str, connector: Connector) -> Result<Self, ConfigError> {
-        let args = crate::cli::parse_from(["sidecar", "-connector", connector.name()])
+        let parsed = crate::cli::parse_from(["sidecar", "-connector", connector.name()])
             .map_err(|e| ConfigError::Flags(e.to_string()))?;
-        let mut config = Config::try_from(args)?;
+        let mut config = Config::try_from(parsed)?;
         config.decoder = Target::http(
             decoder
                 .parse()
@@ -113,10 +134,45 @@ impl Config {
     }
 }
 
-impl TryFrom<Args> for Config {
+/// Ports `start..start+ranks` must all be valid (a data-parallel rank i uses `start+i`).
+fn check_port_range(flag: &'static str, start: u16, ranks: u32) -> Result<(), ConfigError> {
+    let end = u32::from(start) + ranks.saturating_sub(1);
+    if end > u32::from(u16::MAX) {
+        return Err(ConfigError::Invalid {
+            flag,
+            reason: format!("port range {start}-{end} exceeds 65535"),
+        });
+    }
+    Ok(())
+}
+
+impl TryFrom<Parsed> for Config {
     type Error = ConfigError;
 
-    fn try_from(args: Args) -> Result<Self, ConfigError> {
+    fn try_from(parsed: Parsed) -> Result<Self, ConfigError> {
+        let defaults = compat::defaults(&parsed.profile);
+        let connector = compat::connector(&parsed)?;
+        let (port_flag, model_server_port) = compat::model_server_port(&parsed);
+        let args = &parsed.args;
+        let ranks = args.data_parallel_size;
+        if args.port == 0 && ranks > 1 {
+            return Err(ConfigError::Invalid {
+                flag: "port",
+                reason: "0 (any free port) cannot serve several data-parallel ranks".into(),
+            });
+        }
+        check_port_range("port", args.port, ranks)?;
+        check_port_range(port_flag, model_server_port, ranks)?;
+        check_port_range("p2p-connector-port", args.p2p_connector_port, ranks)?;
+        if args.prefill_max_retries > 0 && args.prefill_retry_backoff.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "prefill-retry-backoff",
+                reason: "must be positive when -prefill-max-retries > 0".into(),
+            });
+        }
+        compat::refuse_unbuilt(&parsed)?;
+        let tls = compat::leg_tls(&parsed);
+
         let ca_file = args.tls_ca_file.as_ref().map(PathBuf::from);
         if let Some(ca) = &ca_file {
             if !ca.is_file() {
@@ -128,7 +184,8 @@ impl TryFrom<Args> for Config {
             .as_ref()
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
-        if let (true, Some(dir)) = (args.secure_proxy, &cert_path) {
+        let secure_proxy = args.secure_proxy.unwrap_or(defaults.secure_proxy);
+        if let (true, Some(dir)) = (secure_proxy, &cert_path) {
             for f in ["tls.crt", "tls.key"] {
                 if !dir.join(f).is_file() {
                     return Err(ConfigError::CertFileMissing {
@@ -142,45 +199,55 @@ impl TryFrom<Args> for Config {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
             _ => args.vllm_host.clone(),
         };
-        let authority = format!("{host}:{}", args.vllm_port)
+        let authority = format!("{host}:{model_server_port}")
             .parse()
             .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
-        let ssrf = ssrf_config(&args)?;
+        let ssrf = ssrf_config(&parsed)?;
         if args.max_header_size < 8192 {
             return Err(ConfigError::HeaderLimitTooSmall);
         }
+        let metrics_port = args.metrics_port.unwrap_or(compat::DEFAULT_METRICS_PORT);
         Ok(Config {
             prefill_timeout: args.prefill_timeout,
             decode_first_byte_timeout: args.decode_first_byte_timeout,
             prefill_failure_policy: args.prefill_failure_policy,
+            prefill_retry: RetryPolicy {
+                max_retries: args.prefill_max_retries,
+                backoff: args.prefill_retry_backoff,
+            },
+            prefiller_sampling: args.enable_prefiller_sampling,
             max_in_flight: args.max_in_flight,
+            max_idle_per_host: usize::try_from(args.max_idle_conns_per_host)
+                .ok()
+                .filter(|n| *n > 0)
+                .unwrap_or(DEFAULT_MAX_IDLE_PER_HOST),
             header_read_timeout: args.header_read_timeout,
             max_header_size: args.max_header_size,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
-            server_tls: args.secure_proxy.then_some(cert_path),
+            server_tls: secure_proxy.then_some(cert_path),
             cert_reload_interval: args.cert_reload_interval,
-            prefiller_use_tls: args.prefiller_use_tls,
+            prefiller_use_tls: tls.prefiller,
             prefiller_tls: ClientTls {
-                insecure_skip_verify: args.prefiller_tls_insecure_skip_verify,
+                insecure_skip_verify: tls.prefiller_skip_verify,
                 ca_file: ca_file.clone(),
             },
             decoder_tls: ClientTls {
-                insecure_skip_verify: args.decoder_tls_insecure_skip_verify,
+                insecure_skip_verify: tls.decoder_skip_verify,
                 ca_file,
             },
             listen: SocketAddr::new(args.bind_address, args.port),
-            decoder: Target::new(authority, args.decoder_use_tls),
-            connector: args.connector,
+            decoder: Target::new(authority, tls.decoder),
+            connector,
             max_body_bytes: args.max_request_body_size,
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
-            verbosity: args.verbosity,
+            log: compat::log_settings(&parsed, defaults),
             worker_threads: args.worker_threads.map(usize::from),
             busy_poll: args.busy_poll,
-            metrics_listen: (args.metrics_port != 0)
-                .then(|| SocketAddr::new(args.bind_address, args.metrics_port)),
-            log_format: args.log_format,
+            metrics_listen: (metrics_port != 0)
+                .then(|| SocketAddr::new(args.bind_address, metrics_port)),
+            metrics_port_defaulted: !parsed.is_set("metrics-port"),
             otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
                 Some(e) => Some(
                     crate::observe::otlp::traces_uri(e)
@@ -189,27 +256,24 @@ impl TryFrom<Args> for Config {
                 ),
                 None => None,
             },
+            defaults: compat::describe(&parsed.profile),
+            notices: compat::notices(&parsed),
         })
     }
 }
 
-fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, ConfigError> {
+fn ssrf_config(parsed: &Parsed) -> Result<Option<SsrfConfig>, ConfigError> {
+    let args = &parsed.args;
     let rules = args
         .allowed_prefillers
         .iter()
         .filter(|r| !r.trim().is_empty())
         .map(|r| r.parse::<Rule>().map_err(ConfigError::BadAllowRule))
         .collect::<Result<Vec<_>, _>>()?;
+    // Checked even when SSRF protection is off, so a typo fails now, not when it is turned on.
+    let pool = compat::inference_pool(parsed)?;
     let inference_pool = if args.enable_ssrf_protection {
-        let ns = args
-            .inference_pool_namespace
-            .clone()
-            .filter(|s| !s.is_empty());
-        let name = args.inference_pool_name.clone().filter(|s| !s.is_empty());
-        match (ns, name) {
-            (Some(ns), Some(name)) => Some((ns, name)),
-            _ => return Err(ConfigError::NoInferencePool),
-        }
+        Some(pool.ok_or(ConfigError::NoInferencePool)?)
     } else {
         None
     };
@@ -224,53 +288,4 @@ fn ssrf_config(args: &Args) -> Result<Option<SsrfConfig>, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(args: &[&str]) -> Result<Config, String> {
-        let args = crate::cli::parse_from(std::iter::once("sidecar").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        Config::try_from(args).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn decoder_is_local_vllm_port() {
-        let c = config(&["-vllm-port=8200"]).unwrap();
-        assert_eq!(c.decoder.authority(), "localhost:8200");
-        assert_eq!(c.listen.port(), 8000);
-        let c = config(&["-vllm-host=::1"]).unwrap();
-        assert_eq!(c.decoder.authority(), "[::1]:8001");
-    }
-
-    #[test]
-    fn ssrf_protection_needs_a_pool_or_rules() {
-        assert!(config(&[]).unwrap().ssrf.is_none());
-        let e = config(&["-enable-ssrf-protection"]).unwrap_err();
-        assert!(e.contains("-inference-pool-name"), "{e}");
-        let c = config(&[
-            "-enable-ssrf-protection",
-            "-inference-pool-namespace=ns",
-            "-inference-pool-name=pool",
-        ])
-        .unwrap();
-        assert_eq!(
-            c.ssrf.unwrap().inference_pool,
-            Some(("ns".into(), "pool".into()))
-        );
-        let c = config(&["-allowed-prefillers=10.0.0.0/8:8000,prefill:8000"]).unwrap();
-        assert_eq!(c.ssrf.unwrap().rules.len(), 2);
-        assert!(config(&["-allowed-prefillers=10.0.0.0/99"]).is_err());
-    }
-
-    #[test]
-    fn tls_flags_are_checked_at_start() {
-        assert_eq!(config(&["-secure-proxy"]).unwrap().server_tls, Some(None));
-        assert_eq!(config(&["-secure-proxy=false"]).unwrap().server_tls, None);
-        let e = config(&["-secure-proxy", "-cert-path=/nonexistent"]).unwrap_err();
-        assert!(e.contains("tls.crt"), "{e}");
-        assert!(config(&["-tls-ca-file=/nonexistent"]).is_err());
-        let c = config(&["-decoder-use-tls", "-decoder-tls-insecure-skip-verify"]).unwrap();
-        assert!(c.decoder.uri(None).to_string().starts_with("https://"));
-        assert!(c.decoder_tls.insecure_skip_verify && !c.prefiller_tls.insecure_skip_verify);
-    }
-}
+mod tests;

@@ -1,0 +1,294 @@
+//! The rules that make both sidecars' command lines mean what they meant: which of a renamed
+//! pair wins, the defaults the [`Profile`] chooses, flags that ask for a feature this sidecar
+//! does not have, and klog flags that have no effect here.
+//!
+//! Precedence is pd-sidecar's: command line > `--configuration` > environment > default; a
+//! tie between a current name and its old one goes to the current name.
+
+use crate::cli::{Parsed, Profile, TlsStage};
+use crate::connector::Connector;
+use crate::observe::logging::{LogFormat, LogLevel, LogSettings, LogTime};
+
+use super::ConfigError;
+
+/// vLLM's port when no flag names it: pd-sidecar's default since llm-d-router#1723, which
+/// today's llm-d guides rely on. The Go sidecar's was 8001, but every Go-era manifest found
+/// sets it, and pd-sidecar's own Go-spelled test pod runs vLLM on 8200 without it.
+pub const DEFAULT_MODEL_SERVER_PORT: u16 = 8200;
+
+/// The admin listener's port when no flag names it (pd-sidecar has no default listener).
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+
+/// The defaults that differ between the profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileDefaults {
+    /// `-secure-proxy`: both Go sidecars serve TLS by default; this sidecar, spelled as the
+    /// Go sidecar is in its README (`-port=8000 -vllm-port=8001`, then curl), plain HTTP.
+    pub secure_proxy: bool,
+    /// pd-sidecar always writes JSON lines; the Go sidecar wrote klog text.
+    pub log_format: LogFormat,
+}
+
+pub fn defaults(profile: &Profile) -> ProfileDefaults {
+    match profile {
+        Profile::GoSidecar => ProfileDefaults {
+            secure_proxy: false,
+            log_format: LogFormat::Text,
+        },
+        Profile::PdSidecar { .. } => ProfileDefaults {
+            secure_proxy: true,
+            log_format: LogFormat::Json,
+        },
+    }
+}
+
+/// The startup log's account of the defaults in force.
+pub fn describe(profile: &Profile) -> String {
+    match profile {
+        Profile::GoSidecar => "llm-d-routing-sidecar (Go sidecar flags only)".to_string(),
+        Profile::PdSidecar { because } => format!("pd-sidecar (because {because})"),
+    }
+}
+
+/// The set candidate of highest precedence, with the flag that gave it.
+fn pick<T: Clone>(
+    parsed: &Parsed,
+    candidates: &[(&'static str, Option<T>)],
+) -> Option<(&'static str, T)> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (flag, value))| {
+            let value = value.as_ref()?;
+            Some(((parsed.source(flag), i), (*flag, value.clone())))
+        })
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, picked)| picked)
+}
+
+/// `--model-server-port` > `--vllm-port` (each from the command line, then YAML) > default.
+pub fn model_server_port(parsed: &Parsed) -> (&'static str, u16) {
+    let a = &parsed.args;
+    pick(
+        parsed,
+        &[
+            ("model-server-port", a.model_server_port),
+            ("vllm-port", a.vllm_port),
+        ],
+    )
+    .unwrap_or(("model-server-port", DEFAULT_MODEL_SERVER_PORT))
+}
+
+/// `--kv-connector` > `--connector` > `nixlv2`; pd-sidecar's connectors this sidecar does not
+/// have yet are refused by name.
+pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
+    let a = &parsed.args;
+    let Some((flag, name)) = pick(
+        parsed,
+        &[
+            ("kv-connector", a.kv_connector.clone()),
+            ("connector", a.connector.clone()),
+        ],
+    ) else {
+        return Ok(Connector::NixlV2);
+    };
+    match name.as_str() {
+        "sglang" | "mooncake" | "offloading" => Err(ConfigError::NotBuilt {
+            flag: format!("-{flag}={name}"),
+            what: "this connector",
+        }),
+        _ => name
+            .parse()
+            .map_err(|e: String| ConfigError::Invalid { flag, reason: e }),
+    }
+}
+
+/// TLS per leg: `--enable-tls` stages together with the old per-leg booleans.
+pub struct LegTls {
+    pub prefiller: bool,
+    pub decoder: bool,
+    pub prefiller_skip_verify: bool,
+    pub decoder_skip_verify: bool,
+}
+
+pub fn leg_tls(parsed: &Parsed) -> LegTls {
+    let a = &parsed.args;
+    LegTls {
+        prefiller: a.prefiller_use_tls || a.enable_tls.contains(&TlsStage::Prefiller),
+        decoder: a.decoder_use_tls || a.enable_tls.contains(&TlsStage::Decoder),
+        prefiller_skip_verify: a.prefiller_tls_insecure_skip_verify
+            || a.tls_insecure_skip_verify.contains(&TlsStage::Prefiller),
+        decoder_skip_verify: a.decoder_tls_insecure_skip_verify
+            || a.tls_insecure_skip_verify.contains(&TlsStage::Decoder),
+    }
+}
+
+/// The InferencePool `(namespace, name)`: `--inference-pool` (`INFERENCE_POOL`) or the old
+/// `-inference-pool-namespace` + `-inference-pool-name` pair, whichever has precedence.
+pub fn inference_pool(parsed: &Parsed) -> Result<Option<(String, String)>, ConfigError> {
+    let a = &parsed.args;
+    let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+    let joined = nonempty(&a.inference_pool);
+    let pair = match (
+        nonempty(&a.inference_pool_namespace),
+        nonempty(&a.inference_pool_name),
+    ) {
+        (Some(ns), Some(name)) => Some((ns, name)),
+        _ => None,
+    };
+    let pair_rank = parsed
+        .source("inference-pool-namespace")
+        .max(parsed.source("inference-pool-name"));
+    let use_joined = match (&joined, &pair) {
+        (Some(_), Some(_)) => parsed.source("inference-pool") <= pair_rank,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if !use_joined {
+        return Ok(pair);
+    }
+    let Some(value) = joined else { return Ok(pair) };
+    let parts: Vec<&str> = value.split('/').collect();
+    let invalid = |reason: &str| ConfigError::Invalid {
+        flag: "inference-pool",
+        reason: format!("'{value}' {reason}"),
+    };
+    match parts.as_slice() {
+        [name] if !name.is_empty() => Ok(Some(("default".into(), (*name).into()))),
+        [ns, name] if !ns.is_empty() && !name.is_empty() => {
+            Ok(Some(((*ns).into(), (*name).into())))
+        }
+        [_, _] => Err(invalid("has an empty namespace or name")),
+        _ => Err(invalid("must be namespace/name or name")),
+    }
+}
+
+/// Logging: `-v` or `--zap-log-level` (the command line's wins), `-log-format` or
+/// `--zap-encoder`, zap's development mode, then the profile's default.
+pub fn log_settings(parsed: &Parsed, defaults: ProfileDefaults) -> LogSettings {
+    let a = &parsed.args;
+    let level = match (
+        a.zap_log_level,
+        parsed.source("v") < parsed.source("zap-log-level"),
+    ) {
+        (Some(level), false) => level,
+        _ if parsed.is_set("v") => LogLevel::Verbosity(a.verbosity),
+        // zap's development mode logs at its debug level: logr V(1).
+        _ if a.zap_devel => LogLevel::Verbosity(1),
+        _ => LogLevel::Verbosity(a.verbosity),
+    };
+    let format = a.log_format.or(a.zap_encoder).unwrap_or(if a.zap_devel {
+        LogFormat::Text
+    } else {
+        defaults.log_format
+    });
+    LogSettings {
+        level,
+        format,
+        time: a.zap_time_encoding.unwrap_or(LogTime::Rfc3339),
+    }
+}
+
+/// Flags asking for a pd-sidecar feature this sidecar does not have yet: each refused with
+/// one line naming it, so a manifest never runs without what it asked for.
+pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
+    let a = &parsed.args;
+    let not_built = |flag: String, what: &'static str| Err(ConfigError::NotBuilt { flag, what });
+    match a.ec_connector.as_str() {
+        "" => {}
+        "ec-example" | "ec-nixl" => {
+            return not_built(
+                format!("-ec-connector={}", a.ec_connector),
+                "encoder disaggregation (E/PD)",
+            )
+        }
+        other => {
+            return Err(ConfigError::Invalid {
+                flag: "ec-connector",
+                reason: format!(
+                    "'{other}' is not an encoder connector (use ec-example or ec-nixl)"
+                ),
+            })
+        }
+    }
+    if a.data_parallel_size > 1 {
+        return not_built(
+            format!("-data-parallel-size={}", a.data_parallel_size),
+            "data parallelism (one listener per vLLM rank)",
+        );
+    }
+    if a.decode_chunk_size < 0 {
+        return Err(ConfigError::Invalid {
+            flag: "decode-chunk-size",
+            reason: format!(
+                "{} is negative (0 turns chunked decode off)",
+                a.decode_chunk_size
+            ),
+        });
+    }
+    if a.decode_chunk_size > 0 {
+        return not_built(
+            format!("-decode-chunk-size={}", a.decode_chunk_size),
+            "chunked decode",
+        );
+    }
+    if a.enable_p2p_pull {
+        return not_built("-enable-p2p-pull".into(), "P2P prefix pulls");
+    }
+    if a.tracing {
+        return not_built(
+            "-tracing".into(),
+            "OTLP/gRPC tracing from OTEL_* variables (-otlp-endpoint exports OTLP/HTTP)",
+        );
+    }
+    let m = &a.moriio;
+    let moriio_set = m.write_mode
+        || m.parallel_dispatch
+        || m.dp_size > 1
+        || m.dp_size_local > 0
+        || !m.remote_hosts.is_empty()
+        || !m.decode_hosts.is_empty();
+    if moriio_set {
+        return not_built("-moriio-*".into(), "AMD MoRI-IO WRITE mode and Wide-EP");
+    }
+    Ok(())
+}
+
+/// Flags accepted for compatibility that change nothing here, named at startup (a flag that
+/// seems to work but does not is worse than none).
+pub fn notices(parsed: &Parsed) -> Vec<String> {
+    let k = &parsed.args.klog;
+    let mut out = Vec::new();
+    let mut no_effect = |flag: &str, why: &str| out.push(format!("{flag} has no effect: {why}"));
+    for (flag, set) in [
+        ("-log_dir", k.log_dir.is_some()),
+        ("-log_file", k.log_file.is_some()),
+        ("-log_file_max_size", k.log_file_max_size.is_some()),
+        ("-logtostderr=false", !k.logtostderr),
+        ("-alsologtostderr", k.alsologtostderr),
+        ("-one_output", k.one_output),
+        ("-stderrthreshold", k.stderrthreshold.is_some()),
+    ] {
+        if set {
+            no_effect(flag, "logs always go to stderr");
+        }
+    }
+    for (flag, set) in [
+        ("-vmodule", k.vmodule.is_some()),
+        ("-skip_headers", k.skip_headers),
+        ("-skip_log_headers", k.skip_log_headers),
+        ("-add_dir_header", k.add_dir_header),
+        ("-log_backtrace_at", k.log_backtrace_at.is_some()),
+    ] {
+        if set {
+            no_effect(flag, "use RUST_LOG for per-module levels");
+        }
+    }
+    if parsed.args.zap_stacktrace_level.is_some() {
+        no_effect("-zap-stacktrace-level", "the sidecar logs no stack traces");
+    }
+    if parsed.args.moriio.local_pod_ip.is_some() {
+        no_effect("-moriio-local-pod-ip", "MoRI-IO is not built");
+    }
+    out
+}

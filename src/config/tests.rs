@@ -1,0 +1,303 @@
+//! Resolution and validation: renamed pairs, profile defaults, unbuilt features, ranges.
+
+use super::*;
+use crate::observe::logging::{LogFormat, LogLevel, LogTime};
+
+fn config(args: &[&str]) -> Result<Config, String> {
+    let parsed = crate::cli::parse_from(std::iter::once("sidecar").chain(args.iter().copied()))
+        .map_err(|e| e.to_string())?;
+    Config::try_from(parsed).map_err(|e| e.to_string())
+}
+
+fn ok(args: &[&str]) -> Config {
+    config(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+#[test]
+fn decoder_is_local_model_server_port() {
+    let c = ok(&["-vllm-port=8001"]);
+    assert_eq!(c.decoder.authority(), "localhost:8001");
+    assert_eq!(c.listen.port(), 8000);
+    assert_eq!(ok(&[]).decoder.authority(), "localhost:8200");
+    assert_eq!(ok(&["-vllm-host=::1"]).decoder.authority(), "[::1]:8200");
+}
+
+#[test]
+fn model_server_port_precedence_is_pd_sidecars() {
+    // flag model-server-port > flag vllm-port > YAML model-server-port > YAML vllm-port.
+    let port = |args: &[&str]| ok(args).decoder.port();
+    assert_eq!(port(&["--model-server-port=1", "--vllm-port=2"]), 1);
+    assert_eq!(port(&["--vllm-port=2", "--model-server-port=1"]), 1);
+    assert_eq!(
+        port(&["--vllm-port=2", "--configuration={model-server-port: 3}"]),
+        2
+    );
+    assert_eq!(
+        port(&["--configuration={model-server-port: 3, vllm-port: 4}"]),
+        3
+    );
+    assert_eq!(port(&["--configuration={vllm-port: 4}"]), 4);
+}
+
+#[test]
+fn connector_precedence_and_names() {
+    let connector = |args: &[&str]| ok(args).connector;
+    assert_eq!(connector(&[]), Connector::NixlV2);
+    assert_eq!(
+        connector(&["--kv-connector=shared-storage"]),
+        Connector::LmCache
+    );
+    assert_eq!(
+        connector(&["--connector=nixl", "--kv-connector=lmcache"]),
+        Connector::LmCache
+    );
+    assert_eq!(
+        connector(&[
+            "--connector=nixl",
+            "--configuration={kv-connector: lmcache}"
+        ]),
+        Connector::Nixl
+    );
+    for name in ["sglang", "mooncake", "offloading"] {
+        let e = config(&[&format!("--kv-connector={name}")]).unwrap_err();
+        assert_eq!(
+            e,
+            format!("-kv-connector={name}: this connector is not built in this sidecar yet")
+        );
+    }
+    let e = config(&["-connector=vllm"]).unwrap_err();
+    assert!(e.starts_with("-connector: unknown connector 'vllm'"), "{e}");
+}
+
+#[test]
+fn profile_defaults() {
+    let go = ok(&["-port=8000", "-vllm-port=8001"]);
+    assert_eq!(go.server_tls, None);
+    assert_eq!(go.log.format, LogFormat::Text);
+    assert_eq!(go.defaults, "llm-d-routing-sidecar (Go sidecar flags only)");
+    let pd = ok(&["--port=8000", "--kv-connector=nixlv2"]);
+    assert_eq!(
+        pd.server_tls,
+        Some(None),
+        "pd-sidecar serves TLS by default"
+    );
+    assert_eq!(pd.log.format, LogFormat::Json);
+    assert_eq!(pd.defaults, "pd-sidecar (because --kv-connector)");
+    // Explicit values win over either profile.
+    let c = ok(&[
+        "--kv-connector=nixlv2",
+        "--secure-proxy=false",
+        "--log-format=text",
+    ]);
+    assert_eq!((c.server_tls, c.log.format), (None, LogFormat::Text));
+    assert_eq!(ok(&["-secure-proxy"]).server_tls, Some(None));
+    // Both profiles share the rest.
+    for c in [&go, &pd] {
+        assert_eq!(c.decoder.port(), if c == &go { 8001 } else { 8200 });
+        assert_eq!(c.metrics_listen.map(|a| a.port()), Some(9090));
+        assert!(c.metrics_port_defaulted);
+        assert_eq!(c.max_idle_per_host, DEFAULT_MAX_IDLE_PER_HOST);
+    }
+}
+
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.defaults == other.defaults
+    }
+}
+
+#[test]
+fn logging_maps_zap_and_klog() {
+    let log = |args: &[&str]| ok(args).log;
+    assert_eq!(log(&[]).level, LogLevel::Verbosity(0));
+    assert_eq!(log(&["-v=4"]).level, LogLevel::Verbosity(4));
+    assert_eq!(log(&["--zap-log-level=5"]).level, LogLevel::Verbosity(5));
+    assert_eq!(log(&["--zap-log-level=error"]).level, LogLevel::Errors);
+    assert_eq!(log(&["--zap-log-level=panic"]).level, LogLevel::Off);
+    // zap's debug is logr V(1), as in pd-sidecar.
+    assert_eq!(
+        log(&["--zap-log-level=debug"]).level,
+        LogLevel::Verbosity(1)
+    );
+    // The command line beats YAML whichever flag it uses.
+    assert_eq!(
+        log(&["-v=4", "--configuration={zap-log-level: error}"]).level,
+        LogLevel::Verbosity(4)
+    );
+    assert_eq!(
+        log(&["-v=4", "--zap-log-level=2"]).level,
+        LogLevel::Verbosity(2)
+    );
+    let devel = log(&["--zap-devel"]);
+    assert_eq!(
+        (devel.level, devel.format),
+        (LogLevel::Verbosity(1), LogFormat::Text)
+    );
+    let devel = log(&["--zap-devel", "--zap-encoder=json", "--zap-log-level=info"]);
+    assert_eq!(
+        (devel.level, devel.format),
+        (LogLevel::Verbosity(0), LogFormat::Json)
+    );
+    assert_eq!(log(&["--zap-time-encoding=epoch"]).time, LogTime::Epoch);
+}
+
+#[test]
+fn tls_stages_and_old_booleans_add_up() {
+    let c = ok(&[
+        "--enable-tls=decoder",
+        "-prefiller-use-tls",
+        "--tls-insecure-skip-verify=prefiller",
+    ]);
+    assert!(c.prefiller_use_tls);
+    assert!(c.decoder.uri(None).to_string().starts_with("https://"));
+    assert!(c.prefiller_tls.insecure_skip_verify && !c.decoder_tls.insecure_skip_verify);
+    let c = ok(&["-decoder-use-tls", "-decoder-tls-insecure-skip-verify"]);
+    assert!(c.decoder_tls.insecure_skip_verify && !c.prefiller_use_tls);
+}
+
+#[test]
+fn inference_pool_forms_and_precedence() {
+    let pool = |args: &[&str]| ok(args).ssrf.and_then(|s| s.inference_pool);
+    let on = "-enable-ssrf-protection";
+    assert_eq!(
+        pool(&[on, "--inference-pool=ns/p"]),
+        Some(("ns".into(), "p".into()))
+    );
+    assert_eq!(
+        pool(&[on, "--inference-pool=p"]),
+        Some(("default".into(), "p".into()))
+    );
+    assert_eq!(
+        pool(&[on, "-inference-pool-namespace=a", "-inference-pool-name=b"]),
+        Some(("a".into(), "b".into()))
+    );
+    // The current name wins a tie; the command line wins over YAML.
+    assert_eq!(
+        pool(&[
+            on,
+            "--inference-pool=ns/p",
+            "-inference-pool-namespace=a",
+            "-inference-pool-name=b"
+        ]),
+        Some(("ns".into(), "p".into()))
+    );
+    assert_eq!(
+        pool(&[
+            on,
+            "--configuration={inference-pool: ns/p}",
+            "-inference-pool-namespace=a",
+            "-inference-pool-name=b"
+        ]),
+        Some(("a".into(), "b".into()))
+    );
+    for bad in ["a/b/c", "/p", "ns/"] {
+        let e = config(&[on, &format!("--inference-pool={bad}")]).unwrap_err();
+        assert!(e.starts_with("-inference-pool: "), "{bad}: {e}");
+    }
+    let e = config(&[on]).unwrap_err();
+    assert!(e.contains("-inference-pool (or INFERENCE_POOL)"), "{e}");
+    assert!(ok(&[]).ssrf.is_none());
+    let c = ok(&["-allowed-prefillers=10.0.0.0/8:8000,prefill:8000"]);
+    assert_eq!(c.ssrf.unwrap().rules.len(), 2);
+    assert!(config(&["-allowed-prefillers=10.0.0.0/99"]).is_err());
+}
+
+#[test]
+fn unbuilt_features_are_refused_by_name() {
+    for (args, wanted) in [
+        (
+            &["--ec-connector=ec-example"][..],
+            "-ec-connector=ec-example: encoder",
+        ),
+        (
+            &["--data-parallel-size=2"],
+            "-data-parallel-size=2: data parallelism",
+        ),
+        (
+            &["--decode-chunk-size=256"],
+            "-decode-chunk-size=256: chunked decode",
+        ),
+        (&["--enable-p2p-pull"], "-enable-p2p-pull: P2P"),
+        (&["--tracing"], "-tracing: OTLP/gRPC"),
+        (&["--moriio-write-mode"], "-moriio-*: AMD MoRI-IO"),
+        (&["--moriio-remote-hosts=a,b"], "-moriio-*"),
+    ] {
+        let e = config(args).unwrap_err();
+        assert!(e.starts_with(wanted), "{args:?}: {e}");
+        assert!(e.ends_with("is not built in this sidecar yet"), "{e}");
+    }
+    for (args, wanted) in [
+        (
+            &["--ec-connector=ec-bogus"][..],
+            "-ec-connector: 'ec-bogus'",
+        ),
+        (
+            &["--decode-chunk-size=-1"],
+            "-decode-chunk-size: -1 is negative",
+        ),
+    ] {
+        let e = config(args).unwrap_err();
+        assert!(e.starts_with(wanted), "{args:?}: {e}");
+    }
+    // Their defaults, written out, are fine.
+    ok(&[
+        "--ec-connector=",
+        "--data-parallel-size=1",
+        "--decode-chunk-size=0",
+        "--tracing=false",
+    ]);
+}
+
+#[test]
+fn port_ranges_cover_every_rank() {
+    let e = config(&["--port=65535", "--data-parallel-size=2"]).unwrap_err();
+    assert_eq!(e, "-port: port range 65535-65536 exceeds 65535");
+    let e = config(&["--vllm-port=65535", "--data-parallel-size=2"]).unwrap_err();
+    assert_eq!(e, "-vllm-port: port range 65535-65536 exceeds 65535");
+    let e = config(&["--port=0", "--data-parallel-size=2"]).unwrap_err();
+    assert!(e.starts_with("-port: 0"), "{e}");
+}
+
+#[test]
+fn retries_and_pool_sizes() {
+    let c = ok(&["--prefill-max-retries=3", "--prefill-retry-backoff=50ms"]);
+    assert_eq!(c.prefill_retry.max_retries, 3);
+    assert_eq!(c.prefill_retry.backoff, Duration::from_millis(50));
+    let e = config(&["--prefill-max-retries=1", "--prefill-retry-backoff=0s"]).unwrap_err();
+    assert!(
+        e.starts_with("-prefill-retry-backoff: must be positive"),
+        "{e}"
+    );
+    assert_eq!(
+        ok(&["--max-idle-conns-per-host=0"]).max_idle_per_host,
+        DEFAULT_MAX_IDLE_PER_HOST
+    );
+    assert_eq!(
+        ok(&["--max-idle-conns-per-host=-5"]).max_idle_per_host,
+        DEFAULT_MAX_IDLE_PER_HOST
+    );
+    assert_eq!(
+        ok(&["--max-idle-conns-per-host=1024"]).max_idle_per_host,
+        1024
+    );
+    assert!(!ok(&["--metrics-port=9090"]).metrics_port_defaulted);
+}
+
+#[test]
+fn klog_flags_without_effect_are_named() {
+    let c = ok(&["-log_dir=/var/log", "-vmodule=x=2", "-logtostderr=false"]);
+    assert_eq!(c.notices.len(), 3, "{:?}", c.notices);
+    assert!(
+        c.notices[0].starts_with("-log_dir has no effect"),
+        "{:?}",
+        c.notices
+    );
+    assert!(ok(&["-v=6", "-logtostderr"]).notices.is_empty());
+}
+
+#[test]
+fn tls_flags_are_checked_at_start() {
+    let e = config(&["-secure-proxy", "-cert-path=/nonexistent"]).unwrap_err();
+    assert!(e.contains("tls.crt"), "{e}");
+    assert!(config(&["-tls-ca-file=/nonexistent"]).is_err());
+}
