@@ -503,11 +503,24 @@ where
     let argv = go_style::rewrite(args);
     let command = Args::command();
     let first = command.clone().try_get_matches_from(&argv)?;
-    let on_command_line: HashSet<String> = command
+    // Each flag given on the command line, with where it first appears.
+    let given: Vec<(usize, String)> = command
         .get_arguments()
         .filter(|a| first.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
-        .filter_map(|a| a.get_long().map(str::to_owned))
+        .filter_map(|a| {
+            let at = first.index_of(a.get_id().as_str()).unwrap_or(usize::MAX);
+            Some((at, a.get_long()?.to_owned()))
+        })
         .collect();
+    let on_command_line: HashSet<String> = given.iter().map(|(_, f)| f.clone()).collect();
+    // The first pd-sidecar-only flag as the user wrote them.
+    let profile = given
+        .iter()
+        .filter(|(_, f)| PD_SIDECAR_ONLY.contains(&f.as_str()))
+        .min()
+        .map_or(Profile::GoSidecar, |(_, f)| Profile::PdSidecar {
+            because: format!("--{f}"),
+        });
     let yaml = match (
         first.get_one::<String>("configuration"),
         first.get_one::<String>("configuration_file"),
@@ -537,12 +550,6 @@ where
         }
     };
     let args = Args::from_arg_matches(&matches)?;
-    let profile = PD_SIDECAR_ONLY
-        .iter()
-        .find(|f| on_command_line.contains(**f))
-        .map_or(Profile::GoSidecar, |f| Profile::PdSidecar {
-            because: format!("--{f}"),
-        });
     Ok(Parsed {
         args,
         profile,

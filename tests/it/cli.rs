@@ -99,3 +99,88 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn manifests_that_ask_for_unbuilt_features_exit_2_naming_the_flag() {
+    for (args, wanted) in [
+        // llm-d-router ebab6879 deploy/environments/dev/e-p-d/patch-decode.yaml (defaults).
+        (
+            &[
+                "--port=8000",
+                "--kv-connector=nixlv2",
+                "--ec-connector=ec-example",
+                "--secure-proxy=false",
+                "--data-parallel-size=1",
+            ][..],
+            "-ec-connector=ec-example: encoder disaggregation",
+        ),
+        // llm-d/llm-d guides/pd-disaggregation/modelserver/gpu/vllm/cks-mooncake.
+        (
+            &[
+                "--port=8000",
+                "--vllm-port=8200",
+                "--connector=mooncake",
+                "--zap-log-level=1",
+                "--secure-proxy=false",
+            ],
+            "-connector=mooncake: this connector",
+        ),
+        // llm-d/llm-d guides/wide-ep-lws/.../vllm-deepseek-r1-0528 disaggregatedset.yaml.
+        (
+            &[
+                "--port=8000",
+                "--data-parallel-size=8",
+                "--kv-connector=nixlv2",
+                "--zap-log-level=1",
+                "--secure-proxy=false",
+                "--enable-prefiller-sampling",
+            ],
+            "-data-parallel-size=8: data parallelism",
+        ),
+        // llm-d/llm-d guides/pd-disaggregation/modelserver/amd/vllm/moriio.
+        (
+            &[
+                "--port=8000",
+                "--vllm-port=8200",
+                "--kv-connector=nixlv2",
+                "--zap-log-level=1",
+                "--secure-proxy=false",
+                "--moriio-write-mode",
+                "--moriio-tp-size=2",
+                "--moriio-parallel-dispatch",
+                "--moriio-local-pod-ip=10.0.0.1",
+            ],
+            "-moriio-*: AMD MoRI-IO",
+        ),
+        (&["--zap-log-level=verbose"], "--zap-log-level"),
+        (&["--configuration={prot: 8000}"], "unknown key 'prot'"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_port_that_cannot_be_bound_exits_1_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for args in [
+        vec![format!("-port={port}"), "-metrics-port=0".into()],
+        // An explicit metrics port is the operator's wish: failing it fails the start.
+        vec!["-port=0".into(), format!("-metrics-port={port}")],
+    ] {
+        let out = Command::new(BIN)
+            .args(["-bind-address=127.0.0.1"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let last = err.trim_end().lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("llm-d-routing-sidecar: -"), "{err}");
+        assert!(last.contains(&format!("cannot bind 127.0.0.1:{port}")), "{err}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Prefiller choice and prefill retries (-enable-prefiller-sampling, -prefill-max-retries):
+//! which prefiller each attempt went to, counted on the simulators themselves.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::support::*;
+use sidecar::observe::metrics::Metrics;
+use sidecar::{App, Config};
+use vllm_sim::SimServer;
+
+/// A sidecar with `configure` applied, and its metrics.
+async fn sidecar(decoder: SocketAddr, configure: impl FnOnce(&mut Config)) -> (Sidecar, Metrics) {
+    let mut cfg = config(decoder);
+    configure(&mut cfg);
+    let app = App::build(cfg).await.expect("the sidecar assembles");
+    let metrics = app.metrics().clone();
+    (Sidecar::serve(app).await, metrics)
+}
+
+/// A P/D completion naming `prefillers` (a comma-separated header value).
+async fn call_with(
+    sidecar: SocketAddr,
+    prefillers: &str,
+) -> (http::Response<()>, bytes::Bytes) {
+    let mut req = post("/v1/completions", None, r#"{"prompt":"a b c","max_tokens":2}"#);
+    req.headers_mut()
+        .insert("x-prefiller-host-port", prefillers.parse().unwrap());
+    call(sidecar, req).await
+}
+
+async fn prefills(sim: &SimServer) -> i64 {
+    counter(&sim_state(sim).await, "requests_total")
+}
+
+fn retries(metrics: &Metrics, reason: &str) -> u64 {
+    let line = format!("llm_d_sidecar_prefill_retries_total{{reason=\"{reason}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str())?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fast(max_retries: u32) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        c.prefill_retry.max_retries = max_retries;
+        c.prefill_retry.backoff = Duration::from_millis(20);
+    }
+}
+
+#[tokio::test]
+async fn a_503_prefill_is_retried_on_the_next_prefiller() {
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.api_addr())).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!((prefills(&p1).await, prefills(&p2).await), (1, 1));
+    // The decode pulled the blocks of the prefiller that answered.
+    assert_eq!(counter(&sim_state(&p2).await, "leases_pulled"), 1);
+    assert_eq!(retries(&metrics, "http_503"), 1);
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_limit_and_the_last_failure_is_answered() {
+    let p = sim(|_| {}).await;
+    sim_config(&p, r#"{"faults":["prefill_http_502"]}"#).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), fast(2)).await;
+    let (resp, body) = call_with(sidecar.addr, &p.api_addr().to_string()).await;
+    assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
+    // One prefiller in the list: every attempt goes to it.
+    assert_eq!(prefills(&p).await, 3);
+    assert_eq!(retries(&metrics, "http_502"), 2);
+    assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0);
+}
+
+#[tokio::test]
+async fn without_retries_a_failed_prefill_is_sent_once() {
+    let p = sim(|_| {}).await;
+    sim_config(&p, r#"{"faults":["prefill_http_503"]}"#).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), |_| {}).await;
+    let (resp, _) = call_with(sidecar.addr, &p.api_addr().to_string()).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(prefills(&p).await, 1);
+    assert_eq!(retries(&metrics, "http_503"), 0);
+}
+
+#[tokio::test]
+async fn what_may_have_pinned_blocks_is_not_retried() {
+    // A 500 may come after vLLM allocated blocks; a 4xx is the client's own answer.
+    for fault in ["prefill_http_500", "prefill_http_400"] {
+        let p1 = sim(|_| {}).await;
+        sim_config(&p1, &format!(r#"{{"faults":["{fault}"]}}"#)).await;
+        let p2 = sim(|_| {}).await;
+        let d = sim(|_| {}).await;
+        let (sidecar, _) = sidecar(d.api_addr(), fast(3)).await;
+        let (resp, _) =
+            call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.api_addr())).await;
+        assert!(resp.status().is_client_error() || resp.status().is_server_error());
+        assert_eq!((prefills(&p1).await, prefills(&p2).await), (1, 0), "{fault}");
+    }
+}
+
+#[tokio::test]
+async fn a_prefiller_that_refuses_connections_is_skipped() {
+    let dead = dead_addr().await;
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_with(sidecar.addr, &format!("{dead}, {}", p.api_addr())).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(prefills(&p).await, 1);
+    assert_eq!(retries(&metrics, "connect"), 1);
+}
+
+#[tokio::test]
+async fn no_retry_is_sent_once_the_client_left() {
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+        c.prefill_retry.max_retries = 1;
+        c.prefill_retry.backoff = Duration::from_millis(300);
+    })
+    .await;
+    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
+    let header = format!("{},{}", p1.api_addr(), p2.api_addr());
+    req.headers_mut()
+        .insert("x-prefiller-host-port", header.parse().unwrap());
+    let client = send(sidecar.addr, req).await;
+    // The first attempt failed and its retry is waiting out the backoff: the client leaves.
+    for _ in 0..200 {
+        if retries(&metrics, "http_503") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(retries(&metrics, "http_503"), 1, "the retry was scheduled");
+    drop(client);
+    // Absence can only be seen by waiting past the latest the retry would have gone out
+    // (the backoff is at most 1.5 x 300 ms).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(prefills(&p2).await, 0, "a retry went out after the client left");
+    assert_eq!(prefills(&p1).await, 1);
+}
+
+#[tokio::test]
+async fn sampling_spreads_prefills_over_the_list() {
+    let p1 = sim(|_| {}).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let header = format!("{},{}", p1.api_addr(), p2.api_addr());
+    let (plain, _) = sidecar(d.api_addr(), |_| {}).await;
+    for _ in 0..10 {
+        assert_eq!(call_with(plain.addr, &header).await.0.status(), 200);
+    }
+    assert_eq!((prefills(&p1).await, prefills(&p2).await), (10, 0), "first entry by default");
+    let (sampled, _) = sidecar(d.api_addr(), |c| c.prefiller_sampling = true).await;
+    for _ in 0..40 {
+        assert_eq!(call_with(sampled.addr, &header).await.0.status(), 200);
+    }
+    // Uniform: all 40 on one prefiller has probability 2^-39.
+    let (a, b) = (prefills(&p1).await - 10, prefills(&p2).await);
+    assert_eq!(a + b, 40);
+    assert!(a > 0 && b > 0, "{a} / {b}");
+}
+
+#[tokio::test]
+async fn no_retry_goes_out_in_the_late_reply_grace_either() {
+    // The client leaves during the first attempt; its 503 comes back within the grace the
+    // sidecar gives a late prefill reply, and the retry would go out inside it too.
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["stall_ms:30","prefill_http_503"]}"#).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+        c.prefill_retry.max_retries = 1;
+        c.prefill_retry.backoff = Duration::from_millis(1);
+    })
+    .await;
+    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
+    let header = format!("{},{}", p1.api_addr(), p2.api_addr());
+    req.headers_mut()
+        .insert("x-prefiller-host-port", header.parse().unwrap());
+    let client = send(sidecar.addr, req).await;
+    assert!(sim_wait(&p1, "busy", LIMIT).await);
+    drop(client);
+    assert!(sim_wait(&p1, "idle", LIMIT).await);
+    // Past the grace (50 ms): anything the sidecar would send has been sent.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(prefills(&p2).await, 0, "a retry went out after the client left");
+    assert_eq!(retries(&metrics, "http_503"), 0);
+}
