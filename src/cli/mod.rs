@@ -29,6 +29,7 @@ const SSRF: &str = "SSRF protection";
 const LIMITS: &str = "Limits and timeouts";
 const OBSERVE: &str = "Logs, metrics and traces";
 const OLD: &str = "Old names (the Go sidecar's, still accepted)";
+const UNBUILT: &str = "pd-sidecar features not built yet (checked; asking for one exits 2)";
 
 /// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
 ///
@@ -62,18 +63,18 @@ pub struct Args {
     #[arg(long = "bind-address", default_value = "0.0.0.0", value_name = "IP", help_heading = LISTEN)]
     pub bind_address: IpAddr,
 
-    /// vLLM data-parallel ranks: rank i served on port+i in front of model-server-port+i
-    #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = LISTEN)]
-    pub data_parallel_size: u32,
+    /// Settings as inline YAML, keys named as flags, e.g. '{port: 8085, model-server-port: 8203}'
+    #[arg(long = "configuration", value_name = "YAML", conflicts_with = "configuration_file", help_heading = LISTEN)]
+    pub configuration: Option<String>,
 
-    /// KV connector: nixlv2 (vLLM NixlConnector), nixl (legacy llm-d v1), shared-storage
-    /// (alias lmcache); pd-sidecar's sglang, mooncake and offloading are not built yet
+    /// Settings from a YAML file, as -configuration
+    #[arg(long = "configuration-file", value_name = "FILE", help_heading = LISTEN)]
+    pub configuration_file: Option<String>,
+
+    /// KV connector: nixlv2 (vLLM NixlConnector), nixl (legacy llm-d v1) or shared-storage
+    /// (alias lmcache) [default: nixlv2]
     #[arg(long = "kv-connector", value_name = "NAME", help_heading = PD)]
     pub kv_connector: Option<String>,
-
-    /// Encoder connector for E/PD (ec-example, ec-nixl); not built yet
-    #[arg(long = "ec-connector", default_value = "", hide_default_value = true, value_name = "NAME", help_heading = PD)]
-    pub ec_connector: String,
 
     /// Pick the prefiller uniformly from the header's list instead of its first entry
     #[arg(long = "enable-prefiller-sampling", env = "ENABLE_PREFILLER_SAMPLING", default_value = "false",
@@ -100,28 +101,9 @@ pub struct Args {
     #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
     pub decode_admission_grace: Duration,
 
-    /// Chunked decode: tokens per decode request (0: off); not built yet
-    #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = PD)]
-    pub decode_chunk_size: i64,
-
-    /// Mooncake connector's bootstrap port on prefill pods
-    #[arg(long = "mooncake-bootstrap-port", env = "MOONCAKE_BOOTSTRAP_PORT", default_value_t = 8998,
-          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
-    pub mooncake_bootstrap_port: u16,
-
-    /// Offloading connector's P2P tier port on prefill pods (rank r: port+r)
-    #[arg(long = "p2p-connector-port", env = "P2P_CONNECTOR_PORT", default_value_t = 7777,
-          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
-    pub p2p_connector_port: u16,
-
-    /// Cached-prefix pulls over the offloading P2P tier with nixlv2; not built yet
-    #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
-    pub enable_p2p_pull: bool,
-
     /// Serve TLS on -port, with -cert-path's certificate or a self-signed one
     /// [default (profile): false, pd-sidecar: true]
-    #[arg(long = "secure-proxy", alias = "secure-serving", num_args = 0..=1, require_equals = true,
+    #[arg(long = "secure-proxy", visible_alias = "secure-serving", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = TLS)]
     pub secure_proxy: Option<bool>,
 
@@ -251,18 +233,37 @@ pub struct Args {
     #[arg(long = "otlp-endpoint", value_name = "URL", help_heading = OBSERVE)]
     pub otlp_endpoint: Option<String>,
 
+    /// vLLM data-parallel ranks: rank i served on port+i in front of model-server-port+i
+    #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = UNBUILT)]
+    pub data_parallel_size: u32,
+
+    /// Encoder connector for E/PD (ec-example, ec-nixl); not built yet
+    #[arg(long = "ec-connector", default_value = "", hide_default_value = true, value_name = "NAME", help_heading = UNBUILT)]
+    pub ec_connector: String,
+
+    /// Chunked decode: tokens per decode request (0: off); not built yet
+    #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = UNBUILT)]
+    pub decode_chunk_size: i64,
+
+    /// Mooncake connector's bootstrap port on prefill pods
+    #[arg(long = "mooncake-bootstrap-port", env = "MOONCAKE_BOOTSTRAP_PORT", default_value_t = 8998,
+          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
+    pub mooncake_bootstrap_port: u16,
+
+    /// Offloading connector's P2P tier port on prefill pods (rank r: port+r)
+    #[arg(long = "p2p-connector-port", env = "P2P_CONNECTOR_PORT", default_value_t = 7777,
+          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
+    pub p2p_connector_port: u16,
+
+    /// Cached-prefix pulls over the offloading P2P tier with nixlv2; not built yet
+    #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = UNBUILT)]
+    pub enable_p2p_pull: bool,
+
     /// pd-sidecar's OTLP/gRPC tracing from OTEL_* variables; not built yet (use -otlp-endpoint)
     #[arg(long = "tracing", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = OBSERVE)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = UNBUILT)]
     pub tracing: bool,
-
-    /// Settings as inline YAML, keys named as flags, e.g. '{port: 8085, model-server-port: 8203}'
-    #[arg(long = "configuration", value_name = "YAML", conflicts_with = "configuration_file", help_heading = LISTEN)]
-    pub configuration: Option<String>,
-
-    /// Settings from a YAML file, as -configuration
-    #[arg(long = "configuration-file", value_name = "FILE", help_heading = LISTEN)]
-    pub configuration_file: Option<String>,
 
     /// Old name of -model-server-port
     #[arg(long = "vllm-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), help_heading = OLD)]

@@ -179,8 +179,16 @@ fn a_port_that_cannot_be_bound_exits_1_with_one_line() {
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8(out.stderr).unwrap();
-        let last = err.trim_end().lines().last().unwrap_or_default().to_string();
+        let last = err
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         assert!(last.starts_with("llm-d-routing-sidecar: -"), "{err}");
-        assert!(last.contains(&format!("cannot bind 127.0.0.1:{port}")), "{err}");
+        assert!(
+            last.contains(&format!("cannot bind 127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 }

@@ -19,11 +19,12 @@ async fn sidecar(decoder: SocketAddr, configure: impl FnOnce(&mut Config)) -> (S
 }
 
 /// A P/D completion naming `prefillers` (a comma-separated header value).
-async fn call_with(
-    sidecar: SocketAddr,
-    prefillers: &str,
-) -> (http::Response<()>, bytes::Bytes) {
-    let mut req = post("/v1/completions", None, r#"{"prompt":"a b c","max_tokens":2}"#);
+async fn call_with(sidecar: SocketAddr, prefillers: &str) -> (http::Response<()>, bytes::Bytes) {
+    let mut req = post(
+        "/v1/completions",
+        None,
+        r#"{"prompt":"a b c","max_tokens":2}"#,
+    );
     req.headers_mut()
         .insert("x-prefiller-host-port", prefillers.parse().unwrap());
     call(sidecar, req).await
@@ -56,7 +57,11 @@ async fn a_503_prefill_is_retried_on_the_next_prefiller() {
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let (sidecar, metrics) = sidecar(d.api_addr(), fast(1)).await;
-    let (resp, body) = call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.api_addr())).await;
+    let (resp, body) = call_with(
+        sidecar.addr,
+        &format!("{},{}", p1.api_addr(), p2.api_addr()),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!((prefills(&p1).await, prefills(&p2).await), (1, 1));
     // The decode pulled the blocks of the prefiller that answered.
@@ -99,10 +104,17 @@ async fn what_may_have_pinned_blocks_is_not_retried() {
         let p2 = sim(|_| {}).await;
         let d = sim(|_| {}).await;
         let (sidecar, _) = sidecar(d.api_addr(), fast(3)).await;
-        let (resp, _) =
-            call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.api_addr())).await;
+        let (resp, _) = call_with(
+            sidecar.addr,
+            &format!("{},{}", p1.api_addr(), p2.api_addr()),
+        )
+        .await;
         assert!(resp.status().is_client_error() || resp.status().is_server_error());
-        assert_eq!((prefills(&p1).await, prefills(&p2).await), (1, 0), "{fault}");
+        assert_eq!(
+            (prefills(&p1).await, prefills(&p2).await),
+            (1, 0),
+            "{fault}"
+        );
     }
 }
 
@@ -146,7 +158,11 @@ async fn no_retry_is_sent_once_the_client_left() {
     // Absence can only be seen by waiting past the latest the retry would have gone out
     // (the backoff is at most 1.5 x 300 ms).
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(prefills(&p2).await, 0, "a retry went out after the client left");
+    assert_eq!(
+        prefills(&p2).await,
+        0,
+        "a retry went out after the client left"
+    );
     assert_eq!(prefills(&p1).await, 1);
 }
 
@@ -160,7 +176,11 @@ async fn sampling_spreads_prefills_over_the_list() {
     for _ in 0..10 {
         assert_eq!(call_with(plain.addr, &header).await.0.status(), 200);
     }
-    assert_eq!((prefills(&p1).await, prefills(&p2).await), (10, 0), "first entry by default");
+    assert_eq!(
+        (prefills(&p1).await, prefills(&p2).await),
+        (10, 0),
+        "first entry by default"
+    );
     let (sampled, _) = sidecar(d.api_addr(), |c| c.prefiller_sampling = true).await;
     for _ in 0..40 {
         assert_eq!(call_with(sampled.addr, &header).await.0.status(), 200);
@@ -194,6 +214,10 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
     assert!(sim_wait(&p1, "idle", LIMIT).await);
     // Past the grace (50 ms): anything the sidecar would send has been sent.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(prefills(&p2).await, 0, "a retry went out after the client left");
+    assert_eq!(
+        prefills(&p2).await,
+        0,
+        "a retry went out after the client left"
+    );
     assert_eq!(retries(&metrics, "http_503"), 0);
 }
