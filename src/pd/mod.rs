@@ -173,17 +173,8 @@ pub async fn serve(
         Ok(Prefilled::Reply(reply)) => reply,
         Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
         Err(e) if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
-            // Logged here because the client gets a 2xx: no error reaches the router.
-            warn!(error = %e, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
-            let body = cx.connector.local_decode_body(&request, &original);
-            let resp = cx
-                .decoder
-                .send(leg(&parts, decode_uri, body::spliced(body)))
-                .await?;
-            let mut resp = with_request_id(from_upstream(resp), request_id);
-            resp.headers_mut()
-                .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
-            return Ok(resp);
+            return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e)
+                .await;
         }
         Err(e) => return Err(e),
     };
@@ -191,13 +182,22 @@ pub async fn serve(
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // 3. The decode leg, from the original request and the prefiller's reply.
-    let plan = cx
-        .connector
-        .decode_plan(&request, &original, &reply)
-        .map_err(|e| ProxyError::PrefillBadReply {
-            prefiller: prefiller.authority().to_string(),
-            detail: e.to_string(),
-        })?;
+    let plan = match cx.connector.decode_plan(&request, &original, &reply) {
+        Ok(plan) => plan,
+        Err(e) => {
+            let e = ProxyError::PrefillBadReply {
+                prefiller: prefiller.authority().to_string(),
+                detail: e.to_string(),
+            };
+            if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal {
+                // A 2xx that cannot be used may still have pinned blocks: they wait for their
+                // lease, as after any unusable reply; the user gets an answer.
+                return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e)
+                    .await;
+            }
+            return Err(e);
+        }
+    };
     if let Handoff::LocalPrefill(why) = plan.handoff {
         warn!(reason = why, "decoder will prefill locally: no KV handoff");
     }
@@ -235,6 +235,29 @@ pub async fn serve(
         "decode started"
     );
     Ok(with_request_id(from_upstream(resp), request_id))
+}
+
+/// `-prefill-failure-policy=decode-local`: the decoder prefills itself, without KV handoff.
+async fn decode_local(
+    cx: &PdContext,
+    parts: &Parts,
+    request: &JsonObject<'_>,
+    original: &bytes::Bytes,
+    decode_uri: http::Uri,
+    request_id: HeaderValue,
+    failure: ProxyError,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    // Logged here because the client gets a 2xx: no error reaches the router.
+    warn!(error = %failure, "prefill failed; decoding locally (-prefill-failure-policy=decode-local)");
+    let body = cx.connector.local_decode_body(request, original);
+    let resp = cx
+        .decoder
+        .send(leg(parts, decode_uri, body::spliced(body)))
+        .await?;
+    let mut resp = with_request_id(from_upstream(resp), request_id);
+    resp.headers_mut()
+        .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
+    Ok(resp)
 }
 
 /// The head of a leg: POST to `uri` over HTTP/1.1 with the client's (cleaned) headers.

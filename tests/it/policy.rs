@@ -86,6 +86,39 @@ async fn decode_local_answers_when_the_prefill_fails() {
 }
 
 #[tokio::test]
+async fn decode_local_covers_an_unusable_2xx_prefill_reply() {
+    let d = sim(|_| {}).await;
+    let mut cfg = config(d.api_addr());
+    cfg.prefill_failure_policy = PrefillFailurePolicy::DecodeLocal;
+    let sidecar = Sidecar::start(cfg).await;
+    for (content_type, body) in [
+        ("text/html", "<html>hi</html>"),
+        ("application/json", r#"{"kv_transfer_params":"x"}"#),
+        ("application/json", r#"{"kv_transfer_params":[1]}"#),
+        ("application/json", "[]"),
+    ] {
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let reply: &'static [u8] = Box::leak(reply.into_bytes().into_boxed_slice());
+        let prefiller = Recorder::start(reply).await;
+        let before = counter(&sim_state(&d).await, "requests_total");
+        let (resp, body) = call(
+            sidecar.addr,
+            post("/v1/completions", Some(prefiller.addr), r#"{"prompt":"x y","max_tokens":2}"#),
+        )
+        .await;
+        let text = String::from_utf8_lossy(reply);
+        assert_eq!(resp.status(), 200, "{text}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(resp.headers()["x-prefill-fallback"], "decode-local", "{text}");
+        assert_eq!(counter(&sim_state(&d).await, "requests_total"), before + 1);
+        let decoded = sim_requests(&d).await.pop().expect("the decode");
+        assert!(record_body(&decoded).get("kv_transfer_params").is_none(), "{text}");
+    }
+}
+
+#[tokio::test]
 async fn the_default_policy_reports_the_prefill_failure() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
