@@ -133,25 +133,44 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). SIGHUP, which a terminal or a supervisor may send,
+/// is logged and ignored: its default action would end the process and cut every stream.
+/// The handlers are installed when this is called, not when it is first polled, so a signal
+/// right after the readiness line is already handled. Must be called inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        let hup = signal(SignalKind::hangup()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let hangups = async move {
+                if let Some(mut hup) = hup {
+                    while hup.recv().await.is_some() {
+                        info!("SIGHUP ignored (SIGTERM drains and exits)");
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                () = wait(term) => {},
+                () = wait(int) => {},
+                () = hangups => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

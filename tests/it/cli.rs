@@ -192,3 +192,64 @@ fn a_port_that_cannot_be_bound_exits_1_with_one_line() {
         );
     }
 }
+
+/// Starts the binary with `args` (plain HTTP, loopback, no admin port) and returns it with the
+/// port its readiness line announced.
+async fn spawn(args: &[String]) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["-port=0", "-bind-address=127.0.0.1", "-metrics-port=0"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
+    (child, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_is_ignored_and_streams_go_on() {
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.itl_ms = 20).await;
+    let (mut child, addr) = spawn(&[
+        "-vllm-host=127.0.0.1".into(),
+        format!("-vllm-port={}", d.api_addr().port()),
+    ])
+    .await;
+    let mut stream = send_pd(addr, &p, r#"{"prompt":"x","max_tokens":20,"stream":true}"#).await;
+    assert!(stream.next_data().await.is_some(), "the stream started");
+    signal(&child, "HUP");
+    let mut events = 1;
+    while let Some(chunk) = stream.next_data().await {
+        events += 1;
+        if chunk.ends_with(b"[DONE]\n\n") {
+            break;
+        }
+    }
+    assert!(events > 10, "the stream was cut after {events} events");
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended the sidecar");
+    // Still serving new requests.
+    let (resp, _) = call_pd(addr, &p, r#"{"prompt":"x","max_tokens":1}"#).await;
+    assert_eq!(resp.status(), 200);
+    signal(&child, "TERM");
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
