@@ -43,7 +43,7 @@ pub(crate) async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        .header_read_timeout(crate::runtime::limit(config.header_read_timeout))
         .max_buf_size(config.max_header_size);
     builder
         .http2()
@@ -96,7 +96,7 @@ pub(crate) async fn run(
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(
+                    let stream = match crate::runtime::within(
                         handshake_timeout,
                         acceptor.accept(stream),
                     )
@@ -120,7 +120,7 @@ pub(crate) async fn run(
     drop(listener);
     drop(reloader);
     info!("shutting down: draining in-flight requests");
-    match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
+    match crate::runtime::within(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => info!("drained"),
         Err(_) => {
             warn!(

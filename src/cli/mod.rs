@@ -158,20 +158,21 @@ pub struct Args {
     #[arg(long = "max-idle-conns-per-host", default_value_t = 256, allow_negative_numbers = true, value_name = "N", help_heading = LIMITS)]
     pub max_idle_conns_per_host: i64,
 
-    /// Time allowed to connect to an upstream (e.g. 5s, 500ms)
+    /// Time allowed to connect to an upstream (e.g. 5s, 500ms; 0: no limit)
     #[arg(long = "connect-timeout", default_value = "5s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub connect_timeout: Duration,
 
-    /// Deadline for the whole prefill leg (request, queueing, reply, retries); exceeded: 504
+    /// Deadline for the whole prefill leg (request, queueing, reply, retries); exceeded: 504.
+    /// 0: no limit
     #[arg(long = "prefill-timeout", default_value = "120s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub prefill_timeout: Duration,
 
     /// Deadline for the decoder's response head (a non-streaming reply's head comes with the
-    /// whole generation); exceeded: 504
+    /// whole generation); exceeded: 504. 0: no limit
     #[arg(long = "decode-first-byte-timeout", default_value = "600s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub decode_first_byte_timeout: Duration,
 
-    /// Time a client has to send its request headers
+    /// Time a client has to send its request headers (0: no limit)
     #[arg(long = "header-read-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub header_read_timeout: Duration,
 
@@ -179,7 +180,8 @@ pub struct Args {
     #[arg(long = "max-header-size", default_value = "64KiB", value_parser = parse_size, value_name = "SIZE", help_heading = LIMITS)]
     pub max_header_size: usize,
 
-    /// On SIGTERM/SIGINT, how long in-flight requests and streams may run before exit
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may run before exit (0: until
+    /// they end)
     #[arg(long = "drain-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub drain_timeout: Duration,
 

@@ -170,6 +170,18 @@ impl TryFrom<Parsed> for Config {
                 reason: "must be positive when -prefill-max-retries > 0".into(),
             });
         }
+        // Zero would close an abandoned decode before it is admitted, or poll without pause.
+        for (flag, value) in [
+            ("decode-admission-grace", args.decode_admission_grace),
+            ("cert-reload-interval", args.cert_reload_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    reason: "must be positive".into(),
+                });
+            }
+        }
         compat::refuse_unbuilt(&parsed)?;
         let tls = compat::leg_tls(&parsed);
 

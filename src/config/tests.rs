@@ -301,3 +301,19 @@ fn tls_flags_are_checked_at_start() {
     assert!(e.contains("tls.crt"), "{e}");
     assert!(config(&["-tls-ca-file=/nonexistent"]).is_err());
 }
+
+#[test]
+fn zero_durations_mean_no_limit_or_are_refused() {
+    let c = ok(&[
+        "-connect-timeout=0s",
+        "-prefill-timeout=0",
+        "-decode-first-byte-timeout=0s",
+        "-header-read-timeout=0ms",
+        "-drain-timeout=0s",
+    ]);
+    assert!(c.prefill_timeout.is_zero() && c.decode_first_byte_timeout.is_zero());
+    for flag in ["decode-admission-grace", "cert-reload-interval"] {
+        let e = config(&[&format!("-{flag}=0s")]).unwrap_err();
+        assert_eq!(e, format!("-{flag}: must be positive"));
+    }
+}

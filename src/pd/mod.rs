@@ -160,7 +160,7 @@ pub async fn serve(
         .instrument(info_span!("prefill"))
     };
     let pending = handoff::send_prefill(prefill_leg, release, abandoned);
-    let prefilled = match tokio::time::timeout(cx.prefill_timeout, pending.result()).await {
+    let prefilled = match crate::runtime::within(cx.prefill_timeout, pending.result()).await {
         Ok(Ok(prefilled)) => prefilled,
         Ok(Err(task)) => Err(ProxyError::Internal(task)),
         Err(_) => Err(ProxyError::Timeout {

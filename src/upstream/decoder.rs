@@ -82,7 +82,7 @@ impl Decoder {
         &self,
         sending: impl Future<Output = Result<Response<Incoming>, LegFailure>>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.first_byte_timeout, sending).await {
+        match crate::runtime::within(self.first_byte_timeout, sending).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(LegFailure::Upstream(e))) => {
                 self.health.record(&e);

@@ -94,7 +94,7 @@ fn leg_client(
 ) -> Result<LegClient, String> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_connect_timeout(crate::runtime::limit(connect_timeout));
     connector.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls.client_config()?)

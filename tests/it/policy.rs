@@ -223,3 +223,19 @@ async fn a_client_that_stalls_in_its_headers_is_cut_off() {
         String::from_utf8_lossy(&buf)
     );
 }
+
+#[tokio::test]
+async fn zero_timeouts_mean_no_limit() {
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let mut cfg = config(d.api_addr());
+    cfg.connect_timeout = Duration::ZERO;
+    cfg.prefill_timeout = Duration::ZERO;
+    cfg.decode_first_byte_timeout = Duration::ZERO;
+    cfg.header_read_timeout = Duration::ZERO;
+    let sidecar = Sidecar::start(cfg).await;
+    let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x","max_tokens":2}"#).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    let (resp, _) = call(sidecar.addr, get("/v1/models")).await;
+    assert_eq!(resp.status(), 200);
+}
