@@ -45,6 +45,15 @@ pub enum ProxyError {
     /// The local vLLM (decoder) gave no response.
     #[error("The decode vLLM server at {decoder} gave no response: {detail}")]
     DecoderUnreachable { decoder: String, detail: String },
+    /// The local vLLM answered with framing that cannot be relayed faithfully.
+    #[error("The decode vLLM server at {decoder} sent a response that cannot be relayed: {detail}")]
+    DecoderBadFraming { decoder: String, detail: String },
+    /// The request head exceeds `-max-header-size` or `-max-header-count`.
+    #[error("Request headers are larger than the sidecar's limit of {0}")]
+    HeadersTooLarge(String),
+    /// The client's body uses a transfer-coding other than chunked.
+    #[error("Transfer-Encoding '{0}' is not supported (only chunked)")]
+    UnsupportedTransferCoding(String),
     /// A leg exceeded its deadline (`-prefill-timeout`, `-decode-first-byte-timeout`).
     #[error("The {leg} leg to {target} timed out after {:.3} s", after.as_secs_f64())]
     Timeout {
@@ -72,6 +81,8 @@ impl ProxyError {
             | ProxyError::NotAnObject
             | ProxyError::BodyRead(_)
             | ProxyError::BadPrefillerHeader(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::PrefillFailed { status, .. }
                 if *status == StatusCode::SERVICE_UNAVAILABLE =>
@@ -81,7 +92,8 @@ impl ProxyError {
             ProxyError::PrefillUnreachable { .. }
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. }
-            | ProxyError::DecoderUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::DecoderUnreachable { .. }
+            | ProxyError::DecoderBadFraming { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PrefillerNotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,7 +107,9 @@ impl ProxyError {
             ProxyError::PrefillUnreachable { .. }
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. } => Some(Leg::Prefill),
-            ProxyError::DecoderUnreachable { .. } => Some(Leg::Decode),
+            ProxyError::DecoderUnreachable { .. } | ProxyError::DecoderBadFraming { .. } => {
+                Some(Leg::Decode)
+            }
             ProxyError::Timeout { leg, .. } => Some(*leg),
             _ => None,
         }
@@ -147,6 +161,8 @@ pub fn error_type(status: StatusCode) -> &'static str {
         404 => "NotFoundError",
         413 => "RequestTooLargeError",
         429 => "RateLimitError",
+        431 => "RequestHeaderFieldsTooLargeError",
+        501 => "NotImplementedError",
         502 => "BadGatewayError",
         503 => "ServiceUnavailableError",
         504 => "GatewayTimeoutError",

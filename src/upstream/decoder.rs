@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -83,7 +84,7 @@ impl Decoder {
         sending: impl Future<Output = Result<Response<Incoming>, LegFailure>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         match crate::runtime::within(self.first_byte_timeout, sending).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => self.framed(resp),
             Ok(Err(LegFailure::Upstream(e))) => {
                 self.health.record(&e);
                 Err(self.unreachable(describe(&e)))
@@ -95,6 +96,33 @@ impl Decoder {
                 after: self.first_byte_timeout,
             }),
         }
+    }
+
+    /// The response, with framing a client can trust (RFC 9112 §6.3): hyper has decoded a
+    /// chunked body, so a `Content-Length` beside `Transfer-Encoding` is dropped rather than
+    /// relayed (it would truncate the body, or make an HTTP/2 response malformed). A coding
+    /// other than `chunked` cannot be relayed (the client would get its encoded bytes
+    /// unlabelled): 502.
+    fn framed(&self, mut resp: Response<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let codings: Vec<String> = resp
+            .headers()
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if codings.is_empty() {
+            return Ok(resp);
+        }
+        if codings != ["chunked"] {
+            return Err(ProxyError::DecoderBadFraming {
+                decoder: self.target.authority().to_string(),
+                detail: format!("Transfer-Encoding '{}'", codings.join(", ")),
+            });
+        }
+        resp.headers_mut().remove(CONTENT_LENGTH);
+        Ok(resp)
     }
 
     /// The decoder gave no response, for `detail`.

@@ -190,3 +190,64 @@ async fn upstream_connections_the_server_closed_do_not_fail_requests() {
     }
     assert_eq!(decoder.count(), 100);
 }
+
+/// A decoder reply with both framings (RFC 9112 §6.3: Transfer-Encoding wins).
+const BOTH_FRAMINGS: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
+
+async fn h2_get(addr: std::net::SocketAddr, path: &str) -> (http::response::Parts, Result<Bytes, String>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://sidecar{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(LIMIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(LIMIT, body.collect())
+        .await
+        .unwrap()
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string());
+    (parts, body)
+}
+
+#[tokio::test]
+async fn content_length_beside_chunked_is_dropped_not_obeyed() {
+    let decoder = Recorder::start(BOTH_FRAMINGS).await;
+    let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
+    let (resp, body) = call(sidecar.addr, get("/v1/models")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(&body[..], b"0123456789", "truncated to the Content-Length");
+    assert!(resp.headers().get("content-length").is_none());
+    let (parts, body) = h2_get(sidecar.addr, "/v1/models").await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(body.as_deref(), Ok(&b"0123456789"[..]), "HTTP/2");
+    assert!(parts.headers.get("content-length").is_none());
+}
+
+#[tokio::test]
+async fn a_pd_decode_with_both_framings_is_relayed_whole() {
+    let p = sim(|_| {}).await;
+    let decoder = Recorder::start(BOTH_FRAMINGS).await;
+    let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
+    let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x","max_tokens":2}"#).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(&body[..], b"0123456789");
+}
+
+#[tokio::test]
+async fn a_transfer_coding_that_cannot_be_relayed_is_502() {
+    const GZIP: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let decoder = Recorder::start(GZIP).await;
+    let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
+    let (resp, body) = call(sidecar.addr, get("/v1/models")).await;
+    assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
+    let message = json(&body)["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("Transfer-Encoding 'gzip, chunked'"), "{message}");
+}
