@@ -46,7 +46,9 @@ pub enum ProxyError {
     #[error("The decode vLLM server at {decoder} gave no response: {detail}")]
     DecoderUnreachable { decoder: String, detail: String },
     /// The local vLLM answered with framing that cannot be relayed faithfully.
-    #[error("The decode vLLM server at {decoder} sent a response that cannot be relayed: {detail}")]
+    #[error(
+        "The decode vLLM server at {decoder} sent a response that cannot be relayed: {detail}"
+    )]
     DecoderBadFraming { decoder: String, detail: String },
     /// The request head exceeds `-max-header-size` or `-max-header-count`.
     #[error("Request headers are larger than the sidecar's limit of {0}")]

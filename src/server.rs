@@ -96,18 +96,16 @@ pub(crate) async fn run(
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
-                    let stream = match crate::runtime::within(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            return debug!(error = %e, client = %remote, "TLS handshake failed")
-                        }
-                        Err(_) => return debug!(client = %remote, "TLS handshake timed out"),
-                    };
+                    let stream =
+                        match crate::runtime::within(handshake_timeout, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                return debug!(error = %e, client = %remote, "TLS handshake failed")
+                            }
+                            Err(_) => return debug!(client = %remote, "TLS handshake timed out"),
+                        };
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }

@@ -8,15 +8,29 @@
 use std::ffi::OsString;
 
 /// Rewrites `-name[=value]` to `--name[=value]`, and `-h`/`-help` to `--help`, up to `--`.
-pub fn rewrite<I, T>(args: I) -> Vec<OsString>
+/// The argument after a flag that `takes_value` (written without `=`) is its value, kept as
+/// it is even if it starts with a dash (`-max-idle-conns-per-host -1`).
+pub fn rewrite<I, T>(args: I, takes_value: impl Fn(&str) -> bool) -> Vec<OsString>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
     let mut out = Vec::new();
     let mut verbatim = false;
+    let mut value_next = false;
     for (i, arg) in args.into_iter().map(Into::into).enumerate() {
         let text = arg.to_str().map(str::to_owned);
+        if std::mem::take(&mut value_next) {
+            out.push(arg);
+            continue;
+        }
+        if let Some(t) = text
+            .as_deref()
+            .filter(|t| i > 0 && !verbatim && t.starts_with('-'))
+        {
+            let name = t.trim_start_matches('-');
+            value_next = !name.contains('=') && takes_value(name);
+        }
         match text {
             Some(t) if i > 0 && !verbatim && t == "--" => {
                 verbatim = true;
@@ -49,11 +63,13 @@ mod tests {
     use super::*;
 
     fn words(args: &[&str]) -> Vec<String> {
-        rewrite(std::iter::once("prog").chain(args.iter().copied()))
-            .into_iter()
-            .skip(1)
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        rewrite(std::iter::once("prog").chain(args.iter().copied()), |f| {
+            ["port", "v"].contains(&f)
+        })
+        .into_iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
     }
 
     #[test]
@@ -63,5 +79,6 @@ mod tests {
             ["--port=1", "--v", "4", "--kv-connector", "nixlv2", "--help"]
         );
         assert_eq!(words(&["--", "-port"]), ["--", "-port"]);
+        assert_eq!(words(&["-port", "-1", "-x"]), ["--port", "-1", "--x"]);
     }
 }

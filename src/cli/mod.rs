@@ -9,14 +9,14 @@ mod go_style;
 mod values;
 mod yaml;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 pub use values::{parse_duration, parse_go_bool, parse_size, TlsStage};
 
@@ -40,11 +40,13 @@ const UNBUILT: &str = "pd-sidecar features not built yet (checked; asking for on
 #[command(
     name = "llm-d-routing-sidecar",
     version,
+    // As Go's flag package and pflag: a flag given twice takes the last value.
+    args_override_self = true,
     after_help = "Flags may be written Go-style too: -port=8000, -port 8000, -secure-proxy=false. \
                   Defaults marked (profile) follow the spelling: any pd-sidecar-only flag or \
                   --configuration selects pd-sidecar's. Also accepted: klog's -log_dir, -log_file, \
                   -vmodule and its other flags (logs always go to stderr), and pd-sidecar's \
-                  --moriio-* flags (AMD MoRI-IO: any value but the default exits 2)."
+                  --moriio-* flags (AMD MoRI-IO: turning it on exits 2)."
 )]
 pub struct Args {
     /// Port the sidecar listens on (0: any free port)
@@ -76,8 +78,9 @@ pub struct Args {
     #[arg(long = "kv-connector", value_name = "NAME", help_heading = PD)]
     pub kv_connector: Option<String>,
 
-    /// Pick the prefiller uniformly from the header's list instead of its first entry
-    #[arg(long = "enable-prefiller-sampling", env = "ENABLE_PREFILLER_SAMPLING", default_value = "false",
+    /// Pick the prefiller uniformly from the header's list instead of its first entry (env
+    /// ENABLE_PREFILLER_SAMPLING)
+    #[arg(long = "enable-prefiller-sampling", default_value = "false",
           num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
     pub enable_prefiller_sampling: bool,
@@ -227,7 +230,7 @@ pub struct Args {
     pub zap_stacktrace_level: Option<String>,
 
     /// Port of the admin listener serving /metrics (Prometheus) and /health; 0 disables it.
-    /// If the default port is taken, the sidecar serves without it
+    /// If the default port is taken, the sidecar serves without it [default: 9090]
     #[arg(long = "metrics-port", value_name = "PORT", help_heading = OBSERVE)]
     pub metrics_port: Option<u16>,
 
@@ -247,13 +250,14 @@ pub struct Args {
     #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = UNBUILT)]
     pub decode_chunk_size: i64,
 
-    /// Mooncake connector's bootstrap port on prefill pods
-    #[arg(long = "mooncake-bootstrap-port", env = "MOONCAKE_BOOTSTRAP_PORT", default_value_t = 8998,
+    /// Mooncake connector's bootstrap port on prefill pods (env MOONCAKE_BOOTSTRAP_PORT)
+    #[arg(long = "mooncake-bootstrap-port", default_value_t = 8998,
           value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
     pub mooncake_bootstrap_port: u16,
 
-    /// Offloading connector's P2P tier port on prefill pods (rank r: port+r)
-    #[arg(long = "p2p-connector-port", env = "P2P_CONNECTOR_PORT", default_value_t = 7777,
+    /// Offloading connector's P2P tier port on prefill pods, rank r on port+r (env
+    /// P2P_CONNECTOR_PORT)
+    #[arg(long = "p2p-connector-port", default_value_t = 7777,
           value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
     pub p2p_connector_port: u16,
 
@@ -447,25 +451,14 @@ pub enum Source {
 pub struct Parsed {
     pub args: Args,
     pub profile: Profile,
-    matches: ArgMatches,
-    on_command_line: HashSet<String>,
+    /// Flags given a value, by long name; absent ones have their default.
+    sources: HashMap<String, Source>,
 }
 
 impl Parsed {
     /// Where the flag `long` (its long name) got its value.
     pub fn source(&self, long: &str) -> Source {
-        if self.on_command_line.contains(long) {
-            return Source::CommandLine;
-        }
-        let id = Args::command()
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long))
-            .map(|a| a.get_id().to_string());
-        match id.and_then(|id| self.matches.value_source(&id)) {
-            Some(ValueSource::CommandLine) => Source::Configuration,
-            Some(ValueSource::EnvVariable) => Source::Environment,
-            _ => Source::Default,
-        }
+        self.sources.get(long).copied().unwrap_or(Source::Default)
     }
 
     /// Whether the flag `long` was given at all (command line, YAML or environment).
@@ -496,15 +489,42 @@ impl std::fmt::Display for CliError {
     }
 }
 
+/// Variables pd-sidecar reads as flags' defaults, below YAML. Empty means unset; a value the
+/// flag would refuse is an error naming the variable.
+const FLAG_ENV: [(&str, &str); 3] = [
+    ("ENABLE_PREFILLER_SAMPLING", "enable-prefiller-sampling"),
+    ("MOONCAKE_BOOTSTRAP_PORT", "mooncake-bootstrap-port"),
+    ("P2P_CONNECTOR_PORT", "p2p-connector-port"),
+];
+
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling, and
-/// merges `--configuration[-file]` under them.
+/// merges `--configuration[-file]` and the environment under them.
 pub fn parse_from<I, T>(args: I) -> Result<Parsed, CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
-    let argv = go_style::rewrite(args);
+    parse_with_env(args, |name| std::env::var(name).ok())
+}
+
+/// As [`parse_from`], reading [`FLAG_ENV`] variables through `env` (tests pass their own).
+pub fn parse_with_env<I, T>(
+    args: I,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Parsed, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
     let command = Args::command();
+    let takes_value = |long: &str| {
+        command.get_arguments().any(|a| {
+            a.get_long() == Some(long)
+                && a.get_num_args().is_none_or(|n| n.min_values() > 0)
+                && matches!(a.get_action(), ArgAction::Set | ArgAction::Append)
+        })
+    };
+    let argv = go_style::rewrite(args, takes_value);
     let first = command.clone().try_get_matches_from(&argv)?;
     // Each flag given on the command line, with where it first appears.
     let given: Vec<(usize, String)> = command
@@ -524,6 +544,11 @@ where
         .map_or(Profile::GoSidecar, |(_, f)| Profile::PdSidecar {
             because: format!("--{f}"),
         });
+    let mut sources: HashMap<String, Source> = on_command_line
+        .iter()
+        .map(|f| (f.clone(), Source::CommandLine))
+        .collect();
+
     let yaml = match (
         first.get_one::<String>("configuration"),
         first.get_one::<String>("configuration_file"),
@@ -536,28 +561,61 @@ where
         )),
         (None, None) => None,
     };
-    let matches = match yaml {
-        None => first,
-        Some((text, origin)) => {
-            let extra = yaml::to_args(&command, &text, &origin, &on_command_line)
-                .map_err(CliError::Configuration)?;
-            // YAML first: the command line's own values come later and win.
-            let mut merged = Vec::with_capacity(argv.len() + extra.len());
-            merged.extend(argv.first().cloned());
-            merged.extend(extra);
-            merged.extend(argv.iter().skip(1).cloned());
-            command
-                .clone()
-                .try_get_matches_from(&merged)
-                .map_err(|e| CliError::Configuration(format!("{origin}: {}", first_line(&e))))?
+    let mut yaml_args = Vec::new();
+    if let Some((text, origin)) = &yaml {
+        for (key, arg) in yaml::to_args(&command, text, origin).map_err(CliError::Configuration)? {
+            if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry(key) {
+                slot.insert(Source::Configuration);
+                yaml_args.push(arg);
+            }
         }
+    }
+    let mut env_args = Vec::new();
+    for (var, long) in FLAG_ENV {
+        let Some(value) = env(var).filter(|v| !v.trim().is_empty()) else {
+            continue;
+        };
+        if sources.contains_key(long) {
+            continue;
+        }
+        let arg = format!("--{long}={}", value.trim());
+        command
+            .clone()
+            .try_get_matches_from(["sidecar", arg.as_str()])
+            .map_err(|e| CliError::Configuration(format!("{var}={value:?}: {}", first_line(&e))))?;
+        sources.insert(long.to_string(), Source::Environment);
+        env_args.push(OsString::from(arg));
+    }
+
+    let matches = if yaml_args.is_empty() && env_args.is_empty() {
+        first
+    } else {
+        // Lowest precedence first: later values override earlier ones.
+        let mut merged = Vec::with_capacity(argv.len() + yaml_args.len() + env_args.len());
+        merged.extend(argv.first().cloned());
+        merged.extend(env_args);
+        merged.extend(yaml_args);
+        merged.extend(argv.iter().skip(1).cloned());
+        command.clone().try_get_matches_from(&merged).map_err(|e| {
+            let origin = yaml.as_ref().map_or("", |(_, o)| o.as_str());
+            CliError::Configuration(format!("{origin}: {}", first_line(&e)))
+        })?
     };
+    // What clap itself read from the environment (INFERENCE_POOL and the like).
+    for a in command.get_arguments() {
+        if let Some(long) = a.get_long() {
+            if matches.value_source(a.get_id().as_str()) == Some(ValueSource::EnvVariable) {
+                sources
+                    .entry(long.to_string())
+                    .or_insert(Source::Environment);
+            }
+        }
+    }
     let args = Args::from_arg_matches(&matches)?;
     Ok(Parsed {
         args,
         profile,
-        matches,
-        on_command_line,
+        sources,
     })
 }
 

@@ -258,7 +258,7 @@ fn yaml_is_strict() {
         ("{prot: 8000}", "unknown key 'prot'"),
         ("{port: http}", "--port"),
         ("{port: [1, 2]}", "'port' takes one value"),
-        ("{port: }", "'port' has no value"),
+        ("{port: ~}", "'port' has no value"),
         ("{enable-tls: {a: b}}", "'enable-tls' must be a plain value"),
         ("[port, 8000]", "expected a mapping"),
         ("{port: 1, port: 2}", "not valid YAML"),
@@ -350,5 +350,83 @@ fn help_names_old_flags_as_such() {
             .nth(1)
             .unwrap_or_default();
         assert!(line.contains(current), "{old}: {line}");
+    }
+}
+
+#[test]
+fn yaml_zeros_mean_unset_as_in_pd_sidecar() {
+    let p = ok(&["--configuration={port: 0, model-server-port: 0, cert-path: '', enable-tls: []}"]);
+    assert_eq!(p.args.port, 8000);
+    assert_eq!(p.args.model_server_port, None);
+    assert_eq!(p.source("port"), Source::Default);
+}
+
+#[test]
+fn a_flag_given_twice_takes_the_last_value() {
+    assert_eq!(ok(&["--port=8000", "--port=8001"]).args.port, 8001);
+    assert_eq!(ok(&["-v=2", "-v", "5"]).args.verbosity, 5);
+}
+
+#[test]
+fn a_value_may_start_with_a_dash() {
+    let a = ok(&["-max-idle-conns-per-host", "-1", "-port", "9"]).args;
+    assert_eq!((a.max_idle_conns_per_host, a.port), (-1, 9));
+}
+
+#[test]
+fn flag_variables_sit_below_yaml_and_name_themselves_when_bad() {
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let parse = |args: &[&str], vars| {
+        parse_with_env(
+            std::iter::once("sidecar").chain(args.iter().copied()),
+            env(vars),
+        )
+    };
+    let p = parse(
+        &[],
+        &[
+            ("ENABLE_PREFILLER_SAMPLING", "true"),
+            ("P2P_CONNECTOR_PORT", "7000"),
+        ],
+    )
+    .unwrap();
+    assert!(p.args.enable_prefiller_sampling);
+    assert_eq!(p.args.p2p_connector_port, 7000);
+    assert_eq!(p.source("enable-prefiller-sampling"), Source::Environment);
+    // Empty is unset; YAML and the command line win.
+    let p = parse(
+        &[
+            "--configuration={p2p-connector-port: 7100}",
+            "--enable-prefiller-sampling=false",
+        ],
+        &[
+            ("ENABLE_PREFILLER_SAMPLING", "true"),
+            ("P2P_CONNECTOR_PORT", "7000"),
+            ("MOONCAKE_BOOTSTRAP_PORT", ""),
+        ],
+    )
+    .unwrap();
+    assert!(!p.args.enable_prefiller_sampling);
+    assert_eq!(p.args.p2p_connector_port, 7100);
+    assert_eq!(p.args.mooncake_bootstrap_port, 8998);
+    for (var, value) in [
+        ("ENABLE_PREFILLER_SAMPLING", "maybe"),
+        ("MOONCAKE_BOOTSTRAP_PORT", "0"),
+        ("P2P_CONNECTOR_PORT", "http"),
+    ] {
+        let vars: &'static [(&'static str, &'static str)] =
+            Box::leak(vec![(var, value)].into_boxed_slice());
+        match parse(&[], vars) {
+            Err(CliError::Configuration(e)) => {
+                assert!(e.starts_with(&format!("{var}=\"{value}\"")), "{e}")
+            }
+            other => panic!("{var}={value}: {other:?}"),
+        }
     }
 }

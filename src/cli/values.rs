@@ -144,10 +144,11 @@ pub fn parse_zap_time(s: &str) -> Result<LogTime, String> {
     match s.to_ascii_lowercase().as_str() {
         "epoch" => Ok(LogTime::Epoch),
         "millis" => Ok(LogTime::Millis),
-        "nano" => Ok(LogTime::Nanos),
+        // zap's own name is `nanos`; controller-runtime's help says `nano`.
+        "nano" | "nanos" => Ok(LogTime::Nanos),
         "iso8601" | "rfc3339" | "rfc3339nano" => Ok(LogTime::Rfc3339),
         _ => Err(format!(
-            "invalid time-encoding \"{s}\" (use epoch, millis, nano, iso8601, rfc3339 or rfc3339nano)"
+            "invalid time-encoding \"{s}\" (use epoch, millis, nanos, iso8601, rfc3339 or rfc3339nano)"
         )),
     }
 }
@@ -193,6 +194,7 @@ mod tests {
         assert!(parse_zap_encoder("text").is_err());
         assert!(parse_zap_stacktrace("warn").is_err());
         assert_eq!(parse_zap_time("nano"), Ok(LogTime::Nanos));
+        assert_eq!(parse_zap_time("nanos"), Ok(LogTime::Nanos));
         assert!(parse_zap_time("unix").is_err());
     }
 }

@@ -5,7 +5,6 @@
 //! Strict, as pd-sidecar's `UnmarshalStrict`: an unknown key, a nested mapping or a list for
 //! a single-valued flag is an error naming the key.
 
-use std::collections::HashSet;
 use std::ffi::OsString;
 
 use clap::{ArgAction, Command};
@@ -14,15 +13,13 @@ use serde_yaml_ng::Value;
 /// Keys that configure the configuration itself, or are not settings.
 const NOT_KEYS: [&str; 4] = ["configuration", "configuration-file", "help", "version"];
 
-/// Reads the YAML document `source` names (`--configuration` text or `--configuration-file`
-/// path) and returns it as `--key=value` arguments, leaving out keys in `on_command_line`
-/// (flags win over YAML).
+/// Reads a YAML document (`origin` says which flag gave it) and returns each setting as
+/// `(key, --key=value)`. As in pd-sidecar, a zero or empty value means "not set".
 pub fn to_args(
     command: &Command,
     text: &str,
     origin: &str,
-    on_command_line: &HashSet<String>,
-) -> Result<Vec<OsString>, String> {
+) -> Result<Vec<(String, OsString)>, String> {
     let doc: Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("{origin}: not valid YAML: {e}"))?;
     let map = match doc {
@@ -44,7 +41,13 @@ pub fn to_args(
             .find(|a| a.get_long() == Some(key.as_str()))
             .filter(|_| !NOT_KEYS.contains(&key.as_str()))
             .ok_or_else(|| format!("{origin}: unknown key '{key}'"))?;
-        if on_command_line.contains(&key) {
+        let unset = match &value {
+            Value::Number(n) => n.as_f64() == Some(0.0),
+            Value::String(s) => s.is_empty(),
+            Value::Sequence(items) => items.is_empty(),
+            _ => false,
+        };
+        if unset {
             continue;
         }
         let list = matches!(arg.get_action(), ArgAction::Append);
@@ -59,7 +62,8 @@ pub fn to_args(
             }
             other => scalar(&key, &other, origin)?,
         };
-        out.push(format!("--{key}={text}").into());
+        let arg = format!("--{key}={text}").into();
+        out.push((key, arg));
     }
     Ok(out)
 }

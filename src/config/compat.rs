@@ -2,10 +2,10 @@
 //! pair wins, the defaults the [`Profile`] chooses, flags that ask for a feature this sidecar
 //! does not have, and klog flags that have no effect here.
 //!
-//! Precedence is pd-sidecar's: command line > `--configuration` > environment > default; a
-//! tie between a current name and its old one goes to the current name.
+//! Precedence is pd-sidecar's: command line > `--configuration` > environment > default. Of
+//! a renamed pair, the rule is pd-sidecar's for that pair (see each function).
 
-use crate::cli::{Parsed, Profile, TlsStage};
+use crate::cli::{Parsed, Profile, Source, TlsStage};
 use crate::connector::Connector;
 use crate::observe::logging::{LogFormat, LogLevel, LogSettings, LogTime};
 
@@ -79,17 +79,16 @@ pub fn model_server_port(parsed: &Parsed) -> (&'static str, u16) {
     .unwrap_or(("model-server-port", DEFAULT_MODEL_SERVER_PORT))
 }
 
-/// `--kv-connector` > `--connector` > `nixlv2`; pd-sidecar's connectors this sidecar does not
-/// have yet are refused by name.
+/// `--kv-connector` (from anywhere) > `--connector` > `nixlv2`, as pd-sidecar's migration
+/// did; pd-sidecar's connectors this sidecar does not have yet are refused by name.
 pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
     let a = &parsed.args;
-    let Some((flag, name)) = pick(
-        parsed,
-        &[
-            ("kv-connector", a.kv_connector.clone()),
-            ("connector", a.connector.clone()),
-        ],
-    ) else {
+    let picked = match (&a.kv_connector, &a.connector) {
+        (Some(name), _) => Some(("kv-connector", name)),
+        (None, Some(name)) => Some(("connector", name)),
+        (None, None) => None,
+    };
+    let Some((flag, name)) = picked else {
         return Ok(Connector::NixlV2);
     };
     match name.as_str() {
@@ -113,41 +112,47 @@ pub struct LegTls {
 
 pub fn leg_tls(parsed: &Parsed) -> LegTls {
     let a = &parsed.args;
+    // An old boolean from YAML counts only if the command line set neither it nor the list
+    // (pd-sidecar's rule); from the command line it always counts.
+    let old = |flag: &str, value: bool, list: &str| match parsed.source(flag) {
+        Source::Configuration => value && parsed.source(list) != Source::CommandLine,
+        _ => value,
+    };
     LegTls {
-        prefiller: a.prefiller_use_tls || a.enable_tls.contains(&TlsStage::Prefiller),
-        decoder: a.decoder_use_tls || a.enable_tls.contains(&TlsStage::Decoder),
-        prefiller_skip_verify: a.prefiller_tls_insecure_skip_verify
-            || a.tls_insecure_skip_verify.contains(&TlsStage::Prefiller),
-        decoder_skip_verify: a.decoder_tls_insecure_skip_verify
-            || a.tls_insecure_skip_verify.contains(&TlsStage::Decoder),
+        prefiller: old("prefiller-use-tls", a.prefiller_use_tls, "enable-tls")
+            || a.enable_tls.contains(&TlsStage::Prefiller),
+        decoder: old("decoder-use-tls", a.decoder_use_tls, "enable-tls")
+            || a.enable_tls.contains(&TlsStage::Decoder),
+        prefiller_skip_verify: old(
+            "prefiller-tls-insecure-skip-verify",
+            a.prefiller_tls_insecure_skip_verify,
+            "tls-insecure-skip-verify",
+        ) || a.tls_insecure_skip_verify.contains(&TlsStage::Prefiller),
+        decoder_skip_verify: old(
+            "decoder-tls-insecure-skip-verify",
+            a.decoder_tls_insecure_skip_verify,
+            "tls-insecure-skip-verify",
+        ) || a.tls_insecure_skip_verify.contains(&TlsStage::Decoder),
     }
 }
 
-/// The InferencePool `(namespace, name)`: `--inference-pool` (`INFERENCE_POOL`) or the old
-/// `-inference-pool-namespace` + `-inference-pool-name` pair, whichever has precedence.
+/// The InferencePool `(namespace, name)`: `--inference-pool` (`INFERENCE_POOL`) from
+/// anywhere, else the old `-inference-pool-namespace` + `-inference-pool-name` pair, as
+/// pd-sidecar's migration did.
 pub fn inference_pool(parsed: &Parsed) -> Result<Option<(String, String)>, ConfigError> {
     let a = &parsed.args;
     let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
-    let joined = nonempty(&a.inference_pool);
-    let pair = match (
-        nonempty(&a.inference_pool_namespace),
-        nonempty(&a.inference_pool_name),
-    ) {
-        (Some(ns), Some(name)) => Some((ns, name)),
-        _ => None,
+    let Some(value) = nonempty(&a.inference_pool) else {
+        return Ok(
+            match (
+                nonempty(&a.inference_pool_namespace),
+                nonempty(&a.inference_pool_name),
+            ) {
+                (Some(ns), Some(name)) => Some((ns, name)),
+                _ => None,
+            },
+        );
     };
-    let pair_rank = parsed
-        .source("inference-pool-namespace")
-        .max(parsed.source("inference-pool-name"));
-    let use_joined = match (&joined, &pair) {
-        (Some(_), Some(_)) => parsed.source("inference-pool") <= pair_rank,
-        (Some(_), None) => true,
-        _ => false,
-    };
-    if !use_joined {
-        return Ok(pair);
-    }
-    let Some(value) = joined else { return Ok(pair) };
     let parts: Vec<&str> = value.split('/').collect();
     let invalid = |reason: &str| ConfigError::Invalid {
         flag: "inference-pool",
@@ -177,11 +182,18 @@ pub fn log_settings(parsed: &Parsed, defaults: ProfileDefaults) -> LogSettings {
         _ if a.zap_devel => LogLevel::Verbosity(1),
         _ => LogLevel::Verbosity(a.verbosity),
     };
-    let format = a.log_format.or(a.zap_encoder).unwrap_or(if a.zap_devel {
-        LogFormat::Text
-    } else {
-        defaults.log_format
-    });
+    let format = pick(
+        parsed,
+        &[("log-format", a.log_format), ("zap-encoder", a.zap_encoder)],
+    )
+    .map_or(
+        if a.zap_devel {
+            LogFormat::Text
+        } else {
+            defaults.log_format
+        },
+        |(_, f)| f,
+    );
     LogSettings {
         level,
         format,

@@ -51,12 +51,13 @@ fn connector_precedence_and_names() {
         connector(&["--connector=nixl", "--kv-connector=lmcache"]),
         Connector::LmCache
     );
+    // The current name wins from anywhere, as in pd-sidecar's migration.
     assert_eq!(
         connector(&[
             "--connector=nixl",
             "--configuration={kv-connector: lmcache}"
         ]),
-        Connector::Nixl
+        Connector::LmCache
     );
     for name in ["sglang", "mooncake", "offloading"] {
         let e = config(&[&format!("--kv-connector={name}")]).unwrap_err();
@@ -156,6 +157,38 @@ fn tls_stages_and_old_booleans_add_up() {
 }
 
 #[test]
+fn old_tls_booleans_from_yaml_yield_to_the_command_lines_list() {
+    let c = ok(&["--configuration={prefiller-use-tls: true}"]);
+    assert!(c.prefiller_use_tls);
+    let c = ok(&[
+        "--configuration={prefiller-use-tls: true}",
+        "--enable-tls=decoder",
+    ]);
+    assert!(
+        !c.prefiller_use_tls,
+        "pd-sidecar ignores the YAML boolean here"
+    );
+    let c = ok(&["-prefiller-use-tls", "--enable-tls=decoder"]);
+    assert!(c.prefiller_use_tls, "on the command line both count");
+}
+
+#[test]
+fn the_log_format_follows_precedence() {
+    let format = |args: &[&str]| ok(args).log.format;
+    assert_eq!(
+        format(&[
+            "--zap-encoder=console",
+            "--configuration={log-format: json}"
+        ]),
+        LogFormat::Text
+    );
+    assert_eq!(
+        format(&["--zap-encoder=console", "--log-format=json"]),
+        LogFormat::Json
+    );
+}
+
+#[test]
 fn inference_pool_forms_and_precedence() {
     let pool = |args: &[&str]| ok(args).ssrf.and_then(|s| s.inference_pool);
     let on = "-enable-ssrf-protection";
@@ -171,7 +204,7 @@ fn inference_pool_forms_and_precedence() {
         pool(&[on, "-inference-pool-namespace=a", "-inference-pool-name=b"]),
         Some(("a".into(), "b".into()))
     );
-    // The current name wins a tie; the command line wins over YAML.
+    // The current name wins from anywhere, as in pd-sidecar's migration.
     assert_eq!(
         pool(&[
             on,
@@ -188,7 +221,7 @@ fn inference_pool_forms_and_precedence() {
             "-inference-pool-namespace=a",
             "-inference-pool-name=b"
         ]),
-        Some(("a".into(), "b".into()))
+        Some(("ns".into(), "p".into()))
     );
     for bad in ["a/b/c", "/p", "ns/"] {
         let e = config(&[on, &format!("--inference-pool={bad}")]).unwrap_err();

@@ -173,8 +173,7 @@ pub async fn serve(
         Ok(Prefilled::Reply(reply)) => reply,
         Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
         Err(e) if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
-            return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e)
-                .await;
+            return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e).await;
         }
         Err(e) => return Err(e),
     };

@@ -24,11 +24,18 @@ impl Default for RetryPolicy {
 /// Doubling stops here: the prefill deadline bounds the whole series anyway.
 const MAX_DOUBLINGS: u32 = 10;
 
+/// No single wait is longer than this, whatever `-prefill-retry-backoff` says.
+const MAX_DELAY: Duration = Duration::from_secs(600);
+
 impl RetryPolicy {
     /// The delay before retry `n` (1 for the first): `backoff * 2^(n-1)`, times a uniform
     /// factor in [0.5, 1.5).
     pub fn delay(&self, n: u32) -> Duration {
-        let base = self.backoff * 2u32.pow(n.saturating_sub(1).min(MAX_DOUBLINGS));
+        let base = self
+            .backoff
+            .checked_mul(2u32.pow(n.saturating_sub(1).min(MAX_DOUBLINGS)))
+            .unwrap_or(MAX_DELAY)
+            .min(MAX_DELAY);
         base.mul_f64(0.5 + fastrand::f64())
     }
 }
@@ -49,7 +56,12 @@ mod tests {
             let third = p.delay(3);
             assert!(third >= Duration::from_millis(200) && third < Duration::from_millis(600));
         }
-        // Bounded however many retries are allowed.
+        // Bounded however many retries are allowed, and however long the backoff.
         assert!(p.delay(1000) < Duration::from_millis(100 * 1024 * 3 / 2));
+        let huge = RetryPolicy {
+            max_retries: 1,
+            backoff: Duration::from_secs(u64::MAX / 2),
+        };
+        assert!(huge.delay(5) < MAX_DELAY * 2);
     }
 }

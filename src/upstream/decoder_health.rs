@@ -40,7 +40,8 @@ impl DecoderHealth {
         if !self.down.load(Ordering::Relaxed) {
             return Ok(());
         }
-        match crate::runtime::within(self.connect_timeout, TcpStream::connect(&self.authority)).await
+        match crate::runtime::within(self.connect_timeout, TcpStream::connect(&self.authority))
+            .await
         {
             Ok(Ok(_)) => {
                 if self.down.swap(false, Ordering::Relaxed) {

@@ -245,11 +245,17 @@ async fn sighup_is_ignored_and_streams_go_on() {
         }
     }
     assert!(events > 10, "the stream was cut after {events} events");
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended the sidecar");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the sidecar"
+    );
     // Still serving new requests.
     let (resp, _) = call_pd(addr, &p, r#"{"prompt":"x","max_tokens":1}"#).await;
     assert_eq!(resp.status(), 200);
     signal(&child, "TERM");
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 }

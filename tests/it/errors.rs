@@ -201,3 +201,60 @@ async fn a_down_decoder_after_prefill_is_502() {
         "{v}"
     );
 }
+
+/// Writes `head` and `body` on a raw connection, then reads until the server closes: the
+/// bytes received, and whether the close was clean (FIN) rather than a reset.
+async fn raw_exchange(addr: std::net::SocketAddr, head: &[u8], body: &[u8]) -> (Vec<u8>, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head).await.unwrap();
+    // The server may answer and stop reading midway: later writes may fail, which is the point.
+    let _ = conn.write_all(body).await;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(LIMIT, conn.read(&mut buf)).await {
+            Ok(Ok(0)) => return (received, true),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => return (received, false),
+            Err(_) => panic!("the server did not close"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_413_is_delivered_and_the_connection_closes_cleanly() {
+    let p = Recorder::start(OK).await;
+    let d = Recorder::start(OK).await;
+    let mut cfg = config(d.addr);
+    cfg.max_body_bytes = 1024;
+    let sidecar = Sidecar::start(cfg).await;
+    let prompt = "a".repeat(8 << 20);
+    let body = format!(r#"{{"prompt":"{prompt}"}}"#);
+    // Sized (refused from its Content-Length) and chunked (refused midway).
+    let mut chunked = Vec::new();
+    for piece in body.as_bytes().chunks(16 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    for (framing, bytes) in [
+        (format!("content-length: {}", body.len()), body.as_bytes()),
+        ("transfer-encoding: chunked".to_string(), &chunked[..]),
+    ] {
+        for _ in 0..10 {
+            let head = format!(
+                "POST /v1/completions HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n\
+                 x-prefiller-host-port: {}\r\n{framing}\r\n\r\n",
+                p.addr
+            );
+            let (received, clean) = raw_exchange(sidecar.addr, head.as_bytes(), bytes).await;
+            let text = String::from_utf8_lossy(&received);
+            assert!(text.starts_with("HTTP/1.1 413"), "{framing}: {text}");
+            assert!(text.contains("RequestTooLargeError"), "{text}");
+            assert!(clean, "{framing}: the connection was reset after the 413");
+        }
+    }
+    assert_eq!(p.count(), 0);
+}

@@ -194,7 +194,10 @@ async fn upstream_connections_the_server_closed_do_not_fail_requests() {
 /// A decoder reply with both framings (RFC 9112 §6.3: Transfer-Encoding wins).
 const BOTH_FRAMINGS: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
 
-async fn h2_get(addr: std::net::SocketAddr, path: &str) -> (http::response::Parts, Result<Bytes, String>) {
+async fn h2_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (http::response::Parts, Result<Bytes, String>) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -243,11 +246,18 @@ async fn a_pd_decode_with_both_framings_is_relayed_whole() {
 
 #[tokio::test]
 async fn a_transfer_coding_that_cannot_be_relayed_is_502() {
-    const GZIP: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    const GZIP: &[u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
     let decoder = Recorder::start(GZIP).await;
     let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
     let (resp, body) = call(sidecar.addr, get("/v1/models")).await;
     assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
-    let message = json(&body)["error"]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("Transfer-Encoding 'gzip, chunked'"), "{message}");
+    let message = json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("Transfer-Encoding 'gzip, chunked'"),
+        "{message}"
+    );
 }

@@ -106,15 +106,31 @@ async fn decode_local_covers_an_unusable_2xx_prefill_reply() {
         let before = counter(&sim_state(&d).await, "requests_total");
         let (resp, body) = call(
             sidecar.addr,
-            post("/v1/completions", Some(prefiller.addr), r#"{"prompt":"x y","max_tokens":2}"#),
+            post(
+                "/v1/completions",
+                Some(prefiller.addr),
+                r#"{"prompt":"x y","max_tokens":2}"#,
+            ),
         )
         .await;
         let text = String::from_utf8_lossy(reply);
-        assert_eq!(resp.status(), 200, "{text}: {}", String::from_utf8_lossy(&body));
-        assert_eq!(resp.headers()["x-prefill-fallback"], "decode-local", "{text}");
+        assert_eq!(
+            resp.status(),
+            200,
+            "{text}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            resp.headers()["x-prefill-fallback"],
+            "decode-local",
+            "{text}"
+        );
         assert_eq!(counter(&sim_state(&d).await, "requests_total"), before + 1);
         let decoded = sim_requests(&d).await.pop().expect("the decode");
-        assert!(record_body(&decoded).get("kv_transfer_params").is_none(), "{text}");
+        assert!(
+            record_body(&decoded).get("kv_transfer_params").is_none(),
+            "{text}"
+        );
     }
 }
 

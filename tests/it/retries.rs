@@ -221,3 +221,37 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
     );
     assert_eq!(retries(&metrics, "http_503"), 0);
 }
+
+#[tokio::test]
+async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
+    // The backoff (15-45 ms) ends inside the late-reply grace (50 ms) the sidecar gives a
+    // prefill whose client left: the retry must check for that itself.
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+        c.prefill_retry.max_retries = 1;
+        c.prefill_retry.backoff = Duration::from_millis(30);
+    })
+    .await;
+    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
+    let header = format!("{},{}", p1.api_addr(), p2.api_addr());
+    req.headers_mut()
+        .insert("x-prefiller-host-port", header.parse().unwrap());
+    let client = send(sidecar.addr, req).await;
+    for _ in 0..2000 {
+        if retries(&metrics, "http_503") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(retries(&metrics, "http_503"), 1, "the retry was scheduled");
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        prefills(&p2).await,
+        0,
+        "a retry went out after the client left"
+    );
+}
