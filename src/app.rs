@@ -12,7 +12,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::observe::metrics::Metrics;
 use crate::pd::PdContext;
-use crate::proxy::Proxy;
+use crate::proxy::{HeadLimits, Proxy};
 use crate::routing::Pick;
 use crate::runtime::busy_poll::BusyPoll;
 use crate::runtime::AbortOnDrop;
@@ -104,6 +104,10 @@ impl App {
                 )
             }),
             metrics,
+            limits: HeadLimits {
+                max_header_count: config.max_header_count,
+                max_header_size: config.max_header_size,
+            },
         };
         Ok(App {
             config,

@@ -127,7 +127,10 @@ impl ProxyError {
         };
         let unread_body = matches!(
             self,
-            ProxyError::BodyTooLarge { .. } | ProxyError::BodyRead(_)
+            ProxyError::BodyTooLarge { .. }
+                | ProxyError::BodyRead(_)
+                | ProxyError::HeadersTooLarge(_)
+                | ProxyError::UnsupportedTransferCoding(_)
         );
         let mut resp = error_response(self.status(), &self.to_string(), param);
         if unread_body {

@@ -35,6 +35,14 @@ pub struct Proxy {
     /// body, so long streams count until they end. `None`: no limit.
     pub(crate) in_flight: Option<(Arc<Semaphore>, usize)>,
     pub(crate) metrics: Metrics,
+    pub(crate) limits: HeadLimits,
+}
+
+/// The request-head limits the handler checks itself, to answer them in JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_header_count: usize,
+    pub max_header_size: usize,
 }
 
 impl Proxy {
@@ -45,6 +53,7 @@ impl Proxy {
         if path == "/health" && (method == Method::GET || method == Method::HEAD) {
             return health();
         }
+        let refused = self.refuse_head(&req);
         let routing = routing::decide(&req, self.pick, &self.allowlist);
         let span = trace_context::request_span(
             routing.route(),
@@ -57,7 +66,7 @@ impl Proxy {
         let mut guard = self
             .metrics
             .track(self.pd.connector, routing.route(), span.clone());
-        let resp = match self.admit() {
+        let resp = match refused.map_or_else(|| self.admit(), Err) {
             Err(e) => respond_error(&mut guard, client, e),
             Ok(permit) => {
                 // The guard lives until the response body ends, so the slot covers streams too.
@@ -72,6 +81,44 @@ impl Proxy {
             }
         };
         guard.attach(resp)
+    }
+
+    /// A request head this sidecar will not serve: over `-max-header-count` or
+    /// `-max-header-size` (hyper lets heads up to twice those through so the answer is this
+    /// JSON 431), or a body in a transfer-coding other than chunked (hyper decodes chunked and
+    /// would pass the rest on unlabelled; vLLM cannot decode them anyway).
+    fn refuse_head<B>(&self, req: &Request<B>) -> Option<ProxyError> {
+        let headers = req.headers();
+        if headers.len() > self.limits.max_header_count {
+            return Some(ProxyError::HeadersTooLarge(format!(
+                "{} headers",
+                self.limits.max_header_count
+            )));
+        }
+        let size: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>()
+            + req.uri().to_string().len()
+            + req.method().as_str().len()
+            + 12;
+        if size > self.limits.max_header_size {
+            return Some(ProxyError::HeadersTooLarge(format!(
+                "{} bytes",
+                self.limits.max_header_size
+            )));
+        }
+        let codings: Vec<String> = headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if !codings.is_empty() && codings != ["chunked"] {
+            return Some(ProxyError::UnsupportedTransferCoding(codings.join(", ")));
+        }
+        None
     }
 
     /// A `-max-in-flight` slot, or the 503 that says there is none.

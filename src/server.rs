@@ -2,14 +2,17 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -37,19 +40,12 @@ pub(crate) async fn run(
             async move { tls.reload_forever(interval).await },
         ))
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The header read timeout bounds slow-loris clients; the buffer bound caps the request
-    // head (hyper answers 431 beyond it).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(crate::runtime::limit(config.header_read_timeout))
-        .max_buf_size(config.max_header_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
+    let builder = http_builder(config);
     let graceful = GracefulShutdown::new();
+    // Set when draining starts: a connection that has not sent a request yet closes then.
+    let (draining_tx, draining) = watch::channel(false);
+    let slots =
+        (config.max_connections > 0).then(|| Arc::new(Semaphore::new(config.max_connections)));
     // Connection tasks, so the ones still open at the drain deadline are closed when serving
     // ends, in a process that goes on (an embedder, a test) as in one that exits.
     let mut connections = JoinSet::new();
@@ -75,49 +71,38 @@ pub(crate) async fn run(
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
-        });
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let acceptor = acceptor.clone();
-        let handshake_timeout = config.header_read_timeout;
         // Finished connections are reaped here, so the set holds only open ones.
         while connections.try_join_next().is_some() {}
+        let slot = match slots.as_ref().map(|s| s.clone().try_acquire_owned()) {
+            Some(Err(_)) => {
+                // Closed at once: the client sees a reset and may retry elsewhere.
+                proxy.metrics.connection_refused("over_limit");
+                debug!(client = %remote, limit = config.max_connections, "connection refused: -max-connections");
+                continue;
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            proxy: proxy.clone(),
+            builder: builder.clone(),
+            acceptor: acceptor.clone(),
+            watcher: graceful.watcher(),
+            draining: draining.clone(),
+            first_request_timeout: config.header_read_timeout,
+        };
         // A connection outlives the accept loop by design: the graceful watcher drains it,
         // and the drain deadline below ends it.
         connections.spawn(async move {
-            let served = match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let stream =
-                        match crate::runtime::within(handshake_timeout, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                return debug!(error = %e, client = %remote, "TLS handshake failed")
-                            }
-                            Err(_) => return debug!(client = %remote, "TLS handshake timed out"),
-                        };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = served {
-                debug!(error = %e, client = %remote, "connection ended with an error");
-            }
+            let _slot = slot;
+            conn.serve(stream, remote).await;
         });
     }
     drop(listener);
     drop(reloader);
     info!("shutting down: draining in-flight requests");
+    let _ = draining_tx.send(true);
     match crate::runtime::within(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => info!("drained"),
         Err(_) => {
@@ -129,6 +114,124 @@ pub(crate) async fn run(
         }
     }
     Ok(())
+}
+
+/// HTTP/1.1 and h2c, with the request-head limits. hyper's own limits sit at twice ours, so a
+/// head over ours reaches the proxy, which answers a JSON 431 (`Proxy::handle`); only heads
+/// over twice the limit get hyper's bare 431, counted as `head_too_large`.
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(crate::runtime::limit(config.header_read_timeout))
+        .max_buf_size(config.max_header_size.saturating_mul(2))
+        .max_headers(config.max_header_count.saturating_mul(2));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(config.max_header_size.saturating_mul(2)).unwrap_or(u32::MAX),
+        );
+    builder
+}
+
+/// What one accepted connection needs.
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    acceptor: Option<TlsAcceptor>,
+    watcher: Watcher,
+    draining: watch::Receiver<bool>,
+    /// The first request's head must arrive within this (`-header-read-timeout`; 0: none).
+    first_request_timeout: Duration,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, remote: SocketAddr) {
+        let Connection {
+            proxy,
+            builder,
+            acceptor,
+            watcher,
+            mut draining,
+            first_request_timeout,
+        } = self;
+        let started = Arc::new(AtomicBool::new(false));
+        let service = {
+            let (proxy, started) = (proxy.clone(), started.clone());
+            service_fn(move |req| {
+                started.store(true, Ordering::Relaxed);
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
+            })
+        };
+        let served = async {
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let stream = match crate::runtime::within(
+                        first_request_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            debug!(error = %e, client = %remote, "TLS handshake failed");
+                            return Ok(());
+                        }
+                        Err(_) => {
+                            debug!(client = %remote, "TLS handshake timed out");
+                            return Ok(());
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            }
+        };
+        tokio::pin!(served);
+        // Until its first request, a connection is bounded by the header read timeout (hyper's
+        // own covers HTTP/1 heads once bytes arrive, not a silent connection, the protocol
+        // detection or the HTTP/2 handshake) and by the drain.
+        let deadline = async {
+            match crate::runtime::limit(first_request_timeout) {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle_until = async {
+            tokio::select! {
+                () = deadline => "no_request_in_time",
+                _ = draining.wait_for(|d| *d) => "draining",
+            }
+        };
+        let result = tokio::select! {
+            result = &mut served => result,
+            reason = idle_until => {
+                if started.load(Ordering::Relaxed) {
+                    served.await
+                } else {
+                    if reason == "no_request_in_time" {
+                        proxy.metrics.connection_refused(reason);
+                    }
+                    return debug!(client = %remote, reason, "connection closed before any request");
+                }
+            }
+        };
+        if let Err(e) = result {
+            if e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse_too_large)
+            {
+                proxy.metrics.connection_refused("head_too_large");
+            }
+            debug!(error = %e, client = %remote, "connection ended with an error");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C). SIGHUP, which a terminal or a supervisor may send,

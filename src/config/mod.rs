@@ -46,6 +46,10 @@ pub struct Config {
     pub max_idle_per_host: usize,
     pub header_read_timeout: Duration,
     pub max_header_size: usize,
+    /// Most headers per request (`-max-header-count`).
+    pub max_header_count: usize,
+    /// Most client connections at once; 0: no limit.
+    pub max_connections: usize,
     /// SSRF protection: `None` when off.
     pub ssrf: Option<SsrfConfig>,
     /// How long an abandoned decode may stay open to be admitted (see `pd/handoff.rs`).
@@ -235,6 +239,8 @@ impl TryFrom<Parsed> for Config {
                 .unwrap_or(DEFAULT_MAX_IDLE_PER_HOST),
             header_read_timeout: args.header_read_timeout,
             max_header_size: args.max_header_size,
+            max_header_count: args.max_header_count as usize,
+            max_connections: args.max_connections,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
             server_tls: secure_proxy.then_some(cert_path),

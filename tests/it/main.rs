@@ -9,6 +9,7 @@ mod support;
 
 mod cancel;
 mod cli;
+mod connections;
 mod deploy;
 mod errors;
 mod fuzz_corpus;

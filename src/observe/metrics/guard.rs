@@ -368,6 +368,7 @@ mod tests {
         resp.into_body().collect().await.unwrap();
         drop(m.track(Connector::NixlV2, Route::Pd, Span::none()));
         m.prefill_retry("connect");
+        m.connection_refused("over_limit");
         let text = m.render();
         let mut exposed: Vec<&str> = text
             .lines()

@@ -12,6 +12,7 @@
 //! | `cancellations_total` | counter | `route`, `phase` |
 //! | `relayed_bytes_total` | counter | `route`, `direction` |
 //! | `prefill_retries_total` | counter | `reason` |
+//! | `connections_refused_total` | counter | `reason` |
 //!
 //! Labels carry only low-cardinality values the server controls (connector, route, phase…),
 //! never user input: the prefiller address comes from a request header, so it is never a label
@@ -47,7 +48,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 9] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -56,6 +57,7 @@ pub const NAMES: [&str; 8] = [
     "llm_d_sidecar_cancellations_total",
     "llm_d_sidecar_relayed_bytes_total",
     "llm_d_sidecar_prefill_retries_total",
+    "llm_d_sidecar_connections_refused_total",
 ];
 
 /// Where a request was when its client left.
@@ -151,6 +153,11 @@ struct CancelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     reason: &'static str,
 }
@@ -183,6 +190,7 @@ struct Inner {
     cancellations: Family<CancelLabels, Counter>,
     relayed_bytes: Family<BytesLabels, Counter>,
     prefill_retries: Family<RetryLabels, Counter>,
+    connections_refused: Family<ReasonLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -255,6 +263,14 @@ impl Metrics {
              http_503, http_504",
             prefill_retries.clone(),
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed without a request served, by reason: over_limit \
+             (-max-connections), no_request_in_time (-header-read-timeout), head_too_large \
+             (over twice -max-header-size or -max-header-count: hyper's bare 431)",
+            connections_refused.clone(),
+        );
         // Gauges show 0 rather than nothing before the first request.
         for route in [Route::Pd, Route::PassThrough] {
             in_flight
@@ -273,6 +289,7 @@ impl Metrics {
             cancellations,
             relayed_bytes,
             prefill_retries,
+            connections_refused,
         }))
     }
 
@@ -300,6 +317,14 @@ impl Metrics {
         self.0
             .prefill_retries
             .get_or_create(&RetryLabels { reason })
+            .inc();
+    }
+
+    /// Counts a connection closed before serving a request; `reason` says why.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.0
+            .connections_refused
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 
