@@ -88,6 +88,7 @@ impl App {
                 prefill_failure_policy: config.prefill_failure_policy,
                 prefill_retry: config.prefill_retry,
                 decode_admission_grace: config.decode_admission_grace,
+                late_reply_window: config.prefill_abandon_grace,
                 metrics: metrics.clone(),
             },
             decoder,

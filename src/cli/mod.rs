@@ -99,6 +99,12 @@ pub struct Args {
     #[arg(long = "prefill-failure-policy", default_value = "error", value_parser = parse_failure_policy, value_name = "POLICY", help_heading = PD)]
     pub prefill_failure_policy: crate::pd::PrefillFailurePolicy,
 
+    /// When a client leaves during its prefill, how long a prefill vLLM has received may run
+    /// on: one that finishes pins KV blocks only a decode frees, so its reply is read and the
+    /// decode sent anyway; after this it is closed and vLLM aborts it (0: close at once)
+    #[arg(long = "prefill-abandon-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
+    pub prefill_abandon_grace: Duration,
+
     /// When a client leaves after its prefill, the decode is still delivered so vLLM frees the
     /// prefiller's KV blocks; it is closed once the decoder admits it, or after this long
     #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]

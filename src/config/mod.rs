@@ -54,6 +54,8 @@ pub struct Config {
     pub ssrf: Option<SsrfConfig>,
     /// How long an abandoned decode may stay open to be admitted (see `pd/handoff.rs`).
     pub decode_admission_grace: Duration,
+    /// How long an abandoned prefill vLLM received may run on (see `pd/handoff.rs`).
+    pub prefill_abandon_grace: Duration,
     /// Serve TLS (`-secure-proxy`): `Some(cert dir)` or `Some(None)` for a self-signed cert.
     pub server_tls: Option<Option<PathBuf>>,
     pub cert_reload_interval: Duration,
@@ -243,6 +245,7 @@ impl TryFrom<Parsed> for Config {
             max_connections: args.max_connections,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
+            prefill_abandon_grace: args.prefill_abandon_grace,
             server_tls: secure_proxy.then_some(cert_path),
             cert_reload_interval: args.cert_reload_interval,
             prefiller_use_tls: tls.prefiller,

@@ -8,15 +8,17 @@
 //!
 //! - Both legs of a P/D request run in a [`LegTask`]: a spawned task whose handle the request
 //!   owns. Dropped before it resolved, the task is handed to its [`OnAbandon`] policy.
-//! - The prefill's policy ([`PrefillAbandoned`]): abort it, unless the connector pins blocks;
-//!   then give a reply already on its way [`LATE_REPLY_GRACE`] and, if it arrives, send the
-//!   decode anyway ([`LateReplyRelease`]) so the decoder releases the blocks.
+//! - The prefill's policy ([`PrefillAbandoned`]): abort it, unless the connector pins blocks
+//!   and vLLM has the whole request; then let it run on for `-prefill-abandon-grace`, then
+//!   half-close the connection (vLLM aborts the prefill) and read on for
+//!   [`LATE_REPLY_READ`], since a reply may cross our FIN; if one arrives, send the decode
+//!   anyway ([`LateReplyRelease`]) so the decoder releases the blocks.
 //! - A pinned decode's policy ([`CloseWhenAdmitted`]): let the request be written out in full
 //!   and admitted, then close it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,12 +39,14 @@ use crate::connector::{Connector, Handoff};
 use crate::error::ProxyError;
 use crate::json_edit::{JsonObject, Spliced};
 use crate::upstream::decoder::LegFailure;
+use crate::upstream::half_close;
 use crate::upstream::{Leg, Upstream};
+use hyper_util::client::legacy::connect::CaptureConnection;
 
-/// How long a prefill whose client left may still deliver a reply that is already on its way.
-/// A prefiller that finished has pinned KV blocks for the reply: reading it lets a decoder
-/// release them. One still prefilling is closed after this, so it aborts.
-pub const LATE_REPLY_GRACE: Duration = Duration::from_millis(50);
+/// After the abandon grace, how long the half-closed prefill connection is read for a reply
+/// that crossed our FIN. vLLM answers EOF by aborting and closing at once; this bounds a
+/// prefiller that does not.
+pub const LATE_REPLY_READ: Duration = Duration::from_secs(2);
 
 type UpstreamResult = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
 
@@ -92,34 +96,95 @@ impl<T: Send + 'static, A: OnAbandon<T>> Drop for LegTask<T, A> {
 /// The prefill leg's task.
 pub type PrefillTask = LegTask<Result<Prefilled, ProxyError>, PrefillAbandoned>;
 
-/// Set when a request drops its prefill unfinished, so the prefill sends no further attempt.
-#[derive(Debug, Clone, Default)]
-pub struct Abandoned(Arc<AtomicBool>);
+/// What a prefill and its abandon policy share: whether the request dropped it (then no
+/// further attempt starts), and the connection its current attempt went out on (to
+/// half-close when the grace ends, see `upstream/half_close.rs`).
+#[derive(Clone, Default)]
+pub struct Abandoned {
+    flag: Arc<AtomicBool>,
+    attempt: Arc<Mutex<Option<Attempt>>>,
+}
+
+/// The current attempt's connection, and whether its request was written out in full.
+struct Attempt {
+    connection: CaptureConnection,
+    sent: oneshot::Receiver<Instant>,
+    was_sent: bool,
+}
 
 impl Abandoned {
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.flag.load(Ordering::Acquire)
     }
 
     fn set(&self) {
-        self.0.store(true, Ordering::Release);
+        self.flag.store(true, Ordering::Release);
+    }
+
+    /// Notes the connection the next attempt goes out on, and its body's sent signal.
+    pub fn track(&self, connection: CaptureConnection, sent: oneshot::Receiver<Instant>) {
+        if let Ok(mut slot) = self.attempt.lock() {
+            *slot = Some(Attempt {
+                connection,
+                sent,
+                was_sent: false,
+            });
+        }
+    }
+
+    /// Whether vLLM has the current attempt's whole request: before that it cannot have
+    /// started the prefill, so closing the connection strands nothing.
+    fn request_sent(&self) -> bool {
+        let Ok(mut slot) = self.attempt.lock() else {
+            return true;
+        };
+        let Some(attempt) = slot.as_mut() else {
+            return false;
+        };
+        if !attempt.was_sent {
+            // Closed (the body was dropped unsent) means the request failed before vLLM had it.
+            attempt.was_sent = attempt.sent.try_recv().is_ok();
+        }
+        attempt.was_sent
+    }
+
+    /// Half-closes the current attempt's connection; false if there is none to close.
+    fn half_close(&self) -> bool {
+        self.attempt
+            .lock()
+            .ok()
+            .and_then(|slot| {
+                slot.as_ref()
+                    .map(|a| half_close::shut_down_sending(&a.connection))
+            })
+            .unwrap_or(false)
     }
 }
 
 /// Starts the prefill leg; `release` is what hands late-pinned blocks to a decoder (`None`
-/// for connectors that pin none); `abandoned` is the leg's flag, set if the request drops it.
+/// for connectors that pin none); `abandoned` is shared with the leg; `grace` is how long an
+/// abandoned prefill that vLLM received may run on (`-prefill-abandon-grace`).
 pub fn send_prefill(
     leg: impl Future<Output = Result<Prefilled, ProxyError>> + Send + 'static,
     release: Option<LateReplyRelease>,
     abandoned: Abandoned,
+    grace: Duration,
 ) -> PrefillTask {
-    LegTask::spawn(leg, PrefillAbandoned { release, abandoned })
+    LegTask::spawn(
+        leg,
+        PrefillAbandoned {
+            release,
+            abandoned,
+            grace,
+        },
+    )
 }
 
 /// A prefill dropped before it resolved (the client left, or the prefill timed out).
 pub struct PrefillAbandoned {
     release: Option<LateReplyRelease>,
     abandoned: Abandoned,
+    grace: Duration,
 }
 
 impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
@@ -127,16 +192,38 @@ impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
         // Before anything else: an attempt in flight may finish, but none starts.
         self.abandoned.set();
         let Some(release) = self.release else {
+            // Dropping the request alone would let hyper finish writing the body first.
+            self.abandoned.half_close();
             pending.abort();
             return;
         };
-        // Bounded by LATE_REPLY_GRACE, then by the decode's admission grace.
+        let (abandoned, grace) = (self.abandoned, self.grace);
+        // Bounded by the grace and LATE_REPLY_READ, then by the decode's admission grace.
         #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move {
-            match tokio::time::timeout(LATE_REPLY_GRACE, &mut pending).await {
-                Ok(Ok(Ok(Prefilled::Reply(reply)))) => release.release(&reply),
-                Ok(_) => {}
-                Err(_) => pending.abort(),
+            // vLLM never had the whole request, so it cannot have started: stop at once.
+            // (Dropping the request alone would let hyper finish writing the body first.)
+            if !abandoned.request_sent() {
+                abandoned.half_close();
+                return pending.abort();
+            }
+            // A prefill that finishes pins blocks only a decode frees, and vLLM can pin them
+            // and still lose the reply if it sees the connection end as it answers: so let a
+            // prefill that is nearly done finish, and read its reply.
+            let late = match tokio::time::timeout(grace, &mut pending).await {
+                Ok(late) => late,
+                // Still prefilling: stop sending so vLLM aborts it, but read on, since a
+                // reply may be crossing our FIN. Without a connection to half-close, close.
+                Err(_) if abandoned.half_close() => {
+                    match tokio::time::timeout(LATE_REPLY_READ, &mut pending).await {
+                        Ok(late) => late,
+                        Err(_) => return pending.abort(),
+                    }
+                }
+                Err(_) => return pending.abort(),
+            };
+            if let Ok(Ok(Prefilled::Reply(reply))) = late {
+                release.release(&reply);
             }
         });
     }

@@ -71,6 +71,8 @@ pub struct PdContext {
     pub prefill_retry: RetryPolicy,
     /// How long an abandoned pinned decode may stay open to be admitted.
     pub decode_admission_grace: Duration,
+    /// How long an abandoned prefill vLLM received may run on for its reply (`handoff.rs`).
+    pub late_reply_window: Duration,
     /// For the retry count; everything else is counted by the request's guard.
     pub metrics: Metrics,
 }
@@ -145,21 +147,20 @@ pub async fn serve(
         async move {
             let attempts = Attempts {
                 upstream: &upstream,
+                body: &prefill_body,
                 prefillers: &prefillers,
                 policy,
                 abandoned: &abandoned,
                 metrics: &metrics,
             };
-            // Each attempt sends the same bytes: the pieces are shared, not copied.
-            prefill::prefill(attempts, |to| {
-                let uri = to.uri(head.uri.path_and_query());
-                leg(&head, uri, body::spliced(prefill_body.clone()))
+            prefill::prefill(attempts, |to, body| {
+                leg(&head, to.uri(head.uri.path_and_query()), body)
             })
             .await
         }
         .instrument(info_span!("prefill"))
     };
-    let pending = handoff::send_prefill(prefill_leg, release, abandoned);
+    let pending = handoff::send_prefill(prefill_leg, release, abandoned, cx.late_reply_window);
     let prefilled = match crate::runtime::within(cx.prefill_timeout, pending.result()).await {
         Ok(Ok(prefilled)) => prefilled,
         Ok(Err(task)) => Err(ProxyError::Internal(task)),

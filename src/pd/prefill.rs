@@ -6,12 +6,14 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 
+use hyper_util::client::legacy::connect::capture_connection;
 use tracing::info;
 
 use super::handoff::Abandoned;
 use super::retry::RetryPolicy;
-use crate::body::{self, CollectError, ProxyBody};
+use crate::body::{self, CollectError, ProxyBody, SentSignal};
 use crate::error::{describe, ProxyError};
+use crate::json_edit::Spliced;
 use crate::observe::metrics::Metrics;
 use crate::upstream::{Leg, Target, Upstream};
 
@@ -29,6 +31,8 @@ pub enum Prefilled {
 /// What a prefill needs besides its request: where to send it, and how often.
 pub struct Attempts<'a> {
     pub upstream: &'a Upstream,
+    /// The prefill leg's body, the same bytes for every attempt.
+    pub body: &'a Spliced,
     /// The prefiller picked first, then the header's other allowed entries, in order.
     pub prefillers: &'a [Target],
     pub policy: RetryPolicy,
@@ -43,7 +47,7 @@ pub struct Attempts<'a> {
 /// after a 2xx, never once the client left (`abandoned`).
 pub async fn prefill(
     attempts: Attempts<'_>,
-    request: impl Fn(&Target) -> Request<ProxyBody>,
+    request: impl Fn(&Target, ProxyBody) -> Request<ProxyBody>,
 ) -> Result<Prefilled, ProxyError> {
     let mut retry = 0;
     loop {
@@ -53,7 +57,11 @@ pub async fn prefill(
         else {
             return Err(ProxyError::Internal("no prefiller to send to".into()));
         };
-        let failure = match once(attempts.upstream, request(prefiller), prefiller).await {
+        // Each attempt sends the same bytes: the pieces are shared, not copied.
+        let (body, sent) = SentSignal::new(attempts.body.clone());
+        let mut req = request(prefiller, body::boxed(body));
+        attempts.abandoned.track(capture_connection(&mut req), sent);
+        let failure = match once(attempts.upstream, req, prefiller).await {
             Ok(prefilled) => return Ok(prefilled),
             Err(failure) => failure,
         };

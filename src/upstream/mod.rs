@@ -3,6 +3,7 @@
 
 pub mod decoder;
 pub mod decoder_health;
+pub mod half_close;
 mod leg;
 pub mod target;
 
@@ -22,19 +23,23 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::ProxyBody;
 use crate::runtime::busy_poll::BusyPoll;
 use crate::security::tls::ClientTls;
+use half_close::TrackingConnector;
 
 /// vLLM's uvicorn closes keep-alive connections idle for 5 s; we retire ours sooner so a
 /// request rarely races the server's close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-type LegClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// Prefill connections can be half-closed from outside hyper (`half_close.rs`); decode
+/// connections need not, and do without the extra descriptor that costs.
+type PrefillClient = Client<HttpsConnector<TrackingConnector>, ProxyBody>;
+type DecodeClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// The pooled clients, built once and shared by every request: one per leg, since each leg
 /// has its own TLS settings. Each speaks plain HTTP or TLS as the target's scheme says.
 #[derive(Clone)]
 pub struct Upstream {
-    prefill: LegClient,
-    decode: LegClient,
+    prefill: PrefillClient,
+    decode: DecodeClient,
     busy_poll: BusyPoll,
 }
 
@@ -59,8 +64,12 @@ impl Upstream {
         decode: &ClientTls,
     ) -> Result<Self, String> {
         Ok(Self {
-            prefill: leg_client(connect_timeout, max_idle, prefill)?,
-            decode: leg_client(connect_timeout, max_idle, decode)?,
+            prefill: leg_client(
+                TrackingConnector(http_connector(connect_timeout)),
+                max_idle,
+                prefill,
+            )?,
+            decode: leg_client(http_connector(connect_timeout), max_idle, decode)?,
             busy_poll: BusyPoll::default(),
         })
     }
@@ -87,15 +96,30 @@ impl Upstream {
     }
 }
 
-fn leg_client(
-    connect_timeout: Duration,
-    max_idle: usize,
-    tls: &ClientTls,
-) -> Result<LegClient, String> {
+fn http_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(crate::runtime::limit(connect_timeout));
     connector.enforce_http(false);
+    connector
+}
+
+fn leg_client<C>(
+    connector: C,
+    max_idle: usize,
+    tls: &ClientTls,
+) -> Result<Client<HttpsConnector<C>, ProxyBody>, String>
+where
+    C: tower_service::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper_util::client::legacy::connect::Connection
+        + hyper::rt::Read
+        + hyper::rt::Write
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls.client_config()?)
         .https_or_http()
