@@ -325,8 +325,10 @@ pub fn check_headers(input: &[u8]) {
 
     let mut targets = Vec::new();
     for tls in [tls, !tls] {
-        let first = sidecar::upstream::prefillers_from(&headers, tls).map(|l| l.into_iter().next());
-        if let Ok(Some(target)) = first {
+        let first = sidecar::upstream::prefillers_from(&headers, tls)
+            .ok()
+            .and_then(|l| l.into_iter().next());
+        if let Some(Ok(target)) = first {
             assert!(!target.host().is_empty(), "empty host from {headers:?}");
             let uri = target.uri(None);
             assert_eq!(

@@ -70,7 +70,15 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
     } else {
         0
     };
-    let picked = &list[first];
+    let picked = match &list[first] {
+        Ok(picked) => picked,
+        Err(e) => {
+            return Routing::Refused {
+                prefiller: None,
+                error: ProxyError::BadPrefillerHeader(e.clone()),
+            }
+        }
+    };
     if !allowlist.allows(picked) {
         return Routing::Refused {
             error: ProxyError::PrefillerNotAllowed {
@@ -79,9 +87,16 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
             prefiller: Some(picked.clone()),
         };
     }
-    // Retries go down the list from the pick, skipping what SSRF protection refuses.
+    // Retries go down the list from the pick, skipping entries that do not parse and those
+    // SSRF protection refuses.
     let order = list.iter().cycle().skip(first).take(list.len());
-    Routing::Pd(order.filter(|t| allowlist.allows(t)).cloned().collect())
+    Routing::Pd(
+        order
+            .filter_map(|t| t.as_ref().ok())
+            .filter(|t| allowlist.allows(t))
+            .cloned()
+            .collect(),
+    )
 }
 
 impl Routing {

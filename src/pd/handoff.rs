@@ -222,7 +222,7 @@ impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
                 }
                 Err(_) => return pending.abort(),
             };
-            if let Ok(Ok(Prefilled::Reply(reply))) = late {
+            if let Ok(Ok(Prefilled::Reply { body: reply, .. })) = late {
                 release.release(&reply);
             }
         });

@@ -170,8 +170,16 @@ pub async fn serve(
             after: cx.prefill_timeout,
         }),
     };
-    let reply = match prefilled {
-        Ok(Prefilled::Reply(reply)) => reply,
+    let (reply, answered) = match prefilled {
+        Ok(Prefilled::Reply { body, from }) => {
+            if from != prefiller {
+                // A retry moved on: the request's logs name the prefiller that answered.
+                guard
+                    .span()
+                    .record("prefiller", tracing::field::display(from.authority()));
+            }
+            (body, from)
+        }
         Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
         Err(e) if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
             return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e).await;
@@ -186,7 +194,7 @@ pub async fn serve(
         Ok(plan) => plan,
         Err(e) => {
             let e = ProxyError::PrefillBadReply {
-                prefiller: prefiller.authority().to_string(),
+                prefiller: answered.authority().to_string(),
                 detail: e.to_string(),
             };
             if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal {

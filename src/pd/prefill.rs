@@ -22,8 +22,8 @@ const PREFILL_REPLY_LIMIT: usize = 4 << 20;
 
 /// What a prefiller that answered said.
 pub enum Prefilled {
-    /// The prefiller's 2xx body.
-    Reply(Bytes),
+    /// The prefiller's 2xx body, and which prefiller sent it (a retry may have moved on).
+    Reply { body: Bytes, from: Target },
     /// The prefiller refused the request (4xx): the client gets that answer as is.
     Rejected(Response<ProxyBody>),
 }
@@ -131,7 +131,10 @@ async fn once(
     tracing::debug!(status = status.as_u16(), bytes = body.len(), "prefill done");
     tracing::trace!(body = %String::from_utf8_lossy(&body), "prefill reply");
     if status.is_success() {
-        return Ok(Prefilled::Reply(body));
+        return Ok(Prefilled::Reply {
+            body,
+            from: prefiller.clone(),
+        });
     }
     if status.is_client_error() {
         // The prefiller judged the client's request: its answer is the client's answer.

@@ -66,9 +66,13 @@ impl Target {
 
 /// The prefillers a request names: `x-prefiller-host-port`, else `x-prefiller-url`. The llm-d
 /// scheduler may send a comma-separated list, or the header more than once; every entry is
-/// returned, in order. Empty means "no P/D for this request". TLS is used with `tls`
-/// (`-prefiller-use-tls`) or an `https://` value.
-pub fn prefillers_from(headers: &HeaderMap, tls: bool) -> Result<Vec<Target>, String> {
+/// returned in order, each parsed on its own (a bad one fails only if it is picked, as in
+/// pd-sidecar). Empty means "no P/D for this request"; a value that is not visible ASCII is
+/// an error. TLS is used with `tls` (`-prefiller-use-tls`) or an `https://` value.
+pub fn prefillers_from(
+    headers: &HeaderMap,
+    tls: bool,
+) -> Result<Vec<Result<Target, String>>, String> {
     let name = if headers.contains_key(PREFILLER_HOST_PORT) {
         PREFILLER_HOST_PORT
     } else {
@@ -80,7 +84,7 @@ pub fn prefillers_from(headers: &HeaderMap, tls: bool) -> Result<Vec<Target>, St
             .to_str()
             .map_err(|_| "the header is not visible ASCII".to_string())?;
         for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            out.push(parse_target(entry, tls)?);
+            out.push(parse_target(entry, tls));
         }
     }
     Ok(out)
@@ -123,7 +127,10 @@ mod tests {
             http::HeaderName::from_bytes(h.as_bytes()).unwrap(),
             HeaderValue::from_str(v).unwrap(),
         );
-        prefillers_from(&headers, false).map(|list| list.into_iter().next())
+        match prefillers_from(&headers, false)?.into_iter().next() {
+            None => Ok(None),
+            Some(first) => first.map(Some),
+        }
     }
 
     #[test]
@@ -132,14 +139,16 @@ mod tests {
         headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static("a:1, b:2"));
         headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static(",c:3"));
         headers.append(PREFILLER_URL, HeaderValue::from_static("ignored:4"));
+        headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static("bad:port"));
         let names: Vec<String> = prefillers_from(&headers, false)
             .unwrap()
             .iter()
-            .map(|t| t.authority().to_string())
+            .map(|t| {
+                t.as_ref()
+                    .map_or("bad".into(), |t| t.authority().to_string())
+            })
             .collect();
-        assert_eq!(names, ["a:1", "b:2", "c:3"]);
-        headers.append(PREFILLER_HOST_PORT, HeaderValue::from_static("bad:port"));
-        assert!(prefillers_from(&headers, false).is_err());
+        assert_eq!(names, ["a:1", "b:2", "c:3", "bad"]);
     }
 
     #[test]

@@ -255,3 +255,38 @@ async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
         "a retry went out after the client left"
     );
 }
+
+#[tokio::test]
+async fn a_malformed_entry_counts_only_if_picked() {
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _) = sidecar(d.api_addr(), fast(2)).await;
+    let (resp, _) = call_with(sidecar.addr, &format!("{}, bad:port", p.api_addr())).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "as pd-sidecar: only the picked entry is parsed"
+    );
+    let (resp, body) = call_with(sidecar.addr, &format!("bad:port, {}", p.api_addr())).await;
+    assert_eq!(resp.status(), 400);
+    assert!(String::from_utf8_lossy(&body).contains("bad:port"));
+    assert_eq!(prefills(&p).await, 1);
+}
+
+#[tokio::test]
+async fn after_a_retry_errors_name_the_prefiller_that_answered() {
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
+    let html: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 4\r\n\r\nnope";
+    let p2 = crate::support::recorder::Recorder::start(html).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _) = sidecar(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.addr)).await;
+    assert_eq!(resp.status(), 502);
+    let message = json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains(&p2.addr.to_string()), "{message}");
+}
