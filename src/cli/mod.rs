@@ -186,13 +186,13 @@ pub struct Args {
     pub header_read_timeout: Duration,
 
     /// Most headers a request may carry; more gets 431
-    #[arg(long = "max-header-count", default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..), value_name = "N", help_heading = LIMITS)]
+    #[arg(long = "max-header-count", default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=8192), value_name = "N", help_heading = LIMITS)]
     pub max_header_count: u32,
 
     /// Most client connections open at once; beyond it new ones are closed at once (0: no
     /// limit)
-    #[arg(long = "max-connections", default_value_t = 8192, value_name = "N", help_heading = LIMITS)]
-    pub max_connections: usize,
+    #[arg(long = "max-connections", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(0..=1_000_000), value_name = "N", help_heading = LIMITS)]
+    pub max_connections: u32,
 
     /// Largest request head (request line and headers) accepted; larger gets 431
     #[arg(long = "max-header-size", default_value = "64KiB", value_parser = parse_size, value_name = "SIZE", help_heading = LIMITS)]

@@ -310,6 +310,8 @@ fn bad_values_are_errors() {
         (&["-prefill-retry-backoff=soon"], "--prefill-retry-backoff"),
         (&["-max-request-body-size=0"], "--max-request-body-size"),
         (&["-worker-threads=0"], "--worker-threads"),
+        (&["-max-header-count=2000000000"], "--max-header-count"),
+        (&["-max-connections=5000000000"], "--max-connections"),
         (&["-no-such-flag"], "--no-such-flag"),
     ] {
         let e = err(args);

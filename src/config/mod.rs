@@ -242,7 +242,7 @@ impl TryFrom<Parsed> for Config {
             header_read_timeout: args.header_read_timeout,
             max_header_size: args.max_header_size,
             max_header_count: args.max_header_count as usize,
-            max_connections: args.max_connections,
+            max_connections: args.max_connections as usize,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
             prefill_abandon_grace: args.prefill_abandon_grace,

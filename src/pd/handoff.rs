@@ -105,9 +105,10 @@ pub struct Abandoned {
     attempt: Arc<Mutex<Option<Attempt>>>,
 }
 
-/// The current attempt's connection, and whether its request was written out in full.
+/// The current attempt's connection (until its response head arrives), and whether its
+/// request was written out in full.
 struct Attempt {
-    connection: CaptureConnection,
+    connection: Option<CaptureConnection>,
     sent: oneshot::Receiver<Instant>,
     was_sent: bool,
 }
@@ -125,10 +126,21 @@ impl Abandoned {
     pub fn track(&self, connection: CaptureConnection, sent: oneshot::Receiver<Instant>) {
         if let Ok(mut slot) = self.attempt.lock() {
             *slot = Some(Attempt {
-                connection,
+                connection: Some(connection),
                 sent,
                 was_sent: false,
             });
+        }
+    }
+
+    /// Forgets the current attempt's connection: its response head arrived, so a half-close
+    /// would gain nothing, and once its body is read hyper pools the connection for other
+    /// requests, which a half-close must never touch.
+    pub fn head_arrived(&self) {
+        if let Ok(mut slot) = self.attempt.lock() {
+            if let Some(attempt) = slot.as_mut() {
+                attempt.connection = None;
+            }
         }
     }
 
@@ -155,7 +167,8 @@ impl Abandoned {
             .ok()
             .and_then(|slot| {
                 slot.as_ref()
-                    .map(|a| half_close::shut_down_sending(&a.connection))
+                    .and_then(|a| a.connection.as_ref())
+                    .map(half_close::shut_down_sending)
             })
             .unwrap_or(false)
     }
@@ -203,9 +216,20 @@ impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
         tokio::spawn(async move {
             // vLLM never had the whole request, so it cannot have started: stop at once.
             // (Dropping the request alone would let hyper finish writing the body first.)
+            // If the last byte went out just before the FIN, vLLM may answer: read on.
             if !abandoned.request_sent() {
                 abandoned.half_close();
-                return pending.abort();
+                if !abandoned.request_sent() {
+                    return pending.abort();
+                }
+                let late = match tokio::time::timeout(LATE_REPLY_READ, &mut pending).await {
+                    Ok(late) => late,
+                    Err(_) => return pending.abort(),
+                };
+                if let Ok(Ok(Prefilled::Reply { body: reply, .. })) = late {
+                    release.release(&reply);
+                }
+                return;
             }
             // A prefill that finishes pins blocks only a decode frees, and vLLM can pin them
             // and still lose the reply if it sees the connection end as it answers: so let a

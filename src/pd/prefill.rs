@@ -61,7 +61,7 @@ pub async fn prefill(
         let (body, sent) = SentSignal::new(attempts.body.clone());
         let mut req = request(prefiller, body::boxed(body));
         attempts.abandoned.track(capture_connection(&mut req), sent);
-        let failure = match once(attempts.upstream, req, prefiller).await {
+        let failure = match once(attempts.upstream, req, prefiller, attempts.abandoned).await {
             Ok(prefilled) => return Ok(prefilled),
             Err(failure) => failure,
         };
@@ -98,6 +98,7 @@ async fn once(
     upstream: &Upstream,
     req: Request<ProxyBody>,
     prefiller: &Target,
+    abandoned: &Abandoned,
 ) -> Result<Prefilled, Failure> {
     let name = || prefiller.authority().to_string();
     let resp = upstream
@@ -111,6 +112,7 @@ async fn once(
                 detail: describe(&e),
             },
         })?;
+    abandoned.head_arrived();
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let body = body::collect_limited(resp.into_body(), PREFILL_REPLY_LIMIT)

@@ -2,7 +2,12 @@
 //! which prefiller each attempt went to, counted on the simulators themselves.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 use sidecar::observe::metrics::Metrics;
@@ -194,7 +199,7 @@ async fn sampling_spreads_prefills_over_the_list() {
 #[tokio::test]
 async fn no_retry_goes_out_in_the_late_reply_grace_either() {
     // The client leaves during the first attempt; its 503 comes back within the grace the
-    // sidecar gives a late prefill reply, and the retry would go out inside it too.
+    // sidecar gives an abandoned prefill, and the retry would go out inside it too.
     let p1 = sim(|_| {}).await;
     sim_config(&p1, r#"{"faults":["stall_ms:30","prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
@@ -212,7 +217,7 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
     assert!(sim_wait(&p1, "busy", LIMIT).await);
     drop(client);
     assert!(sim_wait(&p1, "idle", LIMIT).await);
-    // Past the grace (50 ms): anything the sidecar would send has been sent.
+    // Long past the retry's 1 ms backoff: anything the sidecar would send has been sent.
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(
         prefills(&p2).await,
@@ -224,8 +229,8 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
 
 #[tokio::test]
 async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
-    // The backoff (15-45 ms) ends inside the late-reply grace (50 ms) the sidecar gives a
-    // prefill whose client left: the retry must check for that itself.
+    // The backoff (15-45 ms) ends inside the grace (-prefill-abandon-grace, 500 ms) the sidecar
+    // gives a prefill whose client left: the retry must check for that itself.
     let p1 = sim(|_| {}).await;
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
@@ -289,4 +294,121 @@ async fn after_a_retry_errors_name_the_prefiller_that_answered() {
         .unwrap()
         .to_string();
     assert!(message.contains(&p2.addr.to_string()), "{message}");
+}
+
+/// Reads one request (head and Content-Length body) from `sock` into `buf`.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return true;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A client that leaves during its retry backoff must not half-close the connection its
+/// failed attempt used: hyper has pooled it, and another request may be on it (a review found
+/// exactly that: B got a 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoning_in_backoff_never_touches_a_pooled_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p_addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let fin_during_b = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    {
+        let (seen, fin, conns) = (seen.clone(), fin_during_b.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (seen, fin) = (seen.clone(), fin.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while read_request(&mut sock, &mut buf).await {
+                        let n = seen.fetch_add(1, Ordering::SeqCst);
+                        if n == 0 {
+                            let body = r#"{"error":{"message":"busy"}}"#;
+                            let r = format!("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                            sock.write_all(r.as_bytes()).await.unwrap();
+                        } else {
+                            // Request B: stall 1.5 s, watching for a FIN.
+                            let mut b = [0u8; 16];
+                            if let Ok(Ok(0)) =
+                                tokio::time::timeout(Duration::from_millis(1500), sock.read(&mut b))
+                                    .await
+                            {
+                                fin.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            let body = r#"{"id":"x","choices":[{"text":""}]}"#;
+                            let r = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                            let _ = sock.write_all(r.as_bytes()).await;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let d = sim(|_| {}).await;
+    let mut cfg = config(d.api_addr());
+    cfg.connector = sidecar::Connector::NixlV2;
+    cfg.prefill_retry.max_retries = 1;
+    cfg.prefill_retry.backoff = Duration::from_secs(2);
+    let sidecar = Sidecar::start(cfg).await;
+    // A: gets the 503 and waits out its backoff (1-3 s).
+    let a = send(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p_addr),
+            r#"{"prompt":"a","max_tokens":2}"#,
+        ),
+    )
+    .await;
+    while seen.load(Ordering::SeqCst) < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A's connection goes back to the pool once the 503 is read: then B may reuse it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // B: reuses that pooled connection.
+    let b = tokio::spawn(call(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p_addr),
+            r#"{"prompt":"b","max_tokens":2}"#,
+        ),
+    ));
+    while seen.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "B reused A's pooled prefill connection"
+    );
+    drop(a); // A's client leaves during its backoff
+    let (resp, _) = b.await.unwrap();
+    assert_eq!(
+        fin_during_b.load(Ordering::SeqCst),
+        0,
+        "B's prefill connection got A's FIN"
+    );
+    assert_eq!(resp.status(), 200);
 }
