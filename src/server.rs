@@ -3,20 +3,21 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::body::{self, ProxyBody};
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::runtime::AbortOnDrop;
@@ -91,6 +92,7 @@ pub(crate) async fn run(
             watcher: graceful.watcher(),
             draining: draining.clone(),
             first_request_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
         };
         // A connection outlives the accept loop by design: the graceful watcher drains it,
         // and the drain deadline below ends it.
@@ -145,6 +147,92 @@ struct Connection {
     draining: watch::Receiver<bool>,
     /// The first request's head must arrive within this (`-header-read-timeout`; 0: none).
     first_request_timeout: Duration,
+    /// Closed after this long with no request in progress (`-idle-timeout`; 0: never).
+    idle_timeout: Duration,
+}
+
+/// Requests in progress on one connection (until their response body is done with) and when
+/// the last one ended: what `-idle-timeout` measures.
+struct Activity {
+    active: AtomicUsize,
+    /// Milliseconds from `born` to the end of the last request.
+    last_end_ms: AtomicU64,
+    born: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    /// Resolves once no request has been in progress for `limit` (never with a zero limit).
+    async fn idle_for(&self, limit: Duration) {
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        loop {
+            let wait = if self.active.load(Ordering::Relaxed) > 0 {
+                limit
+            } else {
+                let since = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+                let idle = self.born.elapsed().saturating_sub(since);
+                if idle >= limit {
+                    return;
+                }
+                limit - idle
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// One request in progress on its connection, until dropped.
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn begin(activity: Arc<Activity>) -> Self {
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let now = u64::try_from(a.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_end_ms.store(now, Ordering::Relaxed);
+        a.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request in progress until hyper is done with it.
+struct Active {
+    body: ProxyBody,
+    _guard: InProgress,
+}
+
+impl hyper::body::Body for Active {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl Connection {
@@ -156,14 +244,31 @@ impl Connection {
             watcher,
             mut draining,
             first_request_timeout,
+            idle_timeout,
         } = self;
         let started = Arc::new(AtomicBool::new(false));
+        let first_request = Arc::new(Notify::new());
+        let activity = Arc::new(Activity::new());
         let service = {
-            let (proxy, started) = (proxy.clone(), started.clone());
+            let (proxy, started, activity) = (proxy.clone(), started.clone(), activity.clone());
+            let first_request = first_request.clone();
             service_fn(move |req| {
-                started.store(true, Ordering::Relaxed);
+                if !started.swap(true, Ordering::Relaxed) {
+                    first_request.notify_one();
+                }
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
+                // Counted from here, so a long prefill or generation before the response head
+                // is in progress too; ends with the response body (or the dropped handler).
+                let guard = InProgress::begin(activity.clone());
+                async move {
+                    let resp = proxy.handle(req, remote).await;
+                    Ok::<_, Infallible>(resp.map(|body| {
+                        body::boxed(Active {
+                            body,
+                            _guard: guard,
+                        })
+                    }))
+                }
             })
         };
         let served = async {
@@ -197,30 +302,36 @@ impl Connection {
         tokio::pin!(served);
         // Until its first request, a connection is bounded by the header read timeout (hyper's
         // own covers HTTP/1 heads once bytes arrive, not a silent connection, the protocol
-        // detection or the HTTP/2 handshake) and by the drain.
-        let deadline = async {
-            match crate::runtime::limit(first_request_timeout) {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let idle_until = async {
-            tokio::select! {
-                () = deadline => "no_request_in_time",
-                _ = draining.wait_for(|d| *d) => "draining",
+        // detection or the HTTP/2 handshake) and by the drain. From its first request on, by
+        // -idle-timeout: the time with no request in progress (HTTP/2 has no idle bound of
+        // its own, so idle connections would keep their -max-connections slot).
+        let watch = async {
+            let deadline = async {
+                match crate::runtime::limit(first_request_timeout) {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let cut = tokio::select! {
+                () = first_request.notified() => None,
+                () = deadline => Some("no_request_in_time"),
+                _ = draining.wait_for(|d| *d) => Some("draining"),
+            };
+            match cut {
+                Some(reason) if !started.load(Ordering::Relaxed) => reason,
+                _ => {
+                    activity.idle_for(idle_timeout).await;
+                    "idle"
+                }
             }
         };
         let result = tokio::select! {
             result = &mut served => result,
-            reason = idle_until => {
-                if started.load(Ordering::Relaxed) {
-                    served.await
-                } else {
-                    if reason == "no_request_in_time" {
-                        proxy.metrics.connection_refused(reason);
-                    }
-                    return debug!(client = %remote, reason, "connection closed before any request");
+            reason = watch => {
+                if reason == "no_request_in_time" {
+                    proxy.metrics.connection_refused(reason);
                 }
+                return debug!(client = %remote, reason, "connection closed");
             }
         };
         if let Err(e) = result {

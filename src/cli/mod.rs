@@ -198,6 +198,10 @@ pub struct Args {
     #[arg(long = "max-header-size", default_value = "64KiB", value_parser = parse_size, value_name = "SIZE", help_heading = LIMITS)]
     pub max_header_size: usize,
 
+    /// A client connection with no request in progress for this long is closed (0: never)
+    #[arg(long = "idle-timeout", default_value = "300s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
+    pub idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may run before exit (0: until
     /// they end)
     #[arg(long = "drain-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]

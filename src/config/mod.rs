@@ -50,6 +50,8 @@ pub struct Config {
     pub max_header_count: usize,
     /// Most client connections at once; 0: no limit.
     pub max_connections: usize,
+    /// A connection with no request in progress this long is closed; 0: never.
+    pub idle_timeout: Duration,
     /// SSRF protection: `None` when off.
     pub ssrf: Option<SsrfConfig>,
     /// How long an abandoned decode may stay open to be admitted (see `pd/handoff.rs`).
@@ -243,6 +245,7 @@ impl TryFrom<Parsed> for Config {
             max_header_size: args.max_header_size,
             max_header_count: args.max_header_count as usize,
             max_connections: args.max_connections as usize,
+            idle_timeout: args.idle_timeout,
             ssrf,
             decode_admission_grace: args.decode_admission_grace,
             prefill_abandon_grace: args.prefill_abandon_grace,

@@ -224,3 +224,55 @@ async fn a_body_in_a_coding_other_than_chunked_is_refused() {
     );
     assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0);
 }
+
+#[tokio::test]
+async fn idle_http2_connections_give_their_slot_back() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (sidecar, _, _d) = start(|c| {
+        c.max_connections = 2;
+        c.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(sidecar.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://s/health")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+        senders.push(sender);
+    }
+    // Both stay open and idle: after -idle-timeout the sidecar closes them.
+    let mut served = false;
+    for _ in 0..200 {
+        let reply = until_closed(
+            sidecar.addr,
+            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        if reply.starts_with(b"HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "idle HTTP/2 connections kept every slot");
+    drop(senders);
+}
+
+#[tokio::test]
+async fn a_request_in_progress_is_not_idle() {
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.itl_ms = 250).await;
+    let mut cfg = config(d.api_addr());
+    cfg.idle_timeout = Duration::from_millis(100);
+    let sidecar = Sidecar::start(cfg).await;
+    // A non-streaming completion whose head comes only with the whole generation (~750 ms).
+    let (resp, body) = call_pd(sidecar.addr, &p, r#"{"prompt":"x","max_tokens":4}"#).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+}
