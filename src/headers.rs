@@ -43,6 +43,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// What a message's `Transfer-Encoding` says of its framing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No transfer-coding.
+    Plain,
+    /// `chunked` alone, which hyper decodes.
+    Chunked,
+    /// Any other coding list, lowercased and comma-joined (hyper would pass it on unlabelled).
+    Other(String),
+}
+
+/// The transfer-codings of `headers`, over every `Transfer-Encoding` line.
+pub fn framing(headers: &HeaderMap) -> Framing {
+    let codings: Vec<String> = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    match codings.as_slice() {
+        [] => Framing::Plain,
+        [only] if only == "chunked" => Framing::Chunked,
+        _ => Framing::Other(codings.join(", ")),
+    }
+}
+
 /// Prepares client headers for an upstream leg: no hop-by-hop headers, no routing headers
 /// (they are for us, not vLLM), and no `Host` (the client sets the upstream's).
 pub fn for_upstream(headers: &mut HeaderMap) {

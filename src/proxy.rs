@@ -99,7 +99,7 @@ impl Proxy {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>()
-            + req.uri().to_string().len()
+            + uri_len(req.uri())
             + req.method().as_str().len()
             + 12;
         if size > self.limits.max_header_size {
@@ -108,17 +108,12 @@ impl Proxy {
                 self.limits.max_header_size
             )));
         }
-        let codings: Vec<String> = headers
-            .get_all(http::header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-            .map(|c| c.trim().to_ascii_lowercase())
-            .filter(|c| !c.is_empty())
-            .collect();
-        if !codings.is_empty() && codings != ["chunked"] {
-            return Some(ProxyError::UnsupportedTransferCoding(codings.join(", ")));
+        match headers::framing(headers) {
+            headers::Framing::Other(codings) => {
+                Some(ProxyError::UnsupportedTransferCoding(codings))
+            }
+            headers::Framing::Plain | headers::Framing::Chunked => None,
         }
-        None
     }
 
     /// A `-max-in-flight` slot, or the 503 that says there is none.
@@ -165,6 +160,13 @@ impl Proxy {
         let req = Request::from_parts(parts, body::boxed(guard.count_request(body)));
         Ok(from_upstream(self.decoder.send(req).await?))
     }
+}
+
+/// The length of `uri` as written in the request line, without formatting it (per request).
+fn uri_len(uri: &http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
 }
 
 /// Every failure the client is answered with goes through here: one log line (in the request's

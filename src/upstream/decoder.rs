@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::CONTENT_LENGTH;
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -14,7 +14,7 @@ use super::{Leg, Target, Upstream};
 use crate::body::coalesce::Coalesce;
 use crate::body::{self, ProxyBody};
 use crate::error::{describe, ProxyError};
-use crate::headers;
+use crate::headers::{self, Framing};
 
 /// Why a decode leg got no response head.
 pub enum LegFailure {
@@ -104,25 +104,17 @@ impl Decoder {
     /// other than `chunked` cannot be relayed (the client would get its encoded bytes
     /// unlabelled): 502.
     fn framed(&self, mut resp: Response<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let codings: Vec<String> = resp
-            .headers()
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-            .map(|c| c.trim().to_ascii_lowercase())
-            .filter(|c| !c.is_empty())
-            .collect();
-        if codings.is_empty() {
-            return Ok(resp);
-        }
-        if codings != ["chunked"] {
-            return Err(ProxyError::DecoderBadFraming {
+        match headers::framing(resp.headers()) {
+            Framing::Plain => Ok(resp),
+            Framing::Chunked => {
+                resp.headers_mut().remove(CONTENT_LENGTH);
+                Ok(resp)
+            }
+            Framing::Other(codings) => Err(ProxyError::DecoderBadFraming {
                 decoder: self.target.authority().to_string(),
-                detail: format!("Transfer-Encoding '{}'", codings.join(", ")),
-            });
+                detail: format!("Transfer-Encoding '{codings}'"),
+            }),
         }
-        resp.headers_mut().remove(CONTENT_LENGTH);
-        Ok(resp)
     }
 
     /// The decoder gave no response, for `detail`.
