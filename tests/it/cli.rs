@@ -1,6 +1,5 @@
 //! The binary as users run it: Go-style flags, help, errors, and SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use crate::support::*;
@@ -72,15 +71,7 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
         .spawn()
         .unwrap();
     // The readiness line: `{"event":"listening","port":N,...}`, once the port accepts.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let _ = tx.send(event);
-    });
-    let event = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
+    let event = readiness(&mut child).await;
     assert_eq!(event["event"], "listening", "{event}");
     let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -204,15 +195,7 @@ async fn spawn(args: &[String]) -> (std::process::Child, std::net::SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = tokio::time::timeout(LIMIT, rx).await.unwrap().unwrap();
-    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let event = readiness(&mut child).await;
     let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
     (child, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }

@@ -20,12 +20,10 @@ async fn start(configure: impl FnOnce(&mut Config)) -> (Sidecar, Metrics, vllm_s
 }
 
 fn refused(metrics: &Metrics, reason: &str) -> u64 {
-    let line = format!("llm_d_sidecar_connections_refused_total{{reason=\"{reason}\"}} ");
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(line.as_str())?.parse().ok())
-        .unwrap_or(0)
+    metric(
+        metrics,
+        &format!("llm_d_sidecar_connections_refused_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// Sends `bytes` on a new connection and reads until the sidecar closes it.
@@ -227,7 +225,6 @@ async fn a_body_in_a_coding_other_than_chunked_is_refused() {
 
 #[tokio::test]
 async fn idle_http2_connections_give_their_slot_back() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let (sidecar, _, _d) = start(|c| {
         c.max_connections = 2;
         c.idle_timeout = Duration::from_millis(300);
@@ -235,12 +232,7 @@ async fn idle_http2_connections_give_their_slot_back() {
     .await;
     let mut senders = Vec::new();
     for _ in 0..2 {
-        let stream = TcpStream::connect(sidecar.addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut sender = h2_connect(sidecar.addr).await;
         let req = http::Request::get("http://s/health")
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();

@@ -7,7 +7,7 @@
 //! with `MANIFEST_CASE` naming the case, and the ignored test [`in_namespace`] does the work.
 //! The argument lists are copied from the files named in each case (commit noted).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -353,19 +353,8 @@ async fn in_namespace() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the sidecar starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = tokio::time::timeout(LIMIT, rx)
-        .await
-        .expect("readiness line in time")
-        .expect("readiness line");
-    let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-    assert_eq!(event["event"], "listening", "{line:?}");
+    let event = readiness(&mut child).await;
+    assert_eq!(event["event"], "listening", "{event}");
     assert_eq!(event["port"], case.listen, "{event}");
 
     let (status, body) = pd_request(case, &p).await;

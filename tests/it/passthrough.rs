@@ -8,7 +8,6 @@ use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use sidecar::Connector;
 
 const OK: &[u8] = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-upstream: yes\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
@@ -130,12 +129,7 @@ async fn a_down_decoder_gives_a_502_json_error() {
 async fn h2c_clients_are_served() {
     let mut decoder = Recorder::start(OK).await;
     let sidecar = Sidecar::for_decoder(decoder.addr, Connector::NixlV2).await;
-    let stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(sidecar.addr).await;
     for path in ["/health", "/v1/models"] {
         let req = Request::get(format!("http://sidecar{path}"))
             .body(Full::new(Bytes::new()))
@@ -198,12 +192,7 @@ async fn h2_get(
     addr: std::net::SocketAddr,
     path: &str,
 ) -> (http::response::Parts, Result<Bytes, String>) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(addr).await;
     let req = Request::get(format!("http://sidecar{path}"))
         .body(Full::new(Bytes::new()))
         .unwrap();

@@ -40,12 +40,10 @@ async fn prefills(sim: &SimServer) -> i64 {
 }
 
 fn retries(metrics: &Metrics, reason: &str) -> u64 {
-    let line = format!("llm_d_sidecar_prefill_retries_total{{reason=\"{reason}\"}} ");
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(line.as_str())?.parse().ok())
-        .unwrap_or(0)
+    metric(
+        metrics,
+        &format!("llm_d_sidecar_prefill_retries_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 fn fast(max_retries: u32) -> impl FnOnce(&mut Config) {

@@ -315,3 +315,44 @@ impl Pd {
 pub fn config(decoder: SocketAddr) -> Config {
     Config::new(&decoder.to_string(), Connector::NixlV2).expect("config")
 }
+
+/// The readiness line `child` prints on stdout (`{"event":"listening","port":N,...}`), read
+/// within [`LIMIT`]; `Value::Null` if it is not JSON.
+pub async fn readiness(child: &mut std::process::Child) -> Value {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = tokio::time::timeout(LIMIT, rx)
+        .await
+        .expect("readiness line in time")
+        .expect("readiness line");
+    serde_json::from_str(&line).unwrap_or_default()
+}
+
+/// An HTTP/2 (prior knowledge, h2c) client connection to `addr`.
+pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// The value of one exact series (name and labels) in a Prometheus rendering, 0 if absent.
+pub fn metric(metrics: &sidecar::observe::metrics::Metrics, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+        .unwrap_or(0)
+}
