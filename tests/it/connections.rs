@@ -37,6 +37,23 @@ async fn until_closed(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// Whether a new connection's request is answered within `tries` attempts `pause` apart
+/// (a slot under -max-connections frees when the sidecar notices, which sends no event).
+async fn served_within(addr: std::net::SocketAddr, tries: usize, pause: Duration) -> bool {
+    for _ in 0..tries {
+        let reply = until_closed(
+            addr,
+            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        if reply.starts_with(b"HTTP/1.1 200") {
+            return true;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn many_ordinary_headers_are_served_over_http1() {
     // A raw decoder: the simulator's own HTTP server stops at 100 headers, vLLM's does not.
@@ -189,20 +206,10 @@ async fn connections_beyond_the_cap_are_closed_and_counted() {
     assert_eq!(refused(&metrics, "over_limit"), 1);
     drop(held);
     // Freed slots are reused.
-    let mut served = false;
-    for _ in 0..100 {
-        let reply = until_closed(
-            sidecar.addr,
-            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        if reply.starts_with(b"HTTP/1.1 200") {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(served, "no slot came back");
+    assert!(
+        served_within(sidecar.addr, 100, Duration::from_millis(10)).await,
+        "no slot came back"
+    );
 }
 
 #[tokio::test]
@@ -240,20 +247,10 @@ async fn idle_http2_connections_give_their_slot_back() {
         senders.push(sender);
     }
     // Both stay open and idle: after -idle-timeout the sidecar closes them.
-    let mut served = false;
-    for _ in 0..200 {
-        let reply = until_closed(
-            sidecar.addr,
-            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        if reply.starts_with(b"HTTP/1.1 200") {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(served, "idle HTTP/2 connections kept every slot");
+    assert!(
+        served_within(sidecar.addr, 200, Duration::from_millis(20)).await,
+        "idle HTTP/2 connections kept every slot"
+    );
     drop(senders);
 }
 

@@ -23,16 +23,21 @@ async fn sidecar(decoder: SocketAddr, configure: impl FnOnce(&mut Config)) -> (S
     (Sidecar::serve(app).await, metrics)
 }
 
-/// A P/D completion naming `prefillers` (a comma-separated header value).
-async fn call_with(sidecar: SocketAddr, prefillers: &str) -> (http::Response<()>, bytes::Bytes) {
-    let mut req = post(
-        "/v1/completions",
-        None,
-        r#"{"prompt":"a b c","max_tokens":2}"#,
-    );
+/// A P/D completion with `body`, naming `prefillers` (a comma-separated header value).
+fn naming(prefillers: &str, body: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = post("/v1/completions", None, body);
     req.headers_mut()
         .insert("x-prefiller-host-port", prefillers.parse().unwrap());
-    call(sidecar, req).await
+    req
+}
+
+/// [`naming`] sent and answered in full.
+async fn call_with(sidecar: SocketAddr, prefillers: &str) -> (http::Response<()>, bytes::Bytes) {
+    call(
+        sidecar,
+        naming(prefillers, r#"{"prompt":"a b c","max_tokens":2}"#),
+    )
+    .await
 }
 
 async fn prefills(sim: &SimServer) -> i64 {
@@ -144,11 +149,8 @@ async fn no_retry_is_sent_once_the_client_left() {
         c.prefill_retry.backoff = Duration::from_millis(300);
     })
     .await;
-    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
     let header = format!("{},{}", p1.api_addr(), p2.api_addr());
-    req.headers_mut()
-        .insert("x-prefiller-host-port", header.parse().unwrap());
-    let client = send(sidecar.addr, req).await;
+    let client = send(sidecar.addr, naming(&header, r#"{"prompt":"a"}"#)).await;
     // The first attempt failed and its retry is waiting out the backoff: the client leaves.
     for _ in 0..200 {
         if retries(&metrics, "http_503") == 1 {
@@ -207,11 +209,8 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
         c.prefill_retry.backoff = Duration::from_millis(1);
     })
     .await;
-    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
     let header = format!("{},{}", p1.api_addr(), p2.api_addr());
-    req.headers_mut()
-        .insert("x-prefiller-host-port", header.parse().unwrap());
-    let client = send(sidecar.addr, req).await;
+    let client = send(sidecar.addr, naming(&header, r#"{"prompt":"a"}"#)).await;
     assert!(sim_wait(&p1, "busy", LIMIT).await);
     drop(client);
     assert!(sim_wait(&p1, "idle", LIMIT).await);
@@ -238,11 +237,8 @@ async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
         c.prefill_retry.backoff = Duration::from_millis(30);
     })
     .await;
-    let mut req = post("/v1/completions", None, r#"{"prompt":"a"}"#);
     let header = format!("{},{}", p1.api_addr(), p2.api_addr());
-    req.headers_mut()
-        .insert("x-prefiller-host-port", header.parse().unwrap());
-    let client = send(sidecar.addr, req).await;
+    let client = send(sidecar.addr, naming(&header, r#"{"prompt":"a"}"#)).await;
     for _ in 0..2000 {
         if retries(&metrics, "http_503") == 1 {
             break;
