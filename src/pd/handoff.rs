@@ -214,43 +214,39 @@ impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
         // Bounded by the grace and LATE_REPLY_READ, then by the decode's admission grace.
         #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move {
-            // vLLM never had the whole request, so it cannot have started: stop at once.
-            // (Dropping the request alone would let hyper finish writing the body first.)
-            // If the last byte went out just before the FIN, vLLM may answer: read on.
-            if !abandoned.request_sent() {
+            let late = if !abandoned.request_sent() {
+                // vLLM never had the whole request, so it cannot have started: stop at once.
+                // (Dropping the request alone would let hyper finish writing the body first.)
+                // If the last byte went out just before the FIN, vLLM may answer: read on.
                 abandoned.half_close();
                 if !abandoned.request_sent() {
                     return pending.abort();
                 }
-                let late = match tokio::time::timeout(LATE_REPLY_READ, &mut pending).await {
-                    Ok(late) => late,
-                    Err(_) => return pending.abort(),
-                };
-                if let Ok(Ok(Prefilled::Reply { body: reply, .. })) = late {
-                    release.release(&reply);
+                read_on(&mut pending).await
+            } else {
+                // A prefill that finishes pins blocks only a decode frees, and vLLM can pin
+                // them and still lose the reply if it sees the connection end as it answers:
+                // so let a prefill that is nearly done finish, and read its reply.
+                match tokio::time::timeout(grace, &mut pending).await {
+                    Ok(late) => Some(late),
+                    // Still prefilling: stop sending so vLLM aborts it, but read on, since a
+                    // reply may be crossing our FIN. Without a connection to half-close, close.
+                    Err(_) if abandoned.half_close() => read_on(&mut pending).await,
+                    Err(_) => None,
                 }
-                return;
-            }
-            // A prefill that finishes pins blocks only a decode frees, and vLLM can pin them
-            // and still lose the reply if it sees the connection end as it answers: so let a
-            // prefill that is nearly done finish, and read its reply.
-            let late = match tokio::time::timeout(grace, &mut pending).await {
-                Ok(late) => late,
-                // Still prefilling: stop sending so vLLM aborts it, but read on, since a
-                // reply may be crossing our FIN. Without a connection to half-close, close.
-                Err(_) if abandoned.half_close() => {
-                    match tokio::time::timeout(LATE_REPLY_READ, &mut pending).await {
-                        Ok(late) => late,
-                        Err(_) => return pending.abort(),
-                    }
-                }
-                Err(_) => return pending.abort(),
             };
-            if let Ok(Ok(Prefilled::Reply { body: reply, .. })) = late {
-                release.release(&reply);
+            match late {
+                Some(Ok(Ok(Prefilled::Reply { body, .. }))) => release.release(&body),
+                Some(_) => {}
+                None => pending.abort(),
             }
         });
     }
+}
+
+/// Reads a half-closed prefill on for [`LATE_REPLY_READ`]: its outcome, or `None` if none came.
+async fn read_on<T>(pending: &mut JoinHandle<T>) -> Option<Result<T, tokio::task::JoinError>> {
+    tokio::time::timeout(LATE_REPLY_READ, pending).await.ok()
 }
 
 /// Everything needed to send the decode leg without the client: after a prefill that pinned
