@@ -9,12 +9,10 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Request;
-use sidecar::security::tls::ClientTls;
-use sidecar::upstream::{Leg, Upstream};
+use sidecar::upstream::Leg;
 
 use crate::support::*;
 
@@ -398,11 +396,7 @@ async fn pd_request(case: &Case, p: &vllm_sim::SimServer) -> (u16, bytes::Bytes)
     .header("x-prefiller-host-port", p.api_addr().to_string())
     .body(sidecar::body::full(r#"{"prompt":"a b c","max_tokens":2}"#))
     .expect("request");
-    let tls = ClientTls {
-        insecure_skip_verify: true,
-        ca_file: None,
-    };
-    let client = Upstream::with_tls(Duration::from_secs(5), 4, &tls, &tls).expect("client");
+    let client = tls_client(insecure_tls());
     let resp = tokio::time::timeout(LIMIT, client.send(Leg::Decode, req))
         .await
         .expect("answer in time")

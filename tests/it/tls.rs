@@ -12,11 +12,6 @@ use sidecar::security::tls::ClientTls;
 use sidecar::upstream::Leg;
 use sidecar::upstream::Upstream;
 
-/// A client for `https://` URIs with the given trust settings.
-fn client(tls: ClientTls) -> Upstream {
-    Upstream::with_tls(Duration::from_secs(5), 16, &tls, &tls).expect("client")
-}
-
 async fn get_status(client: &Upstream, url: &str) -> Result<u16, String> {
     let req = Request::get(url).body(sidecar::body::empty()).unwrap();
     match tokio::time::timeout(LIMIT, client.send(Leg::Decode, req)).await {
@@ -30,13 +25,6 @@ async fn get_status(client: &Upstream, url: &str) -> Result<u16, String> {
     }
 }
 
-fn insecure() -> ClientTls {
-    ClientTls {
-        insecure_skip_verify: true,
-        ca_file: None,
-    }
-}
-
 #[tokio::test]
 async fn secure_proxy_serves_tls_with_a_self_signed_certificate() {
     let d = sim(|_| {}).await;
@@ -44,15 +32,15 @@ async fn secure_proxy_serves_tls_with_a_self_signed_certificate() {
     cfg.server_tls = Some(None);
     let sidecar = Sidecar::start(cfg).await;
     let url = format!("https://{}/v1/models", sidecar.addr);
-    assert_eq!(get_status(&client(insecure()), &url).await, Ok(200));
+    assert_eq!(get_status(&tls_client(insecure_tls()), &url).await, Ok(200));
     // Verification is on by default: a self-signed certificate is refused.
-    let refused = get_status(&client(ClientTls::default()), &url)
+    let refused = get_status(&tls_client(ClientTls::default()), &url)
         .await
         .unwrap_err();
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
     // Plain HTTP to a TLS port gets nothing useful.
     assert!(get_status(
-        &client(insecure()),
+        &tls_client(insecure_tls()),
         &format!("http://{}/health", sidecar.addr)
     )
     .await
@@ -74,8 +62,8 @@ async fn prefill_and_decode_legs_speak_tls() {
     let mut cfg = config(d_front.addr);
     cfg.decoder = sidecar::upstream::Target::new(d_front.addr.to_string().parse().unwrap(), true);
     cfg.prefiller_use_tls = true;
-    cfg.prefiller_tls = insecure();
-    cfg.decoder_tls = insecure();
+    cfg.prefiller_tls = insecure_tls();
+    cfg.decoder_tls = insecure_tls();
     let sidecar = Sidecar::start(cfg).await;
     let (resp, body) = call(
         sidecar.addr,
@@ -143,7 +131,7 @@ async fn cert_path_is_served_and_reloaded_when_rotated() {
     let trusting = |pki: &Pki, name: &str| {
         let ca = dir.join(name);
         std::fs::write(&ca, &pki.ca_pem).unwrap();
-        client(ClientTls {
+        tls_client(ClientTls {
             insecure_skip_verify: false,
             ca_file: Some(ca),
         })

@@ -356,3 +356,16 @@ pub fn metric(metrics: &sidecar::observe::metrics::Metrics, series: &str) -> u64
         .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A client for `https://` (and `http://`) URIs with the given trust settings.
+pub fn tls_client(tls: sidecar::security::tls::ClientTls) -> sidecar::upstream::Upstream {
+    sidecar::upstream::Upstream::with_tls(Duration::from_secs(5), 16, &tls, &tls).expect("client")
+}
+
+/// Trust settings that accept any certificate (the sidecar's self-signed one).
+pub fn insecure_tls() -> sidecar::security::tls::ClientTls {
+    sidecar::security::tls::ClientTls {
+        insecure_skip_verify: true,
+        ca_file: None,
+    }
+}
