@@ -4,19 +4,29 @@
 # BIN (where the binaries are) and calls init_scratch first. Functions run in the caller's
 # shell (never in $(...)), so every PID they start reaches PIDS and is stopped.
 
-# init_scratch: sets WORK (a scratch directory) and PIDS=(); on exit, every PID in PIDS is
-# stopped and WORK removed. INT and TERM exit with 130, through the same cleanup.
+# init_scratch: sets WORK (a scratch directory), PIDS=() and PID_FILES=(); on exit, every PID
+# in PIDS, and the one in each file of PID_FILES (processes started by a child, such as the
+# simulators the chaos soak restarts), is stopped and WORK removed. INT and TERM exit with 130,
+# through the same cleanup.
 init_scratch() {
     WORK=$(mktemp -d)
     PIDS=()
+    PID_FILES=()
     trap stop_scratch EXIT
     trap 'exit 130' INT TERM
 }
 
 stop_scratch() {
-    local pid
+    local pid file _
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for file in "${PID_FILES[@]}"; do
+        [ -f "$file" ] || continue
+        pid=$(cat "$file")
+        kill "$pid" 2>/dev/null || continue
+        # Not our child, so no `wait`: poll until it is gone (at most 5 s).
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    done
     rm -rf "$WORK"
 }
 
@@ -38,8 +48,9 @@ start_sim() {
     return 1
 }
 
-# listening_port FILE: the "port" of the {"event":"listening",...} line a sidecar or vllm-sim
-# prints on stdout once it accepts connections; empty until then.
+# listening_port FILE [FIELD]: the "port" (or FIELD, e.g. side_channel_port) of the
+# {"event":"listening",...} line a sidecar or vllm-sim prints on stdout once it accepts
+# connections; empty until then.
 listening_port() {
     python3 -c '
 import json, sys
@@ -49,9 +60,9 @@ for line in open(sys.argv[1], errors="replace"):
     except ValueError:
         continue
     if isinstance(event, dict) and event.get("event") == "listening":
-        print(event["port"])
+        print(event[sys.argv[2]])
         break
-' "$1" 2>/dev/null || true
+' "$1" "${2:-port}" 2>/dev/null || true
 }
 
 # start_sidecar [ARGS...]: the sidecar on a free loopback port (no admin listener);
