@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::value::RawValue;
+use sidecar::api::Api;
 use sidecar::connector::{Connector, Handoff};
 use sidecar::json_edit::{Edit, JsonObject};
 use sidecar::security::allowlist::{Allowlist, Rule};
@@ -32,22 +33,6 @@ const CANNED_REPLIES: [&[u8]; 4] = [
 
 const CONNECTORS: [Connector; 3] = [Connector::NixlV2, Connector::Nixl, Connector::LmCache];
 
-/// Top-level keys each prefill rewrite may change (the common prefill edits plus the
-/// connector's own); every other key must come out with its exact raw value.
-const PREFILL_COMMON: [&str; 12] = [
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "min_tokens",
-    "min_completion_tokens",
-    "n",
-    "best_of",
-    "prompt_logprobs",
-    "echo",
-    "logprobs",
-    "top_logprobs",
-];
 const NIXL_FIELDS: [&str; 7] = [
     "kv_transfer_params",
     "do_remote_decode",
@@ -58,13 +43,39 @@ const NIXL_FIELDS: [&str; 7] = [
     "remote_port",
 ];
 
-fn prefill_touched(c: Connector) -> Vec<&'static str> {
-    let own: &[&str] = match c {
-        Connector::NixlV2 => &["kv_transfer_params"],
-        Connector::Nixl => &NIXL_FIELDS,
-        Connector::LmCache => &[],
+/// Top-level keys a prefill rewrite may change (the API's one-token edits plus the
+/// connector's own); every other key must come out with its exact raw value.
+fn prefill_touched(api: Api, c: Connector) -> Vec<&'static str> {
+    let nested: &[&str] = if api == Api::Generate {
+        &["sampling_params"]
+    } else {
+        &[]
     };
-    PREFILL_COMMON.iter().chain(own).copied().collect()
+    api.one_token_edits()
+        .iter()
+        .chain(c.prefill_edits())
+        .map(|(k, _)| *k)
+        .chain(nested.iter().copied())
+        .collect()
+}
+
+/// Each edit of `edits` holds in `out` (`input`: the client's members).
+fn check_edits(
+    what: &str,
+    edits: &[(&str, Edit<'_>)],
+    input: &HashMap<String, &RawValue>,
+    out: &HashMap<String, &RawValue>,
+) {
+    for (key, edit) in edits {
+        match edit {
+            Edit::Remove => assert!(!out.contains_key(*key), "{what}: {key} left in"),
+            Edit::Set(v) => assert_eq!(raw_of(out, key), Some(*v), "{what}: {key}"),
+            Edit::Replace(v) if input.contains_key(*key) => {
+                assert_eq!(raw_of(out, key), Some(*v), "{what}: {key}")
+            }
+            Edit::Replace(_) => assert!(!out.contains_key(*key), "{what}: {key} appeared"),
+        }
+    }
 }
 
 fn decode_touched(c: Connector) -> &'static [&'static str] {
@@ -196,19 +207,22 @@ pub fn check_json_edit(input: &[u8]) {
     let strict = strict_json(request);
     for c in CONNECTORS {
         let name = c.name();
-        let prefill = c.prefill_body(&obj).to_bytes();
-        let what = format!("{name} prefill_body");
-        check_rewrite(&what, &input_members, &prefill, &prefill_touched(c), strict);
-        let p = members(&prefill).expect("checked above");
-        assert_eq!(raw_of(&p, "stream"), Some("false"), "{what}: stream");
-        assert_eq!(raw_of(&p, "max_tokens"), Some("1"), "{what}: max_tokens");
-        assert_eq!(
-            raw_of(&p, "max_completion_tokens"),
-            Some("1"),
-            "{what}: max_completion_tokens"
-        );
-        for gone in ["stream_options", "min_tokens", "min_completion_tokens", "n"] {
-            assert!(!p.contains_key(gone), "{what}: {gone} left in");
+        for api in Api::ALL {
+            let prefill = c.prefill_body(api, &obj).to_bytes();
+            let what = format!("{name} {} prefill_body", api.path());
+            check_rewrite(
+                &what,
+                &input_members,
+                &prefill,
+                &prefill_touched(api, c),
+                strict,
+            );
+            let p = members(&prefill).expect("checked above");
+            check_edits(&what, api.one_token_edits(), &input_members, &p);
+            check_edits(&what, c.prefill_edits(), &input_members, &p);
+            if api == Api::Generate {
+                check_sampling_params(&what, &input_members, &p);
+            }
         }
 
         let local = c.local_decode_body(&obj, &original).to_bytes();
@@ -359,4 +373,31 @@ pub fn check_headers(input: &[u8]) {
     let _ = whole.parse::<Rule>();
     let _ = sidecar::cli::parse_duration(&whole);
     let _ = sidecar::cli::parse_size(&whole);
+}
+
+/// The generate API's prefill caps `sampling_params` to one token, creating it if absent or
+/// null, and leaves a value that is not an object for vLLM to refuse.
+fn check_sampling_params(
+    what: &str,
+    input: &HashMap<String, &RawValue>,
+    out: &HashMap<String, &RawValue>,
+) {
+    let before = raw_of(input, "sampling_params").map(str::trim);
+    let after = raw_of(out, "sampling_params").expect("sampling_params is always there");
+    match before {
+        Some(v) if !v.starts_with('{') && v != "null" => {
+            assert_eq!(after, v, "{what}: a non-object sampling_params changed")
+        }
+        _ => {
+            let params = members(after.as_bytes()).expect("an object");
+            assert_eq!(
+                raw_of(&params, "max_tokens"),
+                Some("1"),
+                "{what}: sampling_params.max_tokens"
+            );
+            for gone in ["min_tokens", "n", "best_of"] {
+                assert!(!params.contains_key(gone), "{what}: sampling_params.{gone}");
+            }
+        }
+    }
 }

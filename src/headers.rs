@@ -6,6 +6,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub const PREFILLER_HOST_PORT: HeaderName = HeaderName::from_static("x-prefiller-host-port");
 /// The legacy header naming the prefiller (`http://host:port` or `host:port`).
 pub const PREFILLER_URL: HeaderName = HeaderName::from_static("x-prefiller-url");
+/// Routing headers of pd-sidecar's features that a decoder must not see either: the encoders
+/// of E/PD and the source of a P2P prefix pull (llm-d-router#999, #1937).
+pub const ENCODER_HOSTS_PORTS: HeaderName = HeaderName::from_static("x-encoder-hosts-ports");
+pub const KV_CACHE_SOURCE: HeaderName = HeaderName::from_static("x-kv-cache-source-host-port");
 /// The request id both legs share; vLLM reads it as its own request id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// W3C Trace Context headers.
@@ -77,8 +81,14 @@ pub fn for_upstream(headers: &mut HeaderMap) {
     headers.remove(header::HOST);
     // hyper's client sends bodies without waiting for "100 Continue"; the header would mislead.
     headers.remove(header::EXPECT);
-    headers.remove(PREFILLER_HOST_PORT);
-    headers.remove(PREFILLER_URL);
+    for name in [
+        PREFILLER_HOST_PORT,
+        PREFILLER_URL,
+        ENCODER_HOSTS_PORTS,
+        KV_CACHE_SOURCE,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// The client's `x-request-id` if it sent a usable one, else a fresh UUID.

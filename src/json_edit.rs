@@ -57,6 +57,8 @@ pub enum Edit<'v> {
     Remove,
     /// Put this raw JSON text at the key's first position (or at the end if absent).
     Set(&'v str),
+    /// Like `Set` where the key is present; absent, it stays absent.
+    Replace(&'v str),
 }
 
 impl<'a> JsonObject<'a> {
@@ -130,7 +132,7 @@ impl<'a> JsonObject<'a> {
                 None => out.member_from_source(entry.start, entry.end),
                 Some(i) => match edits[i].1 {
                     Edit::Remove => {}
-                    Edit::Set(v) => {
+                    Edit::Set(v) | Edit::Replace(v) => {
                         if !done(i) {
                             out.member(&entry.key, v);
                         }

@@ -18,6 +18,7 @@
 //!   the request span and W3C `traceparent`, OTLP export.
 //! - [`runtime`] busy polling, request/trace ids, allocator tuning.
 
+pub mod api;
 pub mod app;
 pub mod body;
 pub mod cli;

@@ -2,6 +2,7 @@
 
 use http::{Method, Request};
 
+use crate::api::Api;
 use crate::error::ProxyError;
 use crate::security::allowlist::Allowlist;
 use crate::upstream::{self, Target};
@@ -31,7 +32,7 @@ pub enum Routing {
     PassThrough,
     /// Prefilled on the first of these prefillers (a retry goes to the next), then decoded
     /// locally.
-    Pd(Vec<Target>),
+    Pd(Api, Vec<Target>),
     /// Meant for P/D but refused before any upstream is called (bad header, SSRF).
     Refused {
         prefiller: Option<Target>,
@@ -48,13 +49,12 @@ pub struct Pick {
     pub sampling: bool,
 }
 
-/// The completion routes with a prefiller header go P/D; everything else passes through.
+/// The P/D routes ([`Api`]) with a prefiller header go P/D; everything else passes through.
 pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing {
-    let path = req.uri().path();
-    let completion = path == "/v1/completions" || path == "/v1/chat/completions";
-    if req.method() != Method::POST || !completion {
-        return Routing::PassThrough;
-    }
+    let api = match Api::for_path(req.uri().path()) {
+        Some(api) if req.method() == Method::POST => api,
+        _ => return Routing::PassThrough,
+    };
     let list = match upstream::prefillers_from(req.headers(), pick.tls) {
         Ok(list) if list.is_empty() => return Routing::PassThrough,
         Ok(list) => list,
@@ -91,6 +91,7 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
     // SSRF protection refuses.
     let order = list.iter().cycle().skip(first).take(list.len());
     Routing::Pd(
+        api,
         order
             .filter_map(|t| t.as_ref().ok())
             .filter(|t| allowlist.allows(t))
@@ -104,14 +105,14 @@ impl Routing {
     pub fn route(&self) -> Route {
         match self {
             Routing::PassThrough => Route::PassThrough,
-            Routing::Pd(_) | Routing::Refused { .. } => Route::Pd,
+            Routing::Pd(..) | Routing::Refused { .. } => Route::Pd,
         }
     }
 
     /// The prefiller named, for the request span.
     pub fn prefiller(&self) -> Option<&Target> {
         match self {
-            Routing::Pd(list) => list.first(),
+            Routing::Pd(_, list) => list.first(),
             Routing::Refused { prefiller, .. } => prefiller.as_ref(),
             Routing::PassThrough => None,
         }

@@ -2,12 +2,8 @@
 
 use bytes::Bytes;
 
-use super::{prefill_edits, DecodePlan, Handoff};
-use crate::json_edit::{JsonObject, Spliced};
-
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
-    request.rewrite(&prefill_edits(&[]))
-}
+use super::{DecodePlan, Handoff};
+use crate::json_edit::Spliced;
 
 /// The decoder gets the client's bytes untouched: the prompt must match for the prefix lookup.
 pub(super) fn decode_plan(original: &Bytes) -> DecodePlan {
@@ -20,13 +16,19 @@ pub(super) fn decode_plan(original: &Bytes) -> DecodePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_edit::JsonObject;
 
     #[test]
     fn prefill_is_one_token_and_decode_is_untouched() {
         let original = Bytes::from_static(br#"{"prompt":"hi", "max_tokens":9,"stream":true}"#);
         let obj = JsonObject::parse(&original).unwrap();
         assert_eq!(
-            String::from_utf8(prefill_body(&obj).to_vec()).unwrap(),
+            String::from_utf8(
+                crate::Connector::LmCache
+                    .prefill_body(crate::api::Api::Completions, &obj)
+                    .to_vec()
+            )
+            .unwrap(),
             r#"{"prompt":"hi","max_tokens":1,"stream":false,"max_completion_tokens":1}"#
         );
         assert_eq!(decode_plan(&original).body.to_bytes(), original);

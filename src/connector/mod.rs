@@ -1,7 +1,7 @@
 //! The P/D connectors: how each one rewrites the prefill leg and builds the decode leg.
 //!
-//! Connectors are pure functions over request bytes; the network flow lives in `disagg.rs`
-//! and is written once for all of them.
+//! Connectors are pure functions over request bytes; the network flow lives in `pd/` and is
+//! written once for all of them. What a one-token prefill changes per route is `api.rs`'s.
 
 mod lmcache;
 mod nixl;
@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 
+use crate::api::Api;
 use crate::json_edit::{Edit, JsonObject, Spliced};
 
 /// The connector selected by `-connector`.
@@ -61,25 +62,6 @@ impl fmt::Display for ReplyError {
     }
 }
 
-/// Edits every prefill leg gets: one token, no streaming, no option vLLM rejects with
-/// `max_tokens=1` (`min_tokens` above 1, `stream_options` without `stream`), and nothing that
-/// makes the reply large (prompt logprobs, echo) or forks the request (`n`, `best_of`: each
-/// extra sequence would pin KV blocks no decoder is told about).
-const PREFILL_ONLY: [(&str, Edit<'static>); 12] = [
-    ("stream", Edit::Set("false")),
-    ("stream_options", Edit::Remove),
-    ("max_tokens", Edit::Set("1")),
-    ("max_completion_tokens", Edit::Set("1")),
-    ("min_tokens", Edit::Remove),
-    ("min_completion_tokens", Edit::Remove),
-    ("n", Edit::Remove),
-    ("best_of", Edit::Remove),
-    ("prompt_logprobs", Edit::Remove),
-    ("echo", Edit::Remove),
-    ("logprobs", Edit::Remove),
-    ("top_logprobs", Edit::Remove),
-];
-
 impl Connector {
     /// The flag value naming this connector.
     pub fn name(self) -> &'static str {
@@ -96,12 +78,21 @@ impl Connector {
         matches!(self, Connector::NixlV2 | Connector::Nixl)
     }
 
-    /// The prefill leg's body.
-    pub fn prefill_body(self, request: &JsonObject<'_>) -> Spliced {
+    /// The prefill leg's body: the API's one-token edits, then the connector's own.
+    pub fn prefill_body(self, api: Api, request: &JsonObject<'_>) -> Spliced {
+        let mut scratch = String::new();
+        let mut edits = api.prefill_edits(request, &mut scratch);
+        edits.extend_from_slice(self.prefill_edits());
+        request.rewrite(&edits)
+    }
+
+    /// The connector's own edits of the prefill leg: the transfer fields it asks with, and
+    /// the removal of any a client may have injected (only the prefiller's reply sets them).
+    pub fn prefill_edits(self) -> &'static [(&'static str, Edit<'static>)] {
         match self {
-            Connector::NixlV2 => nixlv2::prefill_body(request),
-            Connector::Nixl => nixl::prefill_body(request),
-            Connector::LmCache => lmcache::prefill_body(request),
+            Connector::NixlV2 => &nixlv2::PREFILL_EDITS,
+            Connector::Nixl => &nixl::PREFILL_EDITS,
+            Connector::LmCache => &[],
         }
     }
 
@@ -155,15 +146,6 @@ impl FromStr for Connector {
             )),
         }
     }
-}
-
-/// `PREFILL_ONLY` followed by a connector's own edits.
-fn prefill_edits<'v>(own: &[(&'static str, Edit<'v>)]) -> Vec<(&'static str, Edit<'v>)> {
-    PREFILL_ONLY
-        .iter()
-        .copied()
-        .chain(own.iter().copied())
-        .collect()
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 
-use super::{prefill_edits, DecodePlan, Handoff, ReplyError};
-use crate::json_edit::{Edit, JsonObject, Spliced};
+use super::{DecodePlan, Handoff, ReplyError};
+use crate::json_edit::{Edit, JsonObject};
 
 /// The fields the prefiller returns and the decoder needs, all of them or none.
 const REMOTE_FIELDS: [&str; 4] = [
@@ -14,18 +14,16 @@ const REMOTE_FIELDS: [&str; 4] = [
     "remote_port",
 ];
 
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
-    // Fields a client may have injected are dropped: only the prefiller's reply may set them.
-    request.rewrite(&prefill_edits(&[
-        ("do_remote_decode", Edit::Set("true")),
-        ("do_remote_prefill", Edit::Remove),
-        ("remote_block_ids", Edit::Remove),
-        ("remote_engine_id", Edit::Remove),
-        ("remote_host", Edit::Remove),
-        ("remote_port", Edit::Remove),
-        ("kv_transfer_params", Edit::Remove),
-    ]))
-}
+/// Fields a client may have injected are dropped: only the prefiller's reply may set them.
+pub(super) const PREFILL_EDITS: [(&str, Edit<'static>); 7] = [
+    ("do_remote_decode", Edit::Set("true")),
+    ("do_remote_prefill", Edit::Remove),
+    ("remote_block_ids", Edit::Remove),
+    ("remote_engine_id", Edit::Remove),
+    ("remote_host", Edit::Remove),
+    ("remote_port", Edit::Remove),
+    ("kv_transfer_params", Edit::Remove),
+];
 
 pub(super) fn decode_plan(
     request: &JsonObject<'_>,
@@ -77,7 +75,12 @@ mod tests {
         let source = Bytes::from_static(br#"{"prompt":"hi","stream":true,"remote_host":"evil"}"#);
         let obj = JsonObject::parse(&source).unwrap();
         assert_eq!(
-            String::from_utf8(prefill_body(&obj).to_vec()).unwrap(),
+            String::from_utf8(
+                crate::Connector::Nixl
+                    .prefill_body(crate::api::Api::Completions, &obj)
+                    .to_vec()
+            )
+            .unwrap(),
             r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"do_remote_decode":true}"#
         );
     }

@@ -2,18 +2,15 @@
 
 use bytes::Bytes;
 
-use super::{prefill_edits, DecodePlan, Handoff, ReplyError};
-use crate::json_edit::{Edit, JsonObject, Spliced};
+use super::{DecodePlan, Handoff, ReplyError};
+use crate::json_edit::{Edit, JsonObject};
 
 /// What vLLM's NixlConnector expects on the prefill leg (the same as vLLM's toy proxy sends).
 const PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
-pub(super) fn prefill_body(request: &JsonObject<'_>) -> Spliced {
-    request.rewrite(&prefill_edits(&[(
-        "kv_transfer_params",
-        Edit::Set(PREFILL_PARAMS),
-    )]))
-}
+/// The client's own `kv_transfer_params`, if any, are replaced.
+pub(super) const PREFILL_EDITS: [(&str, Edit<'static>); 1] =
+    [("kv_transfer_params", Edit::Set(PREFILL_PARAMS))];
 
 /// The original request plus the prefiller's `kv_transfer_params`, verbatim: new vLLM versions
 /// add fields, so the value is opaque to us.
@@ -53,6 +50,7 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_edit::Spliced;
 
     fn text(v: Spliced) -> String {
         String::from_utf8(v.to_vec()).unwrap()
@@ -64,7 +62,7 @@ mod tests {
         let req = Bytes::from_static(req);
         let obj = JsonObject::parse(&req).unwrap();
         assert_eq!(
-            text(prefill_body(&obj)),
+            text(crate::Connector::NixlV2.prefill_body(crate::api::Api::Completions, &obj)),
             format!(
                 r#"{{"model":"m","prompt":"hi","stream":false,"max_tokens":1,"kv_transfer_params":{PREFILL_PARAMS},"max_completion_tokens":1}}"#
             )

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info_span, trace, warn, Instrument};
 
+use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
 use crate::connector::{Connector, Handoff};
 use crate::error::{describe, ProxyError};
@@ -82,6 +83,7 @@ pub struct PdContext {
 pub async fn serve(
     cx: &PdContext,
     req: Request<Incoming>,
+    api: Api,
     prefillers: Vec<Target>,
     client: SocketAddr,
     guard: &mut RequestGuard,
@@ -124,7 +126,7 @@ pub async fn serve(
     if let Err(e) = cx.decoder.health().check().await {
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
-    let prefill_body = cx.connector.prefill_body(&request);
+    let prefill_body = cx.connector.prefill_body(api, &request);
     trace!(body = %prefill_body, "prefill request");
     guard.prefill_started();
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());

@@ -20,6 +20,7 @@ mod pd_flow;
 mod policy;
 mod readme;
 mod retries;
+mod routes;
 mod shutdown;
 mod ssrf_pool;
 mod streaming;
