@@ -18,19 +18,15 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
     let incoming_id = req.headers().get("x-request-id").cloned();
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let mut resp = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => {
-            generate::handle(shared.clone(), Endpoint::Completions, req).await?
-        }
-        (&Method::POST, "/v1/chat/completions") => {
-            generate::handle(shared.clone(), Endpoint::Chat, req).await?
-        }
-        (_, p) if p.starts_with("/sim/") => {
+    let endpoint = Endpoint::for_path(&path);
+    let mut resp = match (&method, endpoint, path.as_str()) {
+        (&Method::POST, Some(e), _) => generate::handle(shared.clone(), e, req).await?,
+        (_, _, p) if p.starts_with("/sim/") => {
             let query = req.uri().query().unwrap_or("").to_string();
             let raw = collect(req).await?;
             return Ok(control::handle(shared, &method, &path, &query, &raw).await);
         }
-        (&Method::GET, "/health") => {
+        (&Method::GET, _, "/health") => {
             let dead = shared.read(|i| i.faults.dead);
             empty_response(if dead {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -38,7 +34,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
                 StatusCode::OK
             })
         }
-        (&Method::GET, "/metrics") => metrics(&shared),
+        (&Method::GET, _, "/metrics") => metrics(&shared),
         _ => {
             let headers = req.headers().clone();
             let raw = collect(req).await?;
@@ -49,18 +45,15 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
                     StatusCode::OK,
                     &json!({"version": concat!("sim-", env!("CARGO_PKG_VERSION"))}),
                 ),
-                (
-                    _,
-                    "/v1/completions"
-                    | "/v1/chat/completions"
-                    | "/v1/models"
-                    | "/version"
-                    | "/health"
-                    | "/metrics",
-                ) => json_response(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    &json!({"detail": "Method Not Allowed"}),
-                ),
+                (_, p)
+                    if endpoint.is_some()
+                        || matches!(p, "/v1/models" | "/version" | "/health" | "/metrics") =>
+                {
+                    json_response(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        &json!({"detail": "Method Not Allowed"}),
+                    )
+                }
                 _ => not_found(),
             }
         }

@@ -60,6 +60,8 @@ pub struct Job {
     pub disconnect_at_ms: Option<u64>,
     pub tokens: u64,
     pub finish_reason: &'static str,
+    /// The effective output limit, known once generation starts.
+    pub limit: u64,
 }
 
 impl Job {
@@ -97,7 +99,7 @@ impl Job {
     }
 
     pub(super) fn error_head(&mut self, e: &ApiError) {
-        let resp = e.response(self.cfg.error_format);
+        let resp = super::wire::error_response(self.parsed.endpoint, e, self.cfg.error_format);
         self.send_head(Head::Full(resp), Some(e.status));
     }
 

@@ -7,8 +7,7 @@ use super::decode;
 use super::engine::{Head, Job, Outcome};
 use super::http_util::{bytes_response, call, ApiError, StreamItem};
 use super::kv::{Lease, LeaseState};
-use super::responses::{self as r, KvOut, PrefillParams};
-use super::validate::Endpoint;
+use super::responses::{KvOut, PrefillParams};
 use bytes::Bytes;
 use http::StatusCode;
 use std::time::{Duration, Instant};
@@ -94,8 +93,11 @@ impl Job {
     pub(super) async fn fail_generation(&mut self) -> Outcome {
         let e = ApiError::internal();
         if self.parsed.stream {
-            let _ = self.event(e.sse_event()).await;
-            let _ = self.event(r::done_event()).await;
+            for ev in self.stream_error(&e) {
+                if !self.event(ev).await {
+                    break;
+                }
+            }
         } else {
             self.error_head(&e);
         }
@@ -116,10 +118,8 @@ impl Job {
         let max = self
             .parsed
             .max_tokens
-            .unwrap_or(match self.parsed.endpoint {
-                Endpoint::Completions => 16,
-                Endpoint::Chat => self.cfg.default_max_tokens_chat,
-            });
+            .unwrap_or(self.parsed.endpoint.default_max_tokens(&self.cfg));
+        self.limit = max;
         let natural = self.cfg.eos_after.map_or(max, |e| e.min(max));
         let k = self.overrides.tokens.unwrap_or(natural).max(1);
         self.tokens = k;
@@ -137,14 +137,15 @@ impl Job {
                         return self.on_abort().await;
                     }
                 }
-                if i == 0 && self.parsed.endpoint == Endpoint::Chat {
-                    let c = r::role_chunk(&self.head_view());
-                    if !self.event(c).await {
-                        return self.on_abort().await;
+                if i == 0 {
+                    for c in self.stream_start() {
+                        if !self.event(c).await {
+                            return self.on_abort().await;
+                        }
                     }
                 }
                 let finish = (i + 1 == k).then_some(self.finish_reason);
-                let c = r::token_chunk(&self.head_view(), &self.token_text(i), finish);
+                let c = self.token_event(i, finish);
                 if !self.event(c).await {
                     return self.on_abort().await;
                 }
@@ -199,27 +200,14 @@ impl Job {
             let h = self.parsed.prompt_hash.clone();
             self.shared.update(|i| i.lmcache.insert(h));
         }
-        let prompt = self.parsed.prompt_tokens;
         if self.parsed.stream {
-            if self.parsed.include_usage {
-                let c = r::usage_chunk(&self.head_view(), prompt, self.tokens);
+            for c in self.stream_end() {
                 if !self.event(c).await {
                     return self.on_abort().await;
                 }
             }
-            if !self.event(r::done_event()).await {
-                return self.on_abort().await;
-            }
         } else {
-            let text: String = (0..self.tokens).map(|i| self.token_text(i)).collect();
-            let body = r::full_response(
-                &self.head_view(),
-                &text,
-                self.finish_reason,
-                prompt,
-                self.tokens,
-                &kv,
-            );
+            let body = self.full_body(&kv);
             let resp = bytes_response(StatusCode::OK, "application/json", Bytes::from(body));
             self.send_head(Head::Full(resp), Some(200));
         }

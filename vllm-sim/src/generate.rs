@@ -84,10 +84,7 @@ fn base_id(headers: &HeaderMap, body: Option<&Map<String, Value>>) -> Option<Str
 }
 
 fn unsuffixed_id(endpoint: Endpoint, base: &str) -> String {
-    match endpoint {
-        Endpoint::Completions => format!("cmpl-{base}-0"),
-        Endpoint::Chat => format!("chatcmpl-{base}"),
-    }
+    endpoint.unsuffixed_id(base)
 }
 
 /// Counts a rejection (§7.4) and, for a remote-prefill request, tells P (§7.10.3).
@@ -117,7 +114,7 @@ async fn reject(
             r.outcome = Some("rejected");
         }
     });
-    err.response(cfg.error_format)
+    super::wire::error_response(endpoint, &err, cfg.error_format)
 }
 
 /// Handles one generation request end to end. `Err` makes hyper close the connection
@@ -160,10 +157,7 @@ pub async fn handle(
     let base =
         base_id(h, Some(&parsed.body)).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let unsuffixed = unsuffixed_id(endpoint, &base);
-    let public = match endpoint {
-        Endpoint::Completions => format!("cmpl-{base}"),
-        Endpoint::Chat => format!("chatcmpl-{base}"),
-    };
+    let public = endpoint.public_id(&base);
 
     // Classification (§7.5); prefill wins if both flags are set, like vLLM's branch order.
     let mut class = Class::Plain;
@@ -171,11 +165,15 @@ pub async fn handle(
     let mut without_params = false;
     match cfg.protocol {
         Protocol::Lmcache => {
+            // Completions has no `max_completion_tokens`, but llm-d's lmcache connector sets
+            // both; the other APIs have one limit, already in `max_tokens`.
+            let classic = matches!(endpoint, Endpoint::Completions | Endpoint::Chat);
             let limit = parsed.max_tokens.or_else(|| {
                 parsed
                     .body
                     .get("max_completion_tokens")
                     .and_then(Value::as_u64)
+                    .filter(|_| classic)
             });
             class = if limit == Some(1) {
                 Class::Prefill
@@ -299,6 +297,7 @@ pub async fn handle(
         disconnect_at_ms: None,
         tokens: 0,
         finish_reason: "",
+        limit: 0,
     };
     shared.spawn(job.run());
 

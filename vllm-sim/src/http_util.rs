@@ -116,6 +116,9 @@ pub struct ApiError {
     pub kind: String,
     pub message: String,
     pub param: Option<String>,
+    /// A request-schema failure (§7.4 steps 0–3), answered by vLLM's validation handler in
+    /// the OpenAI shape even on the Messages route.
+    pub schema: bool,
 }
 
 impl ApiError {
@@ -125,6 +128,7 @@ impl ApiError {
             kind: kind.into(),
             message: message.into(),
             param: None,
+            schema: false,
         }
     }
     pub fn param(mut self, p: &str) -> Self {
@@ -137,7 +141,10 @@ impl ApiError {
             ErrorFormat::Current => "Bad Request",
             ErrorFormat::Legacy => "BadRequestError",
         };
-        ApiError::new(400, kind, message)
+        ApiError {
+            schema: true,
+            ..ApiError::new(400, kind, message)
+        }
     }
     pub fn internal() -> Self {
         ApiError::new(500, "InternalServerError", "Internal server error")

@@ -7,6 +7,9 @@
 #![allow(clippy::disallowed_methods)]
 
 mod api;
+mod api_generate;
+mod api_messages;
+mod api_responses;
 mod config;
 mod control;
 mod counters;
@@ -24,6 +27,7 @@ mod server;
 mod side_channel;
 mod state;
 mod validate;
+mod wire;
 
 pub use config::{
     Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, SimArgs,

@@ -111,8 +111,9 @@ impl Head<'_> {
     fn start(&self, chunk: bool) -> Obj {
         let object = match (self.endpoint, chunk) {
             (Endpoint::Completions, _) => "text_completion",
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
+            // Only completions and chat bodies are built on this head.
+            (_, false) => "chat.completion",
+            (_, true) => "chat.completion.chunk",
         };
         Obj::new()
             .field("id", self.id)
@@ -122,7 +123,7 @@ impl Head<'_> {
     }
 }
 
-fn usage(prompt: u64, completion: u64, details: bool) -> String {
+pub fn usage(prompt: u64, completion: u64, details: bool) -> String {
     let o = Obj::new()
         .field("prompt_tokens", &prompt)
         .field("total_tokens", &(prompt + completion))
@@ -153,7 +154,7 @@ pub fn full_response(
             .null("stop_reason")
             .null("prompt_logprobs")
             .finish(),
-        Endpoint::Chat => {
+        _ => {
             let msg = Obj::new()
                 .field("role", "assistant")
                 .field("content", text)
@@ -182,24 +183,39 @@ pub fn full_response(
     if h.endpoint == Endpoint::Chat {
         o = o.null("prompt_logprobs");
     }
+    kv_fields(o, kv, true).finish()
+}
+
+/// Appends `kv_transfer_params` (§7.7 step 4) as the last keys of a body. `keep_null`
+/// false drops a null value, for bodies serialized with exclude_none (Messages).
+pub fn kv_fields(o: Obj, kv: &KvOut, keep_null: bool) -> Obj {
     match kv {
-        KvOut::Omit => {}
-        KvOut::Null => o = o.null("kv_transfer_params"),
-        KvOut::Params(p) => o = o.raw("kv_transfer_params", &p.to_json()),
+        KvOut::Omit => o,
+        KvOut::Null if keep_null => o.null("kv_transfer_params"),
+        KvOut::Null => o,
+        KvOut::Params(p) => o.raw("kv_transfer_params", &p.to_json()),
         KvOut::V1(p) => {
-            o = o
+            let o = o
                 .field("remote_block_ids", &p.block_ids)
                 .field("remote_engine_id", &p.engine_id)
                 .field("remote_host", &p.host)
-                .field("remote_port", &p.port)
-                .null("kv_transfer_params")
+                .field("remote_port", &p.port);
+            if keep_null {
+                o.null("kv_transfer_params")
+            } else {
+                o
+            }
         }
     }
-    o.finish()
 }
 
-fn sse(json: &str) -> Bytes {
+pub fn sse(json: &str) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// A named SSE event (`event:` line), as the Responses and Messages APIs send.
+pub fn named_sse(event: &str, json: &str) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
 }
 
 /// Chat's first chunk: the assistant role with empty content.
@@ -221,7 +237,7 @@ pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>) -> Bytes {
     let mut c = Obj::new().field("index", &0);
     c = match h.endpoint {
         Endpoint::Completions => c.field("text", text),
-        Endpoint::Chat => c.raw("delta", &Obj::new().field("content", text).finish()),
+        _ => c.raw("delta", &Obj::new().field("content", text).finish()),
     };
     let choice = c
         .null("logprobs")

@@ -9,6 +9,12 @@ use serde_json::{Map, Value};
 pub enum Endpoint {
     Completions,
     Chat,
+    /// `POST /v1/responses` (§7.15).
+    Responses,
+    /// `POST /v1/messages` (§7.16).
+    Messages,
+    /// `POST /inference/v1/generate` (§7.17).
+    Generate,
 }
 
 impl Endpoint {
@@ -16,6 +22,60 @@ impl Endpoint {
         match self {
             Endpoint::Completions => "completions",
             Endpoint::Chat => "chat",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+            Endpoint::Generate => "generate",
+        }
+    }
+
+    /// The request path, for routing and the 405 list.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
+            Endpoint::Generate => "/inference/v1/generate",
+        }
+    }
+
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Completions,
+        Endpoint::Chat,
+        Endpoint::Responses,
+        Endpoint::Messages,
+        Endpoint::Generate,
+    ];
+
+    pub fn for_path(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.path() == path)
+    }
+
+    /// The body `id` for base id `base` (§7.6). Messages runs as a chat completion in vLLM,
+    /// so it keeps chat's id.
+    pub fn public_id(self, base: &str) -> String {
+        match self {
+            Endpoint::Completions => format!("cmpl-{base}"),
+            Endpoint::Chat | Endpoint::Messages => format!("chatcmpl-{base}"),
+            Endpoint::Responses => format!("resp_{base}"),
+            Endpoint::Generate => format!("generate-tokens-{base}"),
+        }
+    }
+
+    /// The internal id before any random suffix (§7.6).
+    pub fn unsuffixed_id(self, base: &str) -> String {
+        match self {
+            Endpoint::Completions => format!("cmpl-{base}-0"),
+            e => e.public_id(base),
+        }
+    }
+
+    /// The output limit when the body sets none: vLLM's 16 for completions, else the rest
+    /// of the context, which the simulator stands in for with `--default-max-tokens-chat`.
+    pub fn default_max_tokens(self, cfg: &SimConfig) -> u64 {
+        match self {
+            Endpoint::Completions => 16,
+            _ => cfg.default_max_tokens_chat,
         }
     }
 }
@@ -129,7 +189,7 @@ pub const NIXL_V1_FIELDS: &[&str] = &[
     "remote_port",
 ];
 
-fn opt_pos_int(
+pub(super) fn opt_pos_int(
     fmt: ErrorFormat,
     body: &Map<String, Value>,
     key: &str,
@@ -184,32 +244,25 @@ pub fn parse(
         }
     };
     let b = Some(&body);
-    let (prompt_tokens, words, hash) = match endpoint {
-        Endpoint::Completions => {
-            let (n, w) = prompt_tokens(fmt, body.get("prompt")).map_err(|e| reject(e, b))?;
-            let h = prompt_hash(endpoint, body.get("prompt").unwrap_or(&Value::Null));
-            (n, w, h)
-        }
-        Endpoint::Chat => {
-            let (n, w) = chat_tokens(fmt, body.get("messages")).map_err(|e| reject(e, b))?;
-            let h = prompt_hash(endpoint, body.get("messages").unwrap_or(&Value::Null));
-            (n, w, h)
-        }
-    };
-    let mut max_tokens = opt_pos_int(fmt, &body, "max_tokens").map_err(|e| reject(e, b))?;
-    if endpoint == Endpoint::Chat {
-        // vLLM: `max_completion_tokens or max_tokens`.
-        let mct = opt_pos_int(fmt, &body, "max_completion_tokens").map_err(|e| reject(e, b))?;
-        max_tokens = mct.or(max_tokens);
+    let spec = match endpoint {
+        Endpoint::Completions | Endpoint::Chat => openai_prompt(endpoint, fmt, &body),
+        Endpoint::Responses => super::api_responses::parse(fmt, &body),
+        Endpoint::Messages => super::api_messages::parse(fmt, &body),
+        Endpoint::Generate => super::api_generate::parse(fmt, &body),
     }
-    match body.get("n") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64() == Some(1) => {}
-        Some(_) => {
-            return Err(reject(
-                bad(fmt, "n", "Only n=1 is supported by the simulator"),
-                b,
-            ))
+    .map_err(|e| reject(e, b))?;
+    let (prompt_tokens, max_tokens) = (spec.tokens, spec.max_tokens);
+    let classic = matches!(endpoint, Endpoint::Completions | Endpoint::Chat);
+    if classic {
+        match body.get("n") {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_u64() == Some(1) => {}
+            Some(_) => {
+                return Err(reject(
+                    bad(fmt, "n", "Only n=1 is supported by the simulator"),
+                    b,
+                ))
+            }
         }
     }
     let stream = match body.get("stream") {
@@ -222,28 +275,32 @@ pub fn parse(
             ))
         }
     };
+    // Responses and Messages have no `stream_options` (an unknown key there); generate
+    // has one without the stream-only check of the OpenAI request models.
     let mut include_usage = false;
-    match body.get("stream_options") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(o)) => {
-            if !stream {
-                let e = ApiError::validation(
-                    fmt,
-                    "Stream options can only be defined when `stream=True`.",
-                )
-                .param("stream_options");
-                return Err(reject(e, b));
+    if classic || endpoint == Endpoint::Generate {
+        match body.get("stream_options") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(o)) => {
+                if !stream && classic {
+                    let e = ApiError::validation(
+                        fmt,
+                        "Stream options can only be defined when `stream=True`.",
+                    )
+                    .param("stream_options");
+                    return Err(reject(e, b));
+                }
+                include_usage = o
+                    .get("include_usage")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
             }
-            include_usage = o
-                .get("include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-        }
-        Some(_) => {
-            return Err(reject(
-                bad(fmt, "stream_options", "Input should be an object"),
-                b,
-            ))
+            Some(_) => {
+                return Err(reject(
+                    bad(fmt, "stream_options", "Input should be an object"),
+                    b,
+                ))
+            }
         }
     }
     match body.get("kv_transfer_params") {
@@ -261,6 +318,10 @@ pub fn parse(
     }
     let served = cfg.model_names();
     let model = match body.get("model") {
+        // Anthropic's request model has `model` required.
+        None | Some(Value::Null) if endpoint == Endpoint::Messages => {
+            return Err(reject(bad(fmt, "model", "Field required"), b))
+        }
         None | Some(Value::Null) => served.first().cloned().unwrap_or_default(),
         Some(Value::String(m)) if served.iter().any(|s| s == m) => m.clone(),
         Some(Value::String(m)) => {
@@ -285,35 +346,122 @@ pub fn parse(
             "This model's maximum context length is {n} tokens. However, your request has {prompt_tokens} input tokens. Please reduce the length of the input messages."));
         return Err(reject(e, b));
     }
-    if let Some(x) = max_tokens {
+    // The generate API checks the prompt only (vLLM's token-in route passes no output
+    // limit to its length check).
+    if let Some(x) = max_tokens.filter(|_| endpoint != Endpoint::Generate) {
         if prompt_tokens + x > n {
+            let (what, param) = match endpoint {
+                Endpoint::Responses => ("'max_output_tokens'", "max_output_tokens"),
+                _ => ("'max_tokens' or 'max_completion_tokens'", "max_tokens"),
+            };
             let e = ApiError::new(400, "BadRequestError", format!(
-                "'max_tokens' or 'max_completion_tokens' is too large: {x}. This model's maximum context length is {n} tokens and your request has {prompt_tokens} input tokens ({x} > {n} - {prompt_tokens})."))
-                .param("max_tokens");
+                "{what} is too large: {x}. This model's maximum context length is {n} tokens and your request has {prompt_tokens} input tokens ({x} > {n} - {prompt_tokens})."))
+                .param(param);
             return Err(reject(e, b));
         }
     }
     let specific = match endpoint {
         Endpoint::Completions => COMPLETION_FIELDS,
         Endpoint::Chat => CHAT_FIELDS,
+        Endpoint::Responses => super::api_responses::FIELDS,
+        Endpoint::Messages => super::api_messages::FIELDS,
+        Endpoint::Generate => super::api_generate::FIELDS,
     };
-    let ignored_fields = body
+    let common: &[&str] = if classic { COMMON_FIELDS } else { &[] };
+    let mut ignored_fields: Vec<String> = body
         .keys()
-        .filter(|k| !COMMON_FIELDS.contains(&k.as_str()) && !specific.contains(&k.as_str()))
+        .filter(|k| !common.contains(&k.as_str()) && !specific.contains(&k.as_str()))
         .filter(|k| !(cfg.protocol == Protocol::NixlV1 && NIXL_V1_FIELDS.contains(&k.as_str())))
         .cloned()
         .collect();
+    ignored_fields.extend(spec.ignored);
+    let include_usage = match endpoint {
+        // vLLM's generate route does not apply --enable-force-include-usage.
+        Endpoint::Generate => include_usage,
+        _ => include_usage || cfg.enable_force_include_usage,
+    };
     Ok(Parsed {
         endpoint,
         body,
         model,
         prompt_tokens,
-        prompt_hash: hash,
-        words,
+        prompt_hash: spec.hash,
+        words: spec.words,
         max_tokens,
         stream,
-        include_usage: include_usage || cfg.enable_force_include_usage,
+        include_usage,
         ignored_fields,
+    })
+}
+
+/// What an endpoint's own fields give: prompt accounting and the explicit output limit.
+pub struct PromptSpec {
+    pub tokens: u64,
+    pub words: Vec<String>,
+    pub hash: String,
+    pub max_tokens: Option<u64>,
+    /// Unknown keys below the top level (generate's `sampling_params.<key>`).
+    pub ignored: Vec<String>,
+}
+
+/// vLLM's SamplingParams check: `min_tokens` is a non-negative integer no larger than the
+/// output limit (`limit`, when one is known).
+pub fn check_min_tokens(
+    fmt: ErrorFormat,
+    body: &Map<String, Value>,
+    limit: Option<u64>,
+) -> Result<(), ApiError> {
+    let Some(v) = body.get("min_tokens").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let Some(min) = v.as_u64() else {
+        return Err(bad(
+            fmt,
+            "min_tokens",
+            "Input should be an integer greater than or equal to 0",
+        ));
+    };
+    match limit {
+        Some(max) if min > max => Err(ApiError::new(
+            400,
+            "BadRequestError",
+            format!("min_tokens must be less than or equal to max_tokens={max}, got {min}."),
+        )
+        .param("min_tokens")),
+        _ => Ok(()),
+    }
+}
+
+/// Completions' `prompt` or chat's `messages` (§7.4 steps 3 and 5).
+fn openai_prompt(
+    endpoint: Endpoint,
+    fmt: ErrorFormat,
+    body: &Map<String, Value>,
+) -> Result<PromptSpec, ApiError> {
+    let (key, (tokens, words)) = if endpoint == Endpoint::Completions {
+        ("prompt", prompt_tokens(fmt, body.get("prompt"))?)
+    } else {
+        ("messages", chat_tokens(fmt, body.get("messages"))?)
+    };
+    let hash = prompt_hash(endpoint, body.get(key).unwrap_or(&Value::Null));
+    let mut max_tokens = opt_pos_int(fmt, body, "max_tokens")?;
+    if endpoint == Endpoint::Chat {
+        // vLLM: `max_completion_tokens or max_tokens`.
+        max_tokens = opt_pos_int(fmt, body, "max_completion_tokens")?.or(max_tokens);
+    }
+    // Completions' limit defaults to 16 before SamplingParams checks `min_tokens`; chat's
+    // default is the rest of the context, so only an explicit limit is compared.
+    let limit = match endpoint {
+        Endpoint::Completions => Some(max_tokens.unwrap_or(16)),
+        _ => max_tokens,
+    };
+    check_min_tokens(fmt, body, limit)?;
+    Ok(PromptSpec {
+        tokens,
+        words,
+        hash,
+        max_tokens,
+        ignored: vec![],
     })
 }
 

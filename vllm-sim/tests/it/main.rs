@@ -8,6 +8,10 @@ mod support;
 mod abort;
 mod http;
 mod pd;
+mod routes;
 
 pub const COMPLETIONS: &str = "/v1/completions";
 pub const CHAT: &str = "/v1/chat/completions";
+pub const RESPONSES: &str = "/v1/responses";
+pub const MESSAGES: &str = "/v1/messages";
+pub const GENERATE: &str = "/inference/v1/generate";
