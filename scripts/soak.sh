@@ -2,7 +2,7 @@
 # `make soak`: a bounded soak test of the sidecar on loopback.
 #
 # Starts two vLLM simulators (prefiller and decoder) and the sidecar in front of the decoder,
-# then runs pd-soak (vllm-sim/src/bin/pd-soak.rs): SOAK_REQUESTS requests (at most SOAK_MAX_SECS seconds) mixing
+# then runs pd-soak (vllm-sim/src/bin/pd-soak/): SOAK_REQUESTS requests (at most SOAK_MAX_SECS seconds) mixing
 # good P/D requests (JSON and SSE), cancelled ones (client gone mid-stream, or after a random
 # 0.2-8 ms), and bad ones (invalid JSON, not an object, over -max-request-body-size, a bad
 # x-prefiller-host-port), plus pass-through GETs. It samples the sidecar's VmRSS and open
@@ -49,7 +49,8 @@ SIM_ARGS=(--protocol "$CONNECTOR" --ttft-ms 2 --itl-ms 1 --kv-transfer-ms 1
     --kv-lease-duration-ms 3600000 --max-num-seqs 1024)
 # Chaos: leases some faults strand by design stay held until pd-soak's audit has judged them
 # (8 s after their request), a few thousand at a time: more blocks than the default 2048.
-[ "$CHAOS" = 1 ] && SIM_ARGS+=(--num-gpu-blocks 65536)
+# A hang's diagnosis looks its request up in the simulators' logs: keep the last 30 s or so.
+[ "$CHAOS" = 1 ] && SIM_ARGS+=(--num-gpu-blocks 65536 --request-log-size 30000)
 start_sim PREFILL prefill "${SIM_ARGS[@]}"
 PREFILL_PID=${PIDS[-1]}
 start_sim DECODE decode "${SIM_ARGS[@]}"
@@ -111,5 +112,12 @@ if grep -qi 'panicked' "$WORK/sidecar.log"; then
     grep -i -m5 'panicked' "$WORK/sidecar.log" >&2
     status=1
 fi
-[ "$status" = 0 ] && echo "soak: OK" || echo "soak: FAILED" >&2
+if [ "$status" = 0 ]; then
+    echo "soak: OK"
+else
+    # The logs (and a hang's socket dump) outlive the scratch directory.
+    KEEP=$(mktemp -d /tmp/soak-failed.XXXXXX)
+    cp -r "$WORK"/. "$KEEP"/ 2>/dev/null || true
+    echo "soak: FAILED (logs kept in $KEEP)" >&2
+fi
 exit "$status"

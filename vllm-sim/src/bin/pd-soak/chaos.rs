@@ -204,6 +204,7 @@ pub struct Chaos {
     /// The lease audit, and what it judges by.
     pub audit: tokio::sync::Mutex<Audit>,
     pub prefiller: String,
+    pub decoder: String,
     pub records: Arc<Records>,
     pub seed: u64,
 }
@@ -241,6 +242,47 @@ impl Chaos {
         audit
             .sweep(ctl, &self.prefiller, records, windows, self.seed, now)
             .await;
+    }
+
+    /// At a hang, with the request still open: the outages around it, what each simulator
+    /// logged for it, and the machine's TCP sockets (`SIM_DIR/hang-<i>.ss`).
+    pub async fn diagnose(&self, i: u64, began: Duration) -> String {
+        let mut out = String::new();
+        for w in self.windows.0.lock().unwrap().iter() {
+            if w.kill_at + Duration::from_secs(5) >= began {
+                out.push_str(&format!(
+                    "\n    {} outage: killed at {:?}, ready at {:?} (request began at {began:?})",
+                    w.role.name(),
+                    w.kill_at,
+                    w.ready_at
+                ));
+            }
+        }
+        let ctl = Control::new();
+        let id = format!("soak-{i}");
+        for addr in [&self.prefiller, &self.decoder] {
+            let Some((200, body)) = ctl.call(addr, "GET", "/sim/requests", String::new()).await
+            else {
+                out.push_str(&format!("\n    {addr}: no /sim/requests"));
+                continue;
+            };
+            let log: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
+            let mine = log
+                .iter()
+                .filter(|r| r["headers"]["x-request-id"][0] == id.as_str());
+            for r in mine {
+                let fields = ["t_ms", "class", "status", "outcome", "first_byte_ms"];
+                let v: Vec<String> = fields.iter().map(|f| format!("{f}={}", r[*f])).collect();
+                out.push_str(&format!("\n    {addr} logged it: {}", v.join(" ")));
+            }
+        }
+        let ss = Command::new("ss").args(["-tanpio"]).output();
+        if let Ok(ss) = ss {
+            let path = self.dir.join(format!("hang-{i}.ss"));
+            let _ = std::fs::write(&path, ss.stdout);
+            out.push_str(&format!("\n    sockets: {}", path.display()));
+        }
+        out
     }
 
     async fn outage(&self, sim: &mut Sim, down: Duration, ctl: &Control) {

@@ -154,6 +154,7 @@ fn chaos_setup(
         counters: Default::default(),
         audit: Default::default(),
         prefiller: o.prefiller.clone(),
+        decoder: sims[1].addr(),
         records,
         seed,
     };
@@ -224,6 +225,7 @@ async fn main() {
             oversized.clone(),
             records.clone(),
         );
+        let chaos = chaos.clone();
         let windows = chaos.as_ref().map(|c| c.windows.clone());
         workers.push(tokio::spawn(async move {
             loop {
@@ -232,9 +234,24 @@ async fn main() {
                     break;
                 }
                 let mut plan = mix::plan(i, seed, o.chaos);
+                let head = plan.head.clone();
                 let began = start.elapsed();
-                let sent = mix::send(&client, &o, i, &mut plan, &oversized);
-                let got = tokio::time::timeout(DEADLINE, sent).await.ok();
+                let got = {
+                    let sent = mix::send(&client, &o, i, &mut plan, &oversized);
+                    tokio::pin!(sent);
+                    match tokio::time::timeout(DEADLINE, &mut sent).await {
+                        Ok(got) => Some(got),
+                        Err(_) => {
+                            if let Some(c) = &chaos {
+                                // Before the request is dropped: its connections are open.
+                                let head = head.load(Ordering::Relaxed);
+                                let d = c.diagnose(i, began).await;
+                                println!("soak: #{i} hangs (response head arrived: {head}):{d}");
+                            }
+                            None
+                        }
+                    }
+                };
                 let ended = start.elapsed();
                 if o.chaos {
                     records.set(i, began, ended);

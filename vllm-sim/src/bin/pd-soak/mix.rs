@@ -4,6 +4,8 @@
 //! request's kind, fault and timing from a generator seeded by the run's seed and the request
 //! number, so a seed replays the same requests (not the same interleaving).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -107,6 +109,8 @@ pub struct Plan {
     pub fault: Option<Fault>,
     pub stream: bool,
     pub rng: Rng,
+    /// Set once the response head arrived, for a hang's diagnosis.
+    pub head: Arc<AtomicBool>,
 }
 
 /// Request `i`'s plan. Chaos: half the plain mix, 20% raw disconnects (4% per phase), 30%
@@ -135,6 +139,7 @@ pub fn plan(i: u64, seed: u64, chaos: bool) -> Plan {
         fault,
         stream,
         rng,
+        head: Arc::default(),
     }
 }
 
@@ -203,6 +208,8 @@ fn pd_request(o: &Opts, i: u64, path: &str, body: Bytes, prefiller: &str) -> Req
 
 /// Sends request `i` as planned.
 pub async fn send(client: &HttpClient, o: &Opts, i: u64, p: &mut Plan, oversized: &Bytes) -> Got {
+    let head = p.head.clone();
+    let answer = |resp| answer(resp, &head);
     let completion = || completion_body(i);
     let pd = |path, body| pd_request(o, i, path, body, &o.prefiller);
     let req = match p.kind {
@@ -266,7 +273,8 @@ pub async fn send(client: &HttpClient, o: &Opts, i: u64, p: &mut Plan, oversized
     }
 }
 
-async fn answer(resp: http::Response<hyper::body::Incoming>) -> Got {
+async fn answer(resp: http::Response<hyper::body::Incoming>, head: &AtomicBool) -> Got {
+    head.store(true, Ordering::Relaxed);
     let status = resp.status();
     match resp.into_body().collect().await {
         Ok(body) => Got::Answer {
