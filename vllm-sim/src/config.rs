@@ -33,7 +33,14 @@ str_enum!(
 );
 str_enum!(
     /// Wire protocol of the P/D handoff (§7.5).
-    Protocol { Nixlv2 => "nixlv2", NixlV1 => "nixl-v1", Lmcache => "lmcache" }
+    Protocol {
+        Nixlv2 => "nixlv2", NixlV1 => "nixl-v1", Lmcache => "lmcache",
+        Sglang => "sglang", Offloading => "offloading", Mooncake => "mooncake",
+    }
+);
+str_enum!(
+    /// The instance's fixed role, used where the body does not say (`sglang`, §7.18).
+    Role { Auto => "auto", Prefill => "prefill", Decode => "decode" }
 );
 str_enum!(
     /// P-side lease expiry model (§7.8).
@@ -93,6 +100,10 @@ pub struct SimConfig {
     pub mode: OutputMode,
     pub seed: u64,
     pub lmcache_peer: Option<String>,
+    pub role: Role,
+    pub bootstrap_port: u16,
+    pub bootstrap_timeout_ms: u64,
+    pub p2p_load_timeout_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -109,6 +120,15 @@ impl SimConfig {
             Era::C => LeaseMode::Heartbeat,
             _ => LeaseMode::Fixed,
         })
+    }
+
+    /// Whether this protocol hands KV over by a key on P's side channel or bootstrap
+    /// listener (§7.18–§7.20) instead of NIXL params or LMCache.
+    pub fn keyed_handoff(&self) -> bool {
+        matches!(
+            self.protocol,
+            Protocol::Sglang | Protocol::Offloading | Protocol::Mooncake
+        )
     }
 
     /// Served model names; the first one is the default.
@@ -220,6 +240,20 @@ pub struct SimArgs {
     /// Peer side channel for `--protocol lmcache`, e.g. `http://127.0.0.1:5601`.
     #[arg(long)]
     pub lmcache_peer: Option<String>,
+    /// Fixed role for `--protocol sglang` (SGLang's `--disaggregation-mode`): `prefill`,
+    /// `decode`, or `auto` (bootstrap fields ignored, every request plain).
+    #[arg(long, default_value = "auto")]
+    pub role: Role,
+    /// Bootstrap listener (sglang rooms, mooncake `/query`; 0 = ephemeral).
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_port: u16,
+    /// How long a sglang or mooncake decode waits for its KV to be ready on P.
+    #[arg(long, default_value_t = 30_000)]
+    pub bootstrap_timeout_ms: u64,
+    /// How long an offloading (P2P) decode waits for its KV before prefilling locally
+    /// (vLLM's `_LOAD_TIMEOUT_S`).
+    #[arg(long, default_value_t = 30_000)]
+    pub p2p_load_timeout_ms: u64,
 }
 
 impl SimArgs {
@@ -258,6 +292,10 @@ impl SimArgs {
             mode: self.mode,
             seed: self.seed,
             lmcache_peer: self.lmcache_peer,
+            role: self.role,
+            bootstrap_port: self.bootstrap_port,
+            bootstrap_timeout_ms: self.bootstrap_timeout_ms,
+            p2p_load_timeout_ms: self.p2p_load_timeout_ms,
         }
     }
 }

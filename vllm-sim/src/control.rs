@@ -114,6 +114,13 @@ fn apply_config(i: &mut Inner, b: &Map<String, Value>) -> Result<(), String> {
         }
         i.kv = KvPool::new(cfg.num_gpu_blocks);
     }
+    if cfg.engine_id != i.cfg.engine_id {
+        // A new id stands for a restarted engine (§7.20); null draws a fresh uuid4.
+        i.engine_id = cfg
+            .engine_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    }
     i.log.set_cap(cfg.request_log_size);
     i.cfg = cfg;
     i.faults = faults;

@@ -45,6 +45,10 @@ pub struct SideChannelIn {
     pub read: u64,
     pub notify: u64,
     pub heartbeat: u64,
+    /// Keyed-handoff fetches (`POST /kv/fetch`, §7.18–§7.20).
+    pub fetch: u64,
+    /// Mooncake bootstrap `GET /query` (§7.20).
+    pub query: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -79,6 +83,12 @@ pub struct Counters {
     pub side_channel_errors: u64,
     pub lmcache_hits: u64,
     pub lmcache_misses: u64,
+    /// Keyed handoff on D (§7.18–§7.20): the key was not ready within the wait, P's
+    /// prefill of it failed, D fell back to a local prefill, the engine id did not match.
+    pub handoff_fetch_timeouts: u64,
+    pub handoff_prefill_failed: u64,
+    pub handoff_recomputes: u64,
+    pub handoff_engine_id_mismatches: u64,
     /// Prometheus-only totals (`/metrics`).
     #[serde(skip)]
     pub prompt_tokens_total: u64,

@@ -29,7 +29,7 @@ pub fn params_object(protocol: Protocol, body: &Map<String, Value>) -> Option<&M
     }
 }
 
-fn truthy(v: Option<&Value>) -> bool {
+pub fn truthy(v: Option<&Value>) -> bool {
     match v {
         Some(Value::Bool(b)) => *b,
         Some(Value::Null) | None => false,
@@ -231,7 +231,7 @@ pub async fn pull(
         "block_ids": t.block_ids,
         "prompt_tokens": prompt_tokens,
         "prompt_hash": prompt_hash,
-        "consumer_engine_id": shared.engine_id,
+        "consumer_engine_id": shared.engine_id(),
     })
     .to_string();
     match call(

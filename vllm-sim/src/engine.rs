@@ -45,6 +45,10 @@ pub struct Job {
     pub parsed: Parsed,
     pub class: Class,
     pub target: Option<DecodeTarget>,
+    /// Keyed-handoff decode: what it fetches (§7.18–§7.20).
+    pub handoff: Option<super::handoff::Target>,
+    /// Keyed-handoff prefill: its lease key.
+    pub handoff_key: Option<String>,
     pub public_id: String,
     pub internal_id: String,
     pub faults: Faults,
@@ -237,8 +241,17 @@ impl Job {
         );
         let (prompt, tokens, reason) = (self.parsed.prompt_tokens, self.tokens, self.finish_reason);
         let blocks = std::mem::take(&mut self.blocks);
+        let failed_key = match o {
+            Outcome::Completed => None,
+            _ => self.handoff_key.clone(),
+        };
         self.shared.update(|i| {
             i.kv.free_running(&blocks);
+            if let Some(k) = &failed_key {
+                // No lease for this key (or one made just before a late abort): the decoder
+                // waiting on it fails now rather than at its timeout.
+                i.mark_handoff_failed(k);
+            }
             let was_running = i.in_flight.get(&seq).is_some_and(|f| !f.queued);
             if was_running {
                 i.running = i.running.saturating_sub(1);

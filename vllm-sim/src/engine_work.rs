@@ -5,6 +5,7 @@ use super::config::{Era, LeaseMode, OutputMode, Protocol};
 use super::counters::Class;
 use super::decode;
 use super::engine::{Head, Job, Outcome};
+use super::handoff;
 use super::http_util::{bytes_response, call, ApiError, StreamItem};
 use super::kv::{Lease, LeaseState};
 use super::responses::{KvOut, PrefillParams};
@@ -25,6 +26,9 @@ impl Job {
             self.overrides.ttft_ms.map(|t| t as f64).unwrap_or(
                 self.cfg.kv_transfer_ms as f64 + self.cfg.kv_transfer_ms_per_token * prompt,
             );
+        if let Some(t) = self.handoff.clone() {
+            return self.handoff_wait(&t, transfer, full_prefill).await;
+        }
         if let Some(t) = self.target.clone() {
             // Not abortable: vLLM lets an in-flight transfer finish so P frees on completion.
             let d = self.jittered(transfer);
@@ -64,6 +68,65 @@ impl Job {
             }
         } else {
             full_prefill
+        };
+        let d = self.jittered(wait);
+        if self.abortable(tokio::time::sleep(d)).await.is_none() {
+            return Some(self.on_abort().await);
+        }
+        None
+    }
+
+    /// Keyed handoff on D (§7.18–§7.20): long-poll P for the key (abortable: the client
+    /// leaving ends the wait), then the transfer time; a timeout fails or prefills locally.
+    async fn handoff_wait(
+        &mut self,
+        t: &handoff::Target,
+        transfer: f64,
+        full_prefill: f64,
+    ) -> Option<Outcome> {
+        let fetched = handoff::fetch(
+            &self.shared,
+            t,
+            &self.parsed.prompt_hash,
+            self.faults.side_channel_down,
+        );
+        let Some(res) = self.abortable(fetched).await else {
+            if t.abort_notify
+                && decode::notify(&self.shared, &t.endpoint, &t.key, "decode_aborted").await
+            {
+                self.shared
+                    .update(|i| i.counters.decode_abort_notifies_sent += 1);
+            }
+            return Some(self.on_abort().await);
+        };
+        let wait = match res {
+            Ok(()) => transfer,
+            Err(e) => {
+                // A P2P decoder never learns that P failed; it waits out its load timeout
+                // and prefills locally. The sim skips that wait when P knows (§7.19).
+                let recompute = matches!(
+                    e,
+                    handoff::FetchError::Timeout | handoff::FetchError::PrefillFailed
+                ) && t.on_timeout == handoff::OnTimeout::Prefill;
+                tracing::warn!(id = %self.internal_id, key = %t.key, error = %e, recompute, "KV handoff failed");
+                self.shared.update(|i| {
+                    let c = &mut i.counters;
+                    match e {
+                        handoff::FetchError::Timeout => c.handoff_fetch_timeouts += 1,
+                        handoff::FetchError::PrefillFailed => c.handoff_prefill_failed += 1,
+                        _ => {}
+                    }
+                    if recompute {
+                        c.handoff_recomputes += 1;
+                    } else {
+                        c.decode_kv_load_failures += 1;
+                    }
+                });
+                if !recompute {
+                    return Some(self.fail_generation().await);
+                }
+                full_prefill
+            }
         };
         let d = self.jittered(wait);
         if self.abortable(tokio::time::sleep(d)).await.is_none() {
@@ -169,7 +232,8 @@ impl Job {
 
     /// Creates the prefill lease (or not, §7.7 step 3) and writes the final response.
     pub(super) async fn complete(&mut self) -> Outcome {
-        let is_pd_prefill = self.class == Class::Prefill && self.cfg.protocol != Protocol::Lmcache;
+        let is_pd_prefill = self.class == Class::Prefill
+            && matches!(self.cfg.protocol, Protocol::Nixlv2 | Protocol::NixlV1);
         if !self.parsed.stream && self.client_gone() {
             // Not written yet: this is an abort, not a completion (post-#29987 semantics).
             return self.on_abort().await;
@@ -196,6 +260,11 @@ impl Job {
                 self.shared
                     .update(|i| i.counters.prefill_no_params_stop += 1);
             }
+        } else if let Some(key) = self.handoff_key.clone() {
+            // Keyed handoff (§7.18–§7.20): a fixed lease under the proxy's key, whatever
+            // the finish reason or stream flag; the reply carries no params.
+            let ttl = Duration::from_millis(self.cfg.abort_request_timeout_ms);
+            self.lease_blocks(key, ttl);
         } else if self.cfg.protocol == Protocol::Lmcache && self.class == Class::Prefill {
             let h = self.parsed.prompt_hash.clone();
             self.shared.update(|i| i.lmcache.insert(h));
@@ -216,32 +285,38 @@ impl Job {
 
     /// Moves this request's running blocks into a held lease and returns the params.
     pub(super) fn make_lease(&mut self) -> PrefillParams {
-        let now = Instant::now();
-        let blocks = std::mem::take(&mut self.blocks);
         let lease = self.shared.read(|i| match i.cfg.effective_lease_mode() {
             LeaseMode::Fixed => Duration::from_millis(i.cfg.abort_request_timeout_ms),
             LeaseMode::Heartbeat => Duration::from_millis(i.cfg.kv_lease_duration_ms),
         });
-        let l = Lease {
-            remote_request_id: self.internal_id.clone(),
-            engine_id: self.shared.engine_id.clone(),
-            block_ids: blocks.clone(),
-            prompt_tokens: self.parsed.prompt_tokens,
-            prompt_hash: self.parsed.prompt_hash.clone(),
-            created_at: now,
-            expires_at: now + lease,
-            heartbeats: 0,
-            state: LeaseState::Held,
-        };
-        self.shared.update(|i| i.create_lease(l));
+        let blocks = self.lease_blocks(self.internal_id.clone(), lease);
         PrefillParams {
             era: self.cfg.kv_params_era,
             block_ids: blocks,
-            engine_id: self.shared.engine_id.clone(),
+            engine_id: self.shared.engine_id(),
             remote_request_id: self.internal_id.clone(),
             host: self.shared.advertised_host.clone(),
             port: self.shared.side_addr.port(),
             prompt_tokens: self.parsed.prompt_tokens,
         }
+    }
+
+    /// Moves the running blocks into a held lease keyed `key`; returns the block ids.
+    fn lease_blocks(&mut self, key: String, ttl: Duration) -> Vec<u32> {
+        let now = Instant::now();
+        let blocks = std::mem::take(&mut self.blocks);
+        let l = Lease {
+            remote_request_id: key,
+            engine_id: self.shared.engine_id(),
+            block_ids: blocks.clone(),
+            prompt_tokens: self.parsed.prompt_tokens,
+            prompt_hash: self.parsed.prompt_hash.clone(),
+            created_at: now,
+            expires_at: now + ttl,
+            heartbeats: 0,
+            state: LeaseState::Held,
+        };
+        self.shared.update(|i| i.create_lease(l));
+        blocks
     }
 }

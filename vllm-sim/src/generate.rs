@@ -6,6 +6,7 @@ use super::counters::Class;
 use super::decode::{self, DecodeTarget};
 use super::engine::{Head, Job, Overrides};
 use super::faults::Faults;
+use super::handoff::{self, Leg};
 use super::http_util::{ApiError, Resp, SimBody};
 use super::reqlog::RequestRecord;
 use super::state::{Flight, Shared};
@@ -97,6 +98,10 @@ async fn reject(
     body: Option<&Map<String, Value>>,
 ) -> Resp {
     let cfg = shared.read(|i| i.cfg.clone());
+    if let Some(Ok(Leg::Prefill { key })) = body.map(|b| handoff::classify(&cfg, b)) {
+        // A keyed prefill that never runs leaves no KV: its decoder fails at once (§7.18).
+        shared.update(|i| i.mark_handoff_failed(&key));
+    }
     if cfg.notify_on_reject {
         if let Some(body) = body {
             let own = base_id(headers, Some(body)).map(|b| unsuffixed_id(endpoint, &b));
@@ -115,6 +120,24 @@ async fn reject(
         }
     });
     super::wire::error_response(endpoint, &err, cfg.error_format)
+}
+
+/// A duplicate id or key: counted as a rejection, nothing sent to a prefiller.
+fn reject_dup(
+    shared: &Shared,
+    seq: u64,
+    err: ApiError,
+    endpoint: Endpoint,
+    fmt: super::config::ErrorFormat,
+) -> Resp {
+    shared.update(|i| {
+        i.counters.requests_rejected += 1;
+        if let Some(r) = i.log.get_mut(seq) {
+            r.status = Some(err.status);
+            r.outcome = Some("rejected");
+        }
+    });
+    super::wire::error_response(endpoint, &err, fmt)
 }
 
 /// Handles one generation request end to end. `Err` makes hyper close the connection
@@ -163,7 +186,37 @@ pub async fn handle(
     let mut class = Class::Plain;
     let mut target: Option<DecodeTarget> = None;
     let mut without_params = false;
+    let mut handoff_target: Option<handoff::Target> = None;
+    let mut handoff_key: Option<String> = None;
     match cfg.protocol {
+        _ if cfg.keyed_handoff() => match handoff::classify(&cfg, &parsed.body) {
+            Ok(Leg::Plain) => {}
+            Ok(Leg::Prefill { key }) => {
+                class = Class::Prefill;
+                handoff_key = Some(key);
+            }
+            Ok(Leg::Decode(t)) => {
+                class = Class::Decode;
+                handoff_target = Some(t);
+            }
+            Err(handoff::Invalid::Field { param, message }) => {
+                let err = ApiError::validation(fmt, message).param(param);
+                return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+            }
+            Err(handoff::Invalid::Params(reason)) => {
+                shared.update(|i| i.counters.decode_invalid_kv_params += 1);
+                tracing::warn!(%reason, "Got invalid KVTransferParams");
+                if cfg.on_invalid_kv_params == super::config::OnInvalidKvParams::Reject {
+                    let err = ApiError::new(
+                        400,
+                        "BadRequestError",
+                        format!("invalid kv_transfer_params: {reason}"),
+                    )
+                    .param("kv_transfer_params");
+                    return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+                }
+            }
+        },
         Protocol::Lmcache => {
             // Completions has no `max_completion_tokens`, but llm-d's lmcache connector sets
             // both; the other APIs have one limit, already in `max_tokens`.
@@ -217,7 +270,10 @@ pub async fn handle(
         }
     }
 
-    let internal = if decode::uses_remote_request_id(&cfg) {
+    // vLLM-based keyed protocols suffix ids like Era B/C; SGLang keeps the request's rid.
+    let suffixed = decode::uses_remote_request_id(&cfg)
+        || matches!(cfg.protocol, Protocol::Offloading | Protocol::Mooncake);
+    let internal = if suffixed {
         let sfx = shared.update(|i| i.next_rand()) as u32;
         format!("{unsuffixed}-{sfx:08x}")
     } else {
@@ -233,9 +289,24 @@ pub async fn handle(
     let pull = target
         .as_ref()
         .map(|t| (t.endpoint.clone(), t.remote_request_id.clone()));
+    let key_in_use = |i: &super::state::Inner, k: &str| {
+        i.kv.is_held(k)
+            || i.in_flight
+                .values()
+                .any(|f| f.handoff_key.as_deref() == Some(k))
+    };
     let dup = shared.update(|i| {
         if i.in_flight.values().any(|f| f.internal_id == ids.internal) {
-            return true;
+            return Some((
+                true,
+                format!("Request id {} already running.", ids.internal),
+            ));
+        }
+        if let Some(k) = &handoff_key {
+            if key_in_use(i, k) {
+                return Some((false, format!("KV transfer key {k} already in use.")));
+            }
+            i.clear_handoff_failed(k);
         }
         if without_params {
             i.counters.decode_without_kv_params += 1;
@@ -247,6 +318,7 @@ pub async fn handle(
                 queued: true,
                 internal_id: ids.internal.clone(),
                 pull,
+                handoff_key: handoff_key.clone(),
             },
         );
         i.queue.push_back(seq);
@@ -256,15 +328,15 @@ pub async fn handle(
             r.internal_id = Some(ids.internal.clone());
             r.ignored_fields = parsed.ignored_fields.clone();
         }
-        false
+        None
     });
-    if dup {
-        let err = ApiError::new(
-            400,
-            "BadRequestError",
-            format!("Request id {} already running.", ids.internal),
-        );
-        return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+    if let Some((by_id, msg)) = dup {
+        let err = ApiError::new(400, "BadRequestError", msg);
+        if by_id && handoff_key.is_none() {
+            return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+        }
+        // Not through `reject`'s failure mark: the key belongs to the other request.
+        return Ok(reject_dup(&shared, seq, err, endpoint, cfg.error_format));
     }
     tracing::debug!(seq, class = class.as_str(), id = %ids.internal, unsuffixed = %ids.unsuffixed, "request admitted to queue");
 
@@ -282,6 +354,8 @@ pub async fn handle(
         parsed,
         class,
         target,
+        handoff: handoff_target,
+        handoff_key,
         public_id: ids.public,
         internal_id: ids.internal,
         faults,

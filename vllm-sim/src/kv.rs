@@ -189,6 +189,15 @@ impl KvPool {
         due
     }
 
+    pub fn is_held(&self, id: &str) -> bool {
+        self.held.contains_key(id)
+    }
+
+    /// The prompt hash of a held lease.
+    pub fn held_hash(&self, id: &str) -> Option<&str> {
+        self.held.get(id).map(|l| l.prompt_hash.as_str())
+    }
+
     pub fn held_ids(&self) -> Vec<String> {
         self.held.keys().cloned().collect()
     }

@@ -18,19 +18,23 @@ mod engine;
 mod engine_work;
 mod faults;
 mod generate;
+mod handoff;
 mod http_util;
 mod kv;
+mod mooncake;
+mod offloading;
 mod prompt;
 mod reqlog;
 mod responses;
 mod server;
+mod sglang;
 mod side_channel;
 mod state;
 mod validate;
 mod wire;
 
 pub use config::{
-    Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, SimArgs,
-    SimConfig,
+    Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, Role,
+    SimArgs, SimConfig,
 };
 pub use server::{spawn, SimServer};

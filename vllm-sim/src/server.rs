@@ -15,6 +15,9 @@ use tokio::net::TcpListener;
 enum Listener {
     Api,
     SideChannel,
+    /// Same service as the side channel, on its own port (sglang's and mooncake's
+    /// bootstrap servers, §7.18, §7.20).
+    Bootstrap,
 }
 
 /// A running simulated vLLM instance. Dropping it aborts all of its tasks.
@@ -31,8 +34,19 @@ impl SimServer {
         self.shared.side_addr
     }
 
-    pub fn engine_id(&self) -> &str {
-        &self.shared.engine_id
+    /// The bootstrap listener: sglang's `bootstrap_port`, mooncake's `/query` (§7.18, §7.20).
+    pub fn bootstrap_addr(&self) -> SocketAddr {
+        self.shared.bootstrap_addr
+    }
+
+    /// The P2P port of `--protocol offloading` (§7.19): the side channel.
+    pub fn p2p_addr(&self) -> SocketAddr {
+        self.shared.side_addr
+    }
+
+    /// The current engine id (`POST /sim/config {"engine_id":…}` changes it).
+    pub fn engine_id(&self) -> String {
+        self.shared.engine_id()
     }
 
     /// Stops both listeners and every request/background task.
@@ -53,12 +67,19 @@ impl Drop for SimServer {
 pub async fn spawn(cfg: SimConfig) -> std::io::Result<SimServer> {
     let api = TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
     let side = TcpListener::bind((cfg.host.as_str(), cfg.side_channel_port)).await?;
-    let shared = Arc::new(Shared::new(cfg, api.local_addr()?, side.local_addr()?));
+    let boot = TcpListener::bind((cfg.host.as_str(), cfg.bootstrap_port)).await?;
+    let shared = Arc::new(Shared::new(
+        cfg,
+        api.local_addr()?,
+        side.local_addr()?,
+        boot.local_addr()?,
+    ));
     shared.spawn(accept_loop(api, shared.clone(), Listener::Api));
     shared.spawn(accept_loop(side, shared.clone(), Listener::SideChannel));
+    shared.spawn(accept_loop(boot, shared.clone(), Listener::Bootstrap));
     shared.spawn(side_channel::sweep_loop(shared.clone()));
     shared.spawn(decode::heartbeat_loop(shared.clone()));
-    tracing::info!(api = %shared.api_addr, side_channel = %shared.side_addr, engine_id = %shared.engine_id, "vllm-sim listening");
+    tracing::info!(api = %shared.api_addr, side_channel = %shared.side_addr, bootstrap = %shared.bootstrap_addr, engine_id = %shared.engine_id(), "vllm-sim listening");
     Ok(SimServer { shared })
 }
 
@@ -73,7 +94,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, which: Listener
                 continue;
             }
         };
-        if matches!(which, Listener::SideChannel) && shared.read(|i| i.faults.side_channel_down) {
+        if !matches!(which, Listener::Api) && shared.read(|i| i.faults.side_channel_down) {
             // Fault `side_channel_down`: the peer sees the connection closed at once.
             drop(stream);
             continue;
@@ -86,7 +107,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, which: Listener
                 async move {
                     match which {
                         Listener::Api => api::handle(s, req).await,
-                        Listener::SideChannel => side_channel::handle(s, req).await,
+                        Listener::SideChannel | Listener::Bootstrap => {
+                            side_channel::handle(s, req).await
+                        }
                     }
                 }
             });

@@ -40,10 +40,20 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
             });
             json_response(
                 StatusCode::OK,
-                &json!({"engine_id": shared.engine_id, "block_size": bs, "num_blocks": n, "compat": "sim-1"}),
+                &json!({"engine_id": shared.engine_id(), "block_size": bs, "num_blocks": n, "compat": "sim-1"}),
             )
         }
         (Method::POST, "/nixl/read") => read(&shared, &body),
+        (Method::POST, "/kv/fetch") => super::handoff::serve_fetch(&shared, &body).await,
+        (Method::GET, "/query") => {
+            shared.update(|i| i.counters.side_channel_in.query += 1);
+            let worker = format!("{}:{}", shared.advertised_host, shared.side_addr.port());
+            json_response(
+                StatusCode::OK,
+                &super::mooncake::query_body(&shared.engine_id(), &worker),
+            )
+        }
+        (Method::GET, "/health") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (Method::POST, "/nixl/notify") => notify(&shared, &body),
         (Method::POST, "/nixl/heartbeat") => heartbeat(&shared, &body),
         (Method::GET, "/lmcache/has") => {

@@ -22,7 +22,14 @@ pub struct Flight {
     pub internal_id: String,
     /// `(host:port, id)` the decoder heartbeats for until its pull completes (§7.10.1).
     pub pull: Option<(String, String)>,
+    /// A keyed-handoff prefill's lease key (sglang room, offloading `kv_request_id`,
+    /// mooncake `transfer_id`; §7.18–§7.20) while it runs.
+    pub handoff_key: Option<String>,
 }
+
+/// Keyed-handoff keys whose prefill ended without a lease, kept so a waiting decode fails
+/// at once instead of at its timeout (bounded, oldest dropped first).
+const FAILED_KEYS: usize = 1000;
 
 pub struct Inner {
     pub cfg: SimConfig,
@@ -40,6 +47,10 @@ pub struct Inner {
     pub handshakes: HashMap<String, String>,
     /// Process-local LMCache store of prompt hashes (§7.10.4).
     pub lmcache: HashSet<String>,
+    /// This instance's engine id (`--engine-id`, changeable by `POST /sim/config`).
+    pub engine_id: String,
+    handoff_failed: HashSet<String>,
+    handoff_failed_order: VecDeque<String>,
 }
 
 impl Inner {
@@ -86,6 +97,30 @@ impl Inner {
         true
     }
 
+    /// Records that the prefill of handoff key `key` ended without a lease (§7.18).
+    pub fn mark_handoff_failed(&mut self, key: &str) {
+        if self.kv.is_held(key) || !self.handoff_failed.insert(key.to_string()) {
+            return;
+        }
+        self.handoff_failed_order.push_back(key.to_string());
+        while self.handoff_failed_order.len() > FAILED_KEYS {
+            if let Some(k) = self.handoff_failed_order.pop_front() {
+                self.handoff_failed.remove(&k);
+            }
+        }
+    }
+
+    pub fn handoff_failed(&self, key: &str) -> bool {
+        self.handoff_failed.contains(key)
+    }
+
+    /// A new prefill for `key` started: forget an earlier failure of the same key.
+    pub fn clear_handoff_failed(&mut self, key: &str) {
+        if self.handoff_failed.remove(key) {
+            self.handoff_failed_order.retain(|k| k != key);
+        }
+    }
+
     pub fn invariants_ok(&self) -> bool {
         self.kv.invariants_ok()
             && self.counters.leases_created
@@ -102,9 +137,10 @@ pub struct Shared {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
     tasks: Mutex<JoinSet<()>>,
-    pub engine_id: String,
     pub api_addr: SocketAddr,
     pub side_addr: SocketAddr,
+    /// The bootstrap listener (sglang rooms, mooncake `/query`; §7.18, §7.20).
+    pub bootstrap_addr: SocketAddr,
     /// `remote_host` advertised to decoders.
     pub advertised_host: String,
     pub started: Instant,
@@ -112,7 +148,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: SimConfig, api_addr: SocketAddr, side_addr: SocketAddr) -> Self {
+    pub fn new(
+        cfg: SimConfig,
+        api_addr: SocketAddr,
+        side_addr: SocketAddr,
+        bootstrap_addr: SocketAddr,
+    ) -> Self {
         let engine_id = cfg
             .engine_id
             .clone()
@@ -138,18 +179,26 @@ impl Shared {
             next_seq: 0,
             handshakes: HashMap::new(),
             lmcache: HashSet::new(),
+            engine_id,
+            handoff_failed: HashSet::new(),
+            handoff_failed_order: VecDeque::new(),
         };
         Shared {
             inner: Mutex::new(inner),
             changed: watch::channel(0).0,
             tasks: Mutex::new(JoinSet::new()),
-            engine_id,
             api_addr,
             side_addr,
+            bootstrap_addr,
             advertised_host,
             started: Instant::now(),
             created_unix,
         }
+    }
+
+    /// The current engine id (it changes when `POST /sim/config` sets `engine_id`).
+    pub fn engine_id(&self) -> String {
+        self.read(|i| i.engine_id.clone())
     }
 
     /// Locks the state; a poisoned lock is recovered because every mutation keeps it valid.
@@ -227,9 +276,11 @@ impl Shared {
             let total = i.in_flight.len() as u64;
             json!({
                 "instance": {
-                    "engine_id": self.engine_id,
+                    "engine_id": i.engine_id,
                     "api_port": self.api_addr.port(),
                     "side_channel": format!("{}:{}", self.advertised_host, self.side_addr.port()),
+                    "bootstrap": format!("{}:{}", self.advertised_host, self.bootstrap_addr.port()),
+                    "role": cfg.role.as_str(),
                     "era": cfg.kv_params_era.as_str(),
                     "protocol": cfg.protocol.as_str(),
                     "lease_mode": cfg.effective_lease_mode().as_str(),

@@ -372,6 +372,9 @@ pub fn parse(
         .keys()
         .filter(|k| !common.contains(&k.as_str()) && !specific.contains(&k.as_str()))
         .filter(|k| !(cfg.protocol == Protocol::NixlV1 && NIXL_V1_FIELDS.contains(&k.as_str())))
+        .filter(|k| {
+            !(cfg.protocol == Protocol::Sglang && super::sglang::FIELDS.contains(&k.as_str()))
+        })
         .cloned()
         .collect();
     ignored_fields.extend(spec.ignored);

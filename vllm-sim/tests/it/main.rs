@@ -9,6 +9,7 @@ mod abort;
 mod http;
 mod pd;
 mod routes;
+mod sglang;
 
 pub const COMPLETIONS: &str = "/v1/completions";
 pub const CHAT: &str = "/v1/chat/completions";

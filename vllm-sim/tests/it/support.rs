@@ -211,3 +211,50 @@ pub async fn start_decode(d: &SimServer, path: &str, original: &Value, prj: &Val
 pub async fn decoded(d: &SimServer, path: &str, original: &Value, prj: &Value) -> Reply {
     post(d.api_addr(), path, &decode_body(original, prj)).await
 }
+
+/// One client body per route with `max_tokens`-style limit 2, for the keyed-handoff tests.
+pub fn route_body(path: &str, stream: bool) -> Value {
+    let mut b = match path {
+        "/v1/completions" => serde_json::json!({"prompt": "one two three", "max_tokens": 2}),
+        "/v1/chat/completions" => {
+            serde_json::json!({"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2})
+        }
+        "/v1/responses" => serde_json::json!({"input": "hi there", "max_output_tokens": 2}),
+        "/v1/messages" => serde_json::json!({"model": "sim-model",
+            "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2}),
+        _ => serde_json::json!({"token_ids": [5, 6, 7], "sampling_params": {"max_tokens": 2}}),
+    };
+    if stream {
+        b["stream"] = true.into();
+    }
+    b
+}
+
+/// Whether a decode reply (whole body or concatenated stream) carries the two tokens and
+/// the route's normal ending.
+pub fn route_reply_ok(path: &str, stream: bool, text: &str) -> bool {
+    let tokens = if path == "/inference/v1/generate" {
+        text.contains("[0]") && text.contains("[1]") || text.contains("[0,1]")
+    } else {
+        text.contains(" t0") && text.contains(" t1")
+    };
+    let end = match (path, stream) {
+        (_, false) => !text.contains("\"error\""),
+        ("/v1/responses", true) => text.contains("response.completed"),
+        ("/v1/messages", true) => text.contains("message_stop"),
+        _ => text.ends_with("data: [DONE]\n\n"),
+    };
+    tokens && end
+}
+
+/// Sends `body` to `path` and returns (status, body or concatenated stream frames).
+pub async fn exchange(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let (status, evs) = frames(addr, path, body, headers).await;
+    let text: Vec<u8> = evs.iter().flat_map(|b| b.iter().copied()).collect();
+    (status.as_u16(), String::from_utf8_lossy(&text).into_owned())
+}
