@@ -7,6 +7,8 @@ mod support;
 
 mod abort;
 mod http;
+mod mooncake;
+mod offloading;
 mod pd;
 mod routes;
 mod sglang;
