@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::value::RawValue;
 use sidecar::api::Api;
-use sidecar::connector::{Connector, Handoff};
+use sidecar::connector::{Connector, Handoff, Pairing};
 use sidecar::json_edit::{Edit, JsonObject};
 use sidecar::security::allowlist::{Allowlist, Rule};
 
@@ -31,7 +31,14 @@ const CANNED_REPLIES: [&[u8]; 4] = [
     br#"{}"#,
 ];
 
-const CONNECTORS: [Connector; 3] = [Connector::NixlV2, Connector::Nixl, Connector::LmCache];
+/// The sequential connectors (SGLang's body is the client's plus three fields, tested in its
+/// own module).
+const CONNECTORS: [Connector; 4] = [
+    Connector::NixlV2,
+    Connector::Nixl,
+    Connector::LmCache,
+    Connector::Offloading,
+];
 
 const NIXL_FIELDS: [&str; 7] = [
     "kv_transfer_params",
@@ -51,11 +58,16 @@ fn prefill_touched(api: Api, c: Connector) -> Vec<&'static str> {
     } else {
         &[]
     };
+    let pairing: &[&str] = if c == Connector::Offloading {
+        &["kv_transfer_params"]
+    } else {
+        &[]
+    };
     api.one_token_edits()
         .iter()
         .chain(c.prefill_edits())
         .map(|(k, _)| *k)
-        .chain(nested.iter().copied())
+        .chain(nested.iter().chain(pairing).copied())
         .collect()
 }
 
@@ -83,6 +95,8 @@ fn decode_touched(c: Connector) -> &'static [&'static str] {
         Connector::NixlV2 => &["kv_transfer_params"],
         Connector::Nixl => &NIXL_FIELDS,
         Connector::LmCache => &[],
+        Connector::Offloading => &["kv_transfer_params"],
+        Connector::SgLang => &["bootstrap_host", "bootstrap_port", "bootstrap_room"],
     }
 }
 
@@ -208,7 +222,7 @@ pub fn check_json_edit(input: &[u8]) {
     for c in CONNECTORS {
         let name = c.name();
         for api in Api::ALL {
-            let prefill = c.prefill_body(api, &obj).to_bytes();
+            let prefill = c.prefill_body(api, &obj, &Pairing::default()).to_bytes();
             let what = format!("{name} {} prefill_body", api.path());
             check_rewrite(
                 &what,
@@ -253,7 +267,7 @@ fn check_decode(
 ) {
     let what = format!("{} decode_plan", c.name());
     let reply = Bytes::copy_from_slice(reply);
-    let Ok(plan) = c.decode_plan(obj, original, &reply) else {
+    let Ok(plan) = c.decode_plan(obj, original, &reply, &Pairing::default()) else {
         assert!(
             c != Connector::LmCache,
             "{what}: lmcache never reads the reply"
@@ -278,6 +292,15 @@ fn check_decode(
         strict && strict_json(&reply),
     );
     let d = members(&body).expect("checked above");
+    if c == Connector::Offloading {
+        // The pull's address is the sidecar's, never the client's or the reply's.
+        let params = raw_of(&d, "kv_transfer_params");
+        assert!(
+            params.is_some_and(|v| v.starts_with(r#"{"remote_prefiller":"#)),
+            "{what}: kv_transfer_params {params:?}"
+        );
+        return;
+    }
     // Only the prefiller's reply may set the transfer fields.
     let r = JsonObject::parse(&reply).expect("decode_plan accepted the reply");
     match c {
@@ -309,7 +332,7 @@ fn check_decode(
                 "{what}: kv_transfer_params"
             );
         }
-        Connector::LmCache => unreachable!(),
+        Connector::LmCache | Connector::SgLang | Connector::Offloading => unreachable!(),
     }
 }
 

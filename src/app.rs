@@ -90,6 +90,7 @@ impl App {
                 decode_admission_grace: config.decode_admission_grace,
                 late_reply_window: config.prefill_abandon_grace,
                 metrics: metrics.clone(),
+                pairing_ports: config.pairing_ports,
             },
             decoder,
             pick: Pick {

@@ -110,6 +110,18 @@ pub struct Args {
     #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
     pub decode_admission_grace: Duration,
 
+    /// Offloading connector's P2P tier port on prefill pods, rank r on port+r (env
+    /// P2P_CONNECTOR_PORT)
+    #[arg(long = "p2p-connector-port", default_value_t = 7777,
+          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
+    pub p2p_connector_port: u16,
+
+    /// SGLang connector's bootstrap port on prefill pods (env SGLANG_BOOTSTRAP_PORT, which is
+    /// all pd-sidecar reads)
+    #[arg(long = "sglang-bootstrap-port", default_value_t = 8998,
+          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
+    pub sglang_bootstrap_port: u16,
+
     /// Serve TLS on -port, with -cert-path's certificate or a self-signed one
     /// [default (profile): false, pd-sidecar: true]
     #[arg(long = "secure-proxy", visible_alias = "secure-serving", num_args = 0..=1, require_equals = true,
@@ -274,11 +286,6 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
     pub mooncake_bootstrap_port: u16,
 
-    /// Offloading connector's P2P tier port on prefill pods, rank r on port+r (env
-    /// P2P_CONNECTOR_PORT)
-    #[arg(long = "p2p-connector-port", default_value_t = 7777,
-          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
-    pub p2p_connector_port: u16,
 
     /// Cached-prefix pulls over the offloading P2P tier with nixlv2; not built yet
     #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,
@@ -510,10 +517,11 @@ impl std::fmt::Display for CliError {
 
 /// Variables pd-sidecar reads as flags' defaults, below YAML. Empty means unset; a value the
 /// flag would refuse is an error naming the variable.
-const FLAG_ENV: [(&str, &str); 3] = [
+const FLAG_ENV: [(&str, &str); 4] = [
     ("ENABLE_PREFILLER_SAMPLING", "enable-prefiller-sampling"),
     ("MOONCAKE_BOOTSTRAP_PORT", "mooncake-bootstrap-port"),
     ("P2P_CONNECTOR_PORT", "p2p-connector-port"),
+    ("SGLANG_BOOTSTRAP_PORT", "sglang-bootstrap-port"),
 ];
 
 /// Parses flags from `args` (program name first), accepting Go's single-dash spelling, and

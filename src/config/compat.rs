@@ -92,7 +92,7 @@ pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
         return Ok(Connector::NixlV2);
     };
     match name.as_str() {
-        "sglang" | "mooncake" | "offloading" => Err(ConfigError::NotBuilt {
+        "mooncake" => Err(ConfigError::NotBuilt {
             flag: format!("-{flag}={name}"),
             what: "this connector",
         }),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::Parsed;
-use crate::connector::Connector;
+use crate::connector::{Connector, PairingPorts};
 use crate::observe::logging::LogSettings;
 pub use crate::pd::{PrefillFailurePolicy, RetryPolicy};
 use crate::security::allowlist::Rule;
@@ -74,6 +74,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The metrics port was left at its default: failing to bind it does not stop serving.
     pub metrics_port_defaulted: bool,
+    /// The prefill pod's ports the sglang and offloading connectors name.
+    pub pairing_ports: PairingPorts,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
     pub otlp_endpoint: Option<String>,
     /// Whose defaults apply, for the startup log line.
@@ -272,6 +274,10 @@ impl TryFrom<Parsed> for Config {
             metrics_listen: (metrics_port != 0)
                 .then(|| SocketAddr::new(args.bind_address, metrics_port)),
             metrics_port_defaulted: !parsed.is_set("metrics-port"),
+            pairing_ports: PairingPorts {
+                sglang_bootstrap: args.sglang_bootstrap_port,
+                p2p: args.p2p_connector_port,
+            },
             otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
                 Some(e) => Some(
                     crate::observe::otlp::traces_uri(e)

@@ -25,7 +25,11 @@ mod tests {
         assert_eq!(
             String::from_utf8(
                 crate::Connector::LmCache
-                    .prefill_body(crate::api::Api::Completions, &obj)
+                    .prefill_body(
+                        crate::api::Api::Completions,
+                        &obj,
+                        &crate::connector::Pairing::default()
+                    )
                     .to_vec()
             )
             .unwrap(),

@@ -6,6 +6,8 @@
 mod lmcache;
 mod nixl;
 mod nixlv2;
+mod offloading;
+mod sglang;
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,6 +26,85 @@ pub enum Connector {
     Nixl,
     /// LMCache shared storage: prefill with one token, then the untouched request.
     LmCache,
+    /// SGLang: both legs at once, paired through the prefill server's bootstrap room.
+    SgLang,
+    /// vLLM's OffloadingConnector, P2P tier: the decoder pulls from the prefiller's P2P port.
+    Offloading,
+}
+
+/// How a connector's two legs are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// The prefill first; its reply (or its success) shapes the decode leg.
+    Sequential,
+    /// Both at once: the decoder waits for the prefilled KV cache itself.
+    Concurrent,
+}
+
+/// What pairs one request's two legs besides the client's body: the prefiller that answered
+/// and the ids the sidecar made up for the transfer.
+#[derive(Debug, Clone, Default)]
+pub struct Pairing {
+    /// The prefiller's host (IPv6 in brackets, as in a URI).
+    pub prefiller_host: String,
+    /// OffloadingConnector's `kv_request_id`.
+    pub kv_request_id: String,
+    /// SGLang's `bootstrap_room`.
+    pub room: u64,
+    /// SGLang's bootstrap port on the prefill server (`SGLANG_BOOTSTRAP_PORT`).
+    pub bootstrap_port: u16,
+    /// The prefiller's P2P port (`-p2p-connector-port`).
+    pub p2p_port: u16,
+}
+
+/// The ports a connector's pairing names on the prefill pod.
+#[derive(Debug, Clone, Copy)]
+pub struct PairingPorts {
+    pub sglang_bootstrap: u16,
+    pub p2p: u16,
+}
+
+impl Default for PairingPorts {
+    fn default() -> Self {
+        Self {
+            sglang_bootstrap: 8998,
+            p2p: 7777,
+        }
+    }
+}
+
+impl Pairing {
+    /// A fresh pairing for a request prefilled on `prefiller_host`.
+    pub fn new(prefiller_host: &str, ports: PairingPorts) -> Self {
+        let bytes = crate::runtime::ids::next_bytes::<16>();
+        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+        // SGLang reads the room as a signed 64-bit integer: keep it non-negative.
+        let room = u64::from_le_bytes([
+            bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+        ]) >> 1;
+        Self {
+            prefiller_host: prefiller_host.to_owned(),
+            kv_request_id: id.to_string(),
+            room,
+            bootstrap_port: ports.sglang_bootstrap,
+            p2p_port: ports.p2p,
+        }
+    }
+
+    /// The same pairing for the prefiller that answered (a retry may have moved on).
+    pub fn answered_by(&self, prefiller_host: &str) -> Self {
+        Self {
+            prefiller_host: prefiller_host.to_owned(),
+            ..self.clone()
+        }
+    }
+}
+
+/// SGLang and vLLM's P2P tier join host and port themselves: an IPv6 host goes bare.
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// What the decoder was told about the prefilled KV cache.
@@ -69,20 +150,41 @@ impl Connector {
             Connector::NixlV2 => "nixlv2",
             Connector::Nixl => "nixl",
             Connector::LmCache => "lmcache",
+            Connector::SgLang => "sglang",
+            Connector::Offloading => "offloading",
+        }
+    }
+
+    /// How the two legs are ordered.
+    pub fn flow(self) -> Flow {
+        match self {
+            Connector::SgLang => Flow::Concurrent,
+            _ => Flow::Sequential,
         }
     }
 
     /// Whether the prefiller pins KV blocks for the decoder after answering. For these
     /// connectors a decode that is never sent strands the blocks until vLLM's timeout.
     pub fn pins_prefill_blocks(self) -> bool {
-        matches!(self, Connector::NixlV2 | Connector::Nixl)
+        matches!(
+            self,
+            Connector::NixlV2 | Connector::Nixl | Connector::Offloading
+        )
     }
 
-    /// The prefill leg's body: the API's one-token edits, then the connector's own.
-    pub fn prefill_body(self, api: Api, request: &JsonObject<'_>) -> Spliced {
+    /// The prefill leg's body: the API's one-token edits, then the connector's own. SGLang's
+    /// prefill is the decode's request itself (its prefill server stops after the prefill).
+    pub fn prefill_body(self, api: Api, request: &JsonObject<'_>, pairing: &Pairing) -> Spliced {
+        if self == Connector::SgLang {
+            return sglang::body(request, pairing);
+        }
         let mut scratch = String::new();
         let mut edits = api.prefill_edits(request, &mut scratch);
         edits.extend_from_slice(self.prefill_edits());
+        let offload = (self == Connector::Offloading).then(|| offloading::prefill_params(pairing));
+        if let Some(params) = &offload {
+            edits.push(("kv_transfer_params", Edit::Set(params)));
+        }
         request.rewrite(&edits)
     }
 
@@ -92,21 +194,28 @@ impl Connector {
         match self {
             Connector::NixlV2 => &nixlv2::PREFILL_EDITS,
             Connector::Nixl => &nixl::PREFILL_EDITS,
-            Connector::LmCache => &[],
+            Connector::LmCache | Connector::SgLang | Connector::Offloading => &[],
         }
     }
 
-    /// The decode leg, built from the client's request and the prefiller's 2xx reply.
+    /// The decode leg, built from the client's request, the prefiller's 2xx reply and the
+    /// request's pairing (with the prefiller that answered).
     pub fn decode_plan(
         self,
         request: &JsonObject<'_>,
         original: &Bytes,
         reply: &Bytes,
+        pairing: &Pairing,
     ) -> Result<DecodePlan, ReplyError> {
         match self {
             Connector::NixlV2 => nixlv2::decode_plan(request, reply),
             Connector::Nixl => nixl::decode_plan(request, reply),
             Connector::LmCache => Ok(lmcache::decode_plan(original)),
+            Connector::SgLang => Ok(DecodePlan {
+                body: sglang::body(request, pairing),
+                handoff: Handoff::Remote,
+            }),
+            Connector::Offloading => Ok(offloading::decode_plan(request, pairing)),
         }
     }
 }
@@ -116,7 +225,12 @@ impl Connector {
     /// without any transfer fields, which only a prefiller may set.
     pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Spliced {
         let transfer_fields: &[(&str, Edit<'_>)] = match self {
-            Connector::NixlV2 => &[("kv_transfer_params", Edit::Remove)],
+            Connector::NixlV2 | Connector::Offloading => &[("kv_transfer_params", Edit::Remove)],
+            Connector::SgLang => &[
+                ("bootstrap_host", Edit::Remove),
+                ("bootstrap_port", Edit::Remove),
+                ("bootstrap_room", Edit::Remove),
+            ],
             Connector::Nixl => &[
                 ("kv_transfer_params", Edit::Remove),
                 ("do_remote_decode", Edit::Remove),
@@ -139,10 +253,12 @@ impl FromStr for Connector {
         match s {
             "nixlv2" => Ok(Connector::NixlV2),
             "nixl" => Ok(Connector::Nixl),
+            "sglang" => Ok(Connector::SgLang),
+            "offloading" => Ok(Connector::Offloading),
             // pd-sidecar's name for it since llm-d-router#509.
             "lmcache" | "shared-storage" => Ok(Connector::LmCache),
             other => Err(format!(
-                "unknown connector '{other}' (expected nixlv2, nixl, shared-storage or lmcache)"
+                "unknown connector '{other}' (expected nixlv2, nixl, shared-storage, lmcache, sglang or offloading)"
             )),
         }
     }
@@ -154,10 +270,16 @@ mod tests {
 
     #[test]
     fn connector_names_round_trip() {
-        for c in [Connector::NixlV2, Connector::Nixl, Connector::LmCache] {
+        for c in [
+            Connector::NixlV2,
+            Connector::Nixl,
+            Connector::LmCache,
+            Connector::SgLang,
+            Connector::Offloading,
+        ] {
             assert_eq!(c.name().parse::<Connector>().unwrap(), c);
         }
-        assert!("sglang"
+        assert!("mooncake"
             .parse::<Connector>()
             .unwrap_err()
             .contains("nixlv2"));

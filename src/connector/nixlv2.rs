@@ -62,7 +62,11 @@ mod tests {
         let req = Bytes::from_static(req);
         let obj = JsonObject::parse(&req).unwrap();
         assert_eq!(
-            text(crate::Connector::NixlV2.prefill_body(crate::api::Api::Completions, &obj)),
+            text(crate::Connector::NixlV2.prefill_body(
+                crate::api::Api::Completions,
+                &obj,
+                &crate::connector::Pairing::default()
+            )),
             format!(
                 r#"{{"model":"m","prompt":"hi","stream":false,"max_tokens":1,"kv_transfer_params":{PREFILL_PARAMS},"max_completion_tokens":1}}"#
             )

@@ -35,12 +35,12 @@ use tracing::debug;
 use super::leg_parts;
 use super::prefill::Prefilled;
 use crate::body::{self, SentSignal};
-use crate::connector::{Connector, Handoff};
+use crate::connector::{Connector, Handoff, Pairing};
 use crate::error::ProxyError;
 use crate::json_edit::{JsonObject, Spliced};
 use crate::upstream::decoder::LegFailure;
 use crate::upstream::half_close;
-use crate::upstream::{Leg, Upstream};
+use crate::upstream::{Leg, Target, Upstream};
 use hyper_util::client::legacy::connect::CaptureConnection;
 
 /// After the abandon grace, how long the half-closed prefill connection is read for a reply
@@ -236,7 +236,7 @@ impl OnAbandon<Result<Prefilled, ProxyError>> for PrefillAbandoned {
                 }
             };
             match late {
-                Some(Ok(Ok(Prefilled::Reply { body, .. }))) => release.release(&body),
+                Some(Ok(Ok(Prefilled::Reply { body, from }))) => release.release(&body, &from),
                 Some(_) => {}
                 None => pending.abort(),
             }
@@ -259,14 +259,20 @@ pub struct LateReplyRelease {
     pub uri: http::Uri,
     pub upstream: Upstream,
     pub grace: Duration,
+    /// The request's pairing, for the prefiller that answered.
+    pub pairing: Pairing,
 }
 
 impl LateReplyRelease {
-    fn release(self, reply: &Bytes) {
+    fn release(self, reply: &Bytes, from: &Target) {
         let Ok(request) = JsonObject::parse(&self.original) else {
             return;
         };
-        let Ok(plan) = self.connector.decode_plan(&request, &self.original, reply) else {
+        let pairing = self.pairing.answered_by(from.host());
+        let Ok(plan) = self
+            .connector
+            .decode_plan(&request, &self.original, reply, &pairing)
+        else {
             return;
         };
         if plan.handoff == Handoff::Remote {

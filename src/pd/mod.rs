@@ -5,6 +5,7 @@
 //! sees only its [`PdContext`], never the router's state, and returns errors for the router
 //! to log, count and answer once.
 
+mod concurrent;
 mod handoff;
 mod prefill;
 mod retry;
@@ -24,7 +25,7 @@ use tracing::{debug, info_span, trace, warn, Instrument};
 
 use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
-use crate::connector::{Connector, Handoff};
+use crate::connector::{Connector, Flow, Handoff, Pairing, PairingPorts};
 use crate::error::{describe, ProxyError};
 use crate::headers::{self, PREFILL_FALLBACK, REQUEST_ID};
 use crate::json_edit::{JsonObject, ParseError};
@@ -76,6 +77,8 @@ pub struct PdContext {
     pub late_reply_window: Duration,
     /// For the retry count; everything else is counted by the request's guard.
     pub metrics: Metrics,
+    /// The prefill pod's ports a connector's pairing names (SGLang, P2P).
+    pub pairing_ports: PairingPorts,
 }
 
 /// Runs the connector's P/D flow for one request. `prefillers` holds the one picked first,
@@ -126,10 +129,15 @@ pub async fn serve(
     if let Err(e) = cx.decoder.health().check().await {
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
-    let prefill_body = cx.connector.prefill_body(api, &request);
+    let pairing = Pairing::new(prefiller.host(), cx.pairing_ports);
+    let prefill_body = cx.connector.prefill_body(api, &request, &pairing);
     trace!(body = %prefill_body, "prefill request");
     guard.prefill_started();
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
+    if cx.connector.flow() == Flow::Concurrent {
+        let resp = concurrent::serve(cx, parts, prefill_body, prefiller, decode_uri, guard).await?;
+        return Ok(with_request_id(resp, request_id));
+    }
     let release = cx
         .connector
         .pins_prefill_blocks()
@@ -140,6 +148,7 @@ pub async fn serve(
             uri: decode_uri.clone(),
             upstream: cx.decoder.upstream().clone(),
             grace: cx.decode_admission_grace,
+            pairing: pairing.clone(),
         });
     let abandoned = Abandoned::default();
     let prefill_leg = {
@@ -192,7 +201,11 @@ pub async fn serve(
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // 3. The decode leg, from the original request and the prefiller's reply.
-    let plan = match cx.connector.decode_plan(&request, &original, &reply) {
+    let pairing = pairing.answered_by(answered.host());
+    let plan = match cx
+        .connector
+        .decode_plan(&request, &original, &reply, &pairing)
+    {
         Ok(plan) => plan,
         Err(e) => {
             let e = ProxyError::PrefillBadReply {

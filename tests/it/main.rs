@@ -9,6 +9,7 @@ mod support;
 
 mod cancel;
 mod cli;
+mod connectors;
 mod connections;
 mod deploy;
 mod errors;

@@ -1,0 +1,133 @@
+//! Connectors whose decoder fetches the prefilled KV cache itself (SGLang's bootstrap room):
+//! both legs go at once. Unlike every other proxy, a prefill that fails is not swallowed: until
+//! the decode has produced its first byte, the prefill's failure cancels the decode and is the
+//! client's answer, instead of a decode waiting on a room nobody fills (aibrix#2289).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http::request::Parts;
+use http::Response;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::Frame;
+use tracing::{debug, info_span, Instrument};
+
+use super::prefill::{self, Attempts, Prefilled};
+use super::{leg, Abandoned, PdContext, RetryPolicy};
+use crate::body::{self, BoxError, ProxyBody};
+use crate::error::ProxyError;
+use crate::json_edit::Spliced;
+use crate::observe::metrics::RequestGuard;
+use crate::runtime::AbortOnDrop;
+use crate::upstream::decoder::from_upstream;
+use crate::upstream::{Leg, Target};
+
+/// Sends `body` as both legs, the prefill to `prefiller` and the decode to `decode_uri`, and
+/// answers with the decode, or with the prefill's failure if it comes first.
+pub(super) async fn serve(
+    cx: &PdContext,
+    parts: Arc<Parts>,
+    body: Spliced,
+    prefiller: Target,
+    decode_uri: http::Uri,
+    guard: &mut RequestGuard,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let prefill = {
+        let (upstream, metrics, head) =
+            (cx.upstream.clone(), cx.metrics.clone(), Arc::clone(&parts));
+        let (body, timeout) = (body.clone(), cx.prefill_timeout);
+        async move {
+            let attempts = Attempts {
+                upstream: &upstream,
+                body: &body,
+                prefillers: std::slice::from_ref(&prefiller),
+                // A retry elsewhere would not match the room the decoder was told of.
+                policy: RetryPolicy::default(),
+                abandoned: &Abandoned::default(),
+                metrics: &metrics,
+            };
+            let prefilled = prefill::prefill(attempts, |to, body| {
+                leg(&head, to.uri(head.uri.path_and_query()), body)
+            });
+            match crate::runtime::within(timeout, prefilled).await {
+                Ok(result) => result,
+                Err(_) => Err(ProxyError::Timeout {
+                    leg: Leg::Prefill,
+                    target: prefiller.authority().to_string(),
+                    after: timeout,
+                }),
+            }
+        }
+        .instrument(info_span!("prefill"))
+    };
+    // Boxed: it may outlive this function (step 2).
+    let mut prefill = Box::pin(prefill);
+    let decode = cx
+        .decoder
+        .send(leg(&parts, decode_uri, body::spliced(body)))
+        .instrument(info_span!("decode"));
+    tokio::pin!(decode);
+
+    // 1. Whichever answers first: a failed prefill ends the request here.
+    let resp = tokio::select! {
+        prefilled = &mut prefill => {
+            let resp = refusal(prefilled?);
+            if let Some(resp) = resp {
+                return Ok(resp);
+            }
+            guard.prefill_done();
+            return Ok(from_upstream(decode.await?));
+        }
+        resp = &mut decode => resp?,
+    };
+
+    // 2. The decode's head came first. Until its first byte, the prefill may still fail; after
+    //    it, the KV cache has arrived and the decode is the answer.
+    let (head, mut decode_body) = from_upstream(resp).into_parts();
+    let first = tokio::select! {
+        prefilled = &mut prefill => {
+            if let Some(resp) = refusal(prefilled?) {
+                return Ok(resp);
+            }
+            guard.prefill_done();
+            return Ok(Response::from_parts(head, decode_body));
+        }
+        first = decode_body.frame() => first,
+    };
+    // The prefill's connection may still carry the transfer: let it finish (bounded by the
+    // prefill timeout), but no longer than the client's response lives.
+    #[allow(clippy::disallowed_methods)]
+    let rest = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = prefill.await {
+            debug!(error = %e, "prefill failed after the decode started");
+        }
+    }));
+    Ok(Response::from_parts(
+        head,
+        with_first(first, decode_body, rest),
+    ))
+}
+
+/// The client's answer when the prefill did not succeed (`None` when it did).
+fn refusal(prefilled: Prefilled) -> Option<Response<ProxyBody>> {
+    match prefilled {
+        Prefilled::Reply { .. } => None,
+        Prefilled::Rejected(resp) => Some(resp),
+    }
+}
+
+/// The decode's body with its first frame, already read, put back in front; it holds the
+/// prefill's task, so the prefill is aborted when the client's response ends early.
+fn with_first(
+    first: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: ProxyBody,
+    prefill: AbortOnDrop,
+) -> ProxyBody {
+    let rest = BodyStream::new(rest);
+    let frames = stream::iter(first).chain(rest).map(move |frame| {
+        let _held = &prefill;
+        frame
+    });
+    body::boxed(StreamBody::new(frames))
+}

@@ -1,0 +1,117 @@
+//! The sglang and offloading connectors: the exact bytes of both legs, and sglang's
+//! concurrent legs, where a failed prefill ends the decode instead of leaving it waiting.
+
+use std::net::SocketAddr;
+
+use crate::support::recorder::{Recorded, Recorder};
+use crate::support::*;
+use sidecar::{Config, Connector};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+const OK_REPLY: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{\"id\":\"d\"}";
+
+async fn sidecar(decoder: SocketAddr, connector: Connector) -> Sidecar {
+    let mut config = Config::new(&decoder.to_string(), connector).unwrap();
+    config.pairing_ports.sglang_bootstrap = 8998;
+    config.pairing_ports.p2p = 7777;
+    Sidecar::start(config).await
+}
+
+fn member<'a>(rec: &'a Recorded, key: &str) -> serde_json::Value {
+    json(&rec.body)[key].clone()
+}
+
+#[tokio::test]
+async fn sglang_sends_the_same_request_with_one_room_to_both_servers() {
+    let mut p = Recorder::start(OK_REPLY).await;
+    let mut d = Recorder::start(OK_REPLY).await;
+    let sidecar = sidecar(d.addr, Connector::SgLang).await;
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":7,"stream":false,"bootstrap_room":1}"#;
+    let (resp, reply) = call(sidecar.addr, post("/v1/completions", Some(p.addr), body)).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&reply));
+    let (prefill, decode) = (p.next().await, d.next().await);
+    // Token limits and streaming as the client sent them: SGLang's prefill server stops
+    // after the prefill by itself.
+    assert_eq!(prefill.body, decode.body, "both legs carry the same bytes");
+    let room = member(&prefill, "bootstrap_room");
+    assert!(
+        room.as_u64().is_some_and(|r| r != 1 && r < 1 << 63),
+        "{room}"
+    );
+    let text = std::str::from_utf8(&prefill.body).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            r#"{{"model":"m","prompt":"hi","max_tokens":7,"stream":false,"bootstrap_room":{room},"bootstrap_host":"127.0.0.1","bootstrap_port":8998}}"#
+        )
+    );
+    assert_eq!(
+        prefill.header("x-request-id"),
+        decode.header("x-request-id")
+    );
+}
+
+#[tokio::test]
+async fn sglang_answers_a_failed_prefill_and_cancels_the_waiting_decode() {
+    // The prefill server fails; the decode server (SGLang waiting on the room) never answers.
+    let p = Recorder::start(
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 38\r\n\r\n{\"error\":{\"message\":\"bootstrap down\"}}",
+    )
+    .await;
+    let decoder = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sidecar = sidecar(decoder.local_addr().unwrap(), Connector::SgLang).await;
+    let client = tokio::spawn(call(
+        sidecar.addr,
+        post("/v1/completions", Some(p.addr), r#"{"prompt":"hi"}"#),
+    ));
+    let (mut decode, _) = decoder.accept().await.unwrap();
+    let (resp, reply) = client.await.unwrap();
+    assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&reply));
+    let error = json(&reply);
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("bootstrap down") && message.contains(&p.addr.to_string()),
+        "{message}"
+    );
+    // The decode leg was closed rather than left waiting for a room nobody fills.
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, decode.read_to_end(&mut rest))
+        .await
+        .expect("the decode connection closes")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest).starts_with("POST /v1/completions"));
+}
+
+#[tokio::test]
+async fn offloading_names_the_id_the_prefill_used_and_the_prefillers_p2p_port() {
+    let mut p = Recorder::start(OK_REPLY).await;
+    let mut d = Recorder::start(OK_REPLY).await;
+    let sidecar = sidecar(d.addr, Connector::Offloading).await;
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"kv_transfer_params":{"evil":1}}"#;
+    let (resp, reply) = call(
+        sidecar.addr,
+        post("/v1/chat/completions", Some(p.addr), body),
+    )
+    .await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&reply));
+    let (prefill, decode) = (p.next().await, d.next().await);
+    let id = member(&prefill, "kv_transfer_params")["remote_decoder"]["kv_request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(
+        std::str::from_utf8(&prefill.body).unwrap(),
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":1,"kv_transfer_params":{{"remote_decoder":{{"kv_request_id":"{id}"}}}},"stream":false,"max_completion_tokens":1}}"#
+        )
+    );
+    assert_eq!(
+        std::str::from_utf8(&decode.body).unwrap(),
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":9,"kv_transfer_params":{{"remote_prefiller":{{"kv_request_id":"{id}","remote_host":"127.0.0.1","remote_port":7777}}}}}}"#
+        )
+    );
+}
