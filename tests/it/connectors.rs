@@ -19,7 +19,7 @@ async fn sidecar(decoder: SocketAddr, connector: Connector) -> Sidecar {
     Sidecar::start(config).await
 }
 
-fn member<'a>(rec: &'a Recorded, key: &str) -> serde_json::Value {
+fn member(rec: &Recorded, key: &str) -> serde_json::Value {
     json(&rec.body)[key].clone()
 }
 
@@ -114,4 +114,133 @@ async fn offloading_names_the_id_the_prefill_used_and_the_prefillers_p2p_port() 
             r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":9,"kv_transfer_params":{{"remote_prefiller":{{"kv_request_id":"{id}","remote_host":"127.0.0.1","remote_port":7777}}}}}}"#
         )
     );
+}
+
+/// sglang and offloading against simulated workers speaking them, on every P/D route:
+/// replies whole and streamed, a client leaving during each leg, a failing prefill, and the
+/// prefiller's KV accounting back to nothing held.
+mod against_the_simulator {
+    use super::*;
+    use crate::routes::{complete, request};
+    use sidecar::api::Api;
+    use vllm_sim::{Protocol, Role, SimServer};
+
+    const CONNECTORS: [Connector; 2] = [Connector::SgLang, Connector::Offloading];
+
+    async fn cast(connector: Connector, prefill_ms: u64) -> (SimServer, SimServer, Sidecar) {
+        let (protocol, roles) = match connector {
+            Connector::SgLang => (Protocol::Sglang, [Role::Prefill, Role::Decode]),
+            _ => (Protocol::Offloading, [Role::Auto, Role::Auto]),
+        };
+        let tweak = |c: &mut vllm_sim::SimConfig, role| {
+            c.protocol = protocol;
+            c.role = role;
+            c.bootstrap_timeout_ms = 2_000;
+            c.p2p_load_timeout_ms = 2_000;
+            // Long, so a lease left behind is seen rather than expired.
+            c.abort_request_timeout_ms = 600_000;
+        };
+        let p = sim(|c| {
+            tweak(c, roles[0]);
+            c.ttft_ms = prefill_ms;
+        })
+        .await;
+        let d = sim(|c| {
+            tweak(c, roles[1]);
+            c.itl_ms = 5;
+        })
+        .await;
+        let mut config = Config::new(&d.api_addr().to_string(), connector).unwrap();
+        config.pairing_ports.sglang_bootstrap = p.bootstrap_addr().port();
+        config.pairing_ports.p2p = p.p2p_addr().port();
+        (p, d, Sidecar::start(config).await)
+    }
+
+    async fn nothing_held(what: &str, p: &SimServer, d: &SimServer) {
+        assert!(
+            sim_wait(p, "idle_and_no_leases", LIMIT).await,
+            "{what}: the prefiller holds KV blocks: {}",
+            sim_state(p).await["kv"]
+        );
+        assert!(sim_wait(d, "idle", LIMIT).await, "{what}: decoder busy");
+    }
+
+    #[tokio::test]
+    async fn every_route_hands_off_whole_and_streamed() {
+        for connector in CONNECTORS {
+            let (p, d, sidecar) = cast(connector, 5).await;
+            for api in Api::ALL {
+                for stream in [false, true] {
+                    let what = format!("{} {} stream={stream}", connector.name(), api.path());
+                    let req = post(api.path(), Some(p.api_addr()), &request(api, 6, stream));
+                    let (resp, reply) = call(sidecar.addr, req).await;
+                    let text = String::from_utf8_lossy(&reply);
+                    assert_eq!(resp.status(), 200, "{what}: {text}");
+                    assert!(complete(api, stream, &reply), "{what}: {text}");
+                    nothing_held(&what, &p, &d).await;
+                }
+            }
+            let state = sim_state(&p).await;
+            assert_eq!(
+                counter(&state, "leases_created"),
+                10,
+                "{}",
+                connector.name()
+            );
+            assert_eq!(counter(&state, "leases_pulled"), 10, "{}", connector.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_during_either_leg_leaves_nothing_held() {
+        for connector in CONNECTORS {
+            for api in [Api::ChatCompletions, Api::Generate] {
+                let what = format!("{} {}", connector.name(), api.path());
+                let (p, d, sidecar) = cast(connector, 300).await;
+                let client = send(
+                    sidecar.addr,
+                    post(api.path(), Some(p.api_addr()), &request(api, 6, false)),
+                )
+                .await;
+                assert!(sim_wait(&p, "busy", LIMIT).await, "{what}: no prefill");
+                leave_and_wait_idle(client, &p).await;
+                nothing_held(&format!("{what} left in the prefill"), &p, &d).await;
+
+                let (p, d, sidecar) = cast(connector, 5).await;
+                let mut client = send(
+                    sidecar.addr,
+                    post(api.path(), Some(p.api_addr()), &request(api, 400, true)),
+                )
+                .await;
+                assert_eq!(client.head().await.status(), 200, "{what}");
+                assert!(client.next_data().await.is_some(), "{what}: no first event");
+                leave_and_wait_idle(client, &d).await;
+                nothing_held(&format!("{what} left in the decode"), &p, &d).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_prefill_is_the_answer() {
+        for connector in CONNECTORS {
+            let (p, d, sidecar) = cast(connector, 5).await;
+            for api in [Api::Completions, Api::Messages] {
+                let what = format!("{} {}", connector.name(), api.path());
+                let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, true));
+                req.headers_mut().insert(
+                    "x-sim-fault",
+                    http::HeaderValue::from_static("prefill_http_500"),
+                );
+                let (resp, reply) = call(sidecar.addr, req).await;
+                assert_eq!(
+                    resp.status(),
+                    502,
+                    "{what}: {}",
+                    String::from_utf8_lossy(&reply)
+                );
+                assert_eq!(json(&reply)["error"]["code"], 502, "{what}");
+                nothing_held(&what, &p, &d).await;
+            }
+        }
+    }
 }

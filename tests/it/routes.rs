@@ -6,6 +6,7 @@ use crate::support::recorder::{Recorded, Recorder};
 use crate::support::*;
 use http::Request;
 use http_body_util::Full;
+use sidecar::api::Api;
 use sidecar::Connector;
 
 /// A prefiller reply every connector can use: NIXL v2's `kv_transfer_params` and the legacy
@@ -160,6 +161,210 @@ async fn pass_through_strips_every_routing_header() {
         let rec = d.next().await;
         for h in ROUTING_HEADERS {
             assert_eq!(rec.header(h), None, "{h} reached the decoder: {}", rec.head);
+        }
+    }
+}
+
+/// A request for `api` of at most `max` tokens, long enough to span several KV blocks.
+pub fn request(api: Api, max: u32, stream: bool) -> String {
+    const TEXT: &str = "hello there, a prompt long enough to span several KV blocks";
+    let chat = format!(r#""messages":[{{"role":"user","content":"{TEXT}"}}]"#);
+    match api {
+        Api::Completions => format!(
+            r#"{{"model":"sim-model","prompt":"{TEXT}","max_tokens":{max},"stream":{stream}}}"#
+        ),
+        Api::ChatCompletions => {
+            format!(r#"{{"model":"sim-model",{chat},"max_tokens":{max},"stream":{stream}}}"#)
+        }
+        Api::Messages => {
+            format!(r#"{{"model":"sim-model","max_tokens":{max},"stream":{stream},{chat}}}"#)
+        }
+        Api::Responses => format!(
+            r#"{{"model":"sim-model","input":"{TEXT}","max_output_tokens":{max},"stream":{stream}}}"#
+        ),
+        Api::Generate => {
+            let ids: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+            format!(
+                r#"{{"model":"sim-model","token_ids":[{}],"sampling_params":{{"max_tokens":{max},"temperature":0}},"stream":{stream}}}"#,
+                ids.join(",")
+            )
+        }
+    }
+}
+
+/// Whether `body` is a complete reply of `api`, whole or streamed.
+pub fn complete(api: Api, stream: bool, body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body);
+    match (api, stream) {
+        (Api::Messages, false) => json(body)["type"] == "message",
+        (Api::Messages, true) => text.contains("event: message_stop"),
+        (Api::Responses, false) => json(body)["object"] == "response",
+        (Api::Responses, true) => text.contains("event: response.completed"),
+        (Api::Generate, false) => json(body)["choices"][0]["token_ids"].is_array(),
+        (_, false) => json(body)["choices"][0]["finish_reason"].is_string(),
+        (_, true) => text.ends_with("data: [DONE]\n\n"),
+    }
+}
+
+/// The three routes against simulated vLLM workers, with every connector the simulator
+/// speaks: replies whole and streamed, clients leaving during each leg, a failing prefill,
+/// and no KV block left held.
+mod against_the_simulator {
+    use super::*;
+    use serde_json::Value;
+    use vllm_sim::SimServer;
+
+    const APIS: [Api; 3] = [Api::Messages, Api::Responses, Api::Generate];
+    const CONNECTORS: [Connector; 3] = [Connector::NixlV2, Connector::Nixl, Connector::LmCache];
+
+    /// A prefiller and a decoder speaking `connector`'s protocol (prefills taking
+    /// `prefill_ms`), and a sidecar in front of the decoder.
+    async fn cast(connector: Connector, prefill_ms: u64) -> (SimServer, SimServer, Sidecar) {
+        let protocol = match connector {
+            Connector::Nixl => "nixl-v1",
+            Connector::LmCache => "lmcache",
+            _ => "nixlv2",
+        };
+        let p = sim(|c| {
+            c.protocol = protocol.parse().unwrap();
+            c.ttft_ms = prefill_ms;
+        })
+        .await;
+        let peer = format!("http://{}", p.side_channel_addr());
+        let d = sim(|c| {
+            c.protocol = protocol.parse().unwrap();
+            c.itl_ms = 5;
+            if connector == Connector::LmCache {
+                c.lmcache_peer = Some(peer);
+            }
+        })
+        .await;
+        let sidecar = Sidecar::for_decoder(d.api_addr(), connector).await;
+        (p, d, sidecar)
+    }
+
+    async fn nothing_held(what: &str, p: &SimServer, d: &SimServer) {
+        assert!(
+            sim_wait(p, "idle_and_no_leases", LIMIT).await,
+            "{what}: the prefiller holds KV blocks: {}",
+            sim_state(p).await["kv"]
+        );
+        assert!(sim_wait(d, "idle", LIMIT).await, "{what}: decoder busy");
+    }
+
+    #[tokio::test]
+    async fn every_route_and_connector_hands_off_whole_and_streamed() {
+        for connector in CONNECTORS {
+            let (p, d, sidecar) = cast(connector, 5).await;
+            for api in APIS {
+                for stream in [false, true] {
+                    let what = format!("{} {} stream={stream}", connector.name(), api.path());
+                    let body = request(api, 6, stream);
+                    let (resp, reply) =
+                        call(sidecar.addr, post(api.path(), Some(p.api_addr()), &body)).await;
+                    assert_eq!(
+                        resp.status(),
+                        200,
+                        "{what}: {}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                    assert!(
+                        complete(api, stream, &reply),
+                        "{what}: {}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                    let prefill = sim_requests(&p).await.pop().unwrap();
+                    let decode = sim_requests(&d).await.pop().unwrap();
+                    assert_eq!(prefill["path"], api.path(), "{what}");
+                    let (pb, db) = (record_body(&prefill), record_body(&decode));
+                    assert_eq!(pb["stream"], false, "{what}");
+                    let limit = match api {
+                        Api::Responses => &pb["max_output_tokens"],
+                        Api::Generate => &pb["sampling_params"]["max_tokens"],
+                        _ => &pb["max_tokens"],
+                    };
+                    assert_eq!(limit, 1, "{what}: {pb}");
+                    // The decode is the client's request, every field as sent.
+                    let mut sent: Value = serde_json::from_str(&body).unwrap();
+                    let mut got = db.clone();
+                    for o in [&mut sent, &mut got] {
+                        let o = o.as_object_mut().unwrap();
+                        for k in ["kv_transfer_params", "do_remote_prefill"] {
+                            o.remove(k);
+                        }
+                        o.retain(|k, _| !k.starts_with("remote_"));
+                    }
+                    assert_eq!(got, sent, "{what}");
+                    if connector == Connector::NixlV2 {
+                        assert!(db["kv_transfer_params"].is_object(), "{what}: {db}");
+                    }
+                    nothing_held(&what, &p, &d).await;
+                }
+            }
+            let state = sim_state(&p).await;
+            if connector != Connector::LmCache {
+                assert_eq!(counter(&state, "leases_created"), 6, "{}", connector.name());
+                assert_eq!(counter(&state, "leases_pulled"), 6, "{}", connector.name());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_during_either_leg_leaves_nothing_held() {
+        for connector in CONNECTORS {
+            for api in APIS {
+                let what = format!("{} {}", connector.name(), api.path());
+                // During the prefill.
+                let (p, d, sidecar) = cast(connector, 300).await;
+                let client = send(
+                    sidecar.addr,
+                    post(api.path(), Some(p.api_addr()), &request(api, 6, false)),
+                )
+                .await;
+                assert!(sim_wait(&p, "busy", LIMIT).await, "{what}: no prefill");
+                leave_and_wait_idle(client, &p).await;
+                nothing_held(&format!("{what} left in the prefill"), &p, &d).await;
+                // During the decode, after its first event.
+                let (p, d, sidecar) = cast(connector, 5).await;
+                let mut client = send(
+                    sidecar.addr,
+                    post(api.path(), Some(p.api_addr()), &request(api, 400, true)),
+                )
+                .await;
+                assert_eq!(client.head().await.status(), 200, "{what}");
+                assert!(client.next_data().await.is_some(), "{what}: no first event");
+                leave_and_wait_idle(client, &d).await;
+                nothing_held(&format!("{what} left in the decode"), &p, &d).await;
+                let aborted = counter(&sim_state(&d).await, "requests_aborted/decode")
+                    + counter(&sim_state(&d).await, "requests_aborted/plain");
+                assert_eq!(aborted, 1, "{what}: the decode was not aborted");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_prefill_is_a_json_error_and_no_decode() {
+        for connector in CONNECTORS {
+            let (p, d, sidecar) = cast(connector, 5).await;
+            for api in APIS {
+                let what = format!("{} {}", connector.name(), api.path());
+                let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, false));
+                req.headers_mut().insert(
+                    "x-sim-fault",
+                    http::HeaderValue::from_static("prefill_http_500"),
+                );
+                let (resp, reply) = call(sidecar.addr, req).await;
+                assert_eq!(resp.status(), 502, "{what}");
+                let error = json(&reply);
+                assert_eq!(error["error"]["code"], 502, "{what}: {error}");
+                nothing_held(&what, &p, &d).await;
+            }
+            assert_eq!(
+                counter(&sim_state(&d).await, "requests_total"),
+                0,
+                "{}: a decode was sent",
+                connector.name()
+            );
         }
     }
 }
