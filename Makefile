@@ -52,7 +52,7 @@ e2e-vllm:
 # Bounded soak test on loopback (SOAK_REQUESTS=200000 by default, SOAK_MAX_SECS=600): memory
 # and descriptors of the sidecar must not grow, and no KV lease may leak. See docs/testing.md "Soak test".
 # `make soak-chaos` (= SOAK_CHAOS=1 make soak) adds raw client disconnects at every phase,
-# simulator faults, and the simulators killed and restarted mid-stream (SOAK_SEED replays a run).
+# simulator faults, and the simulators killed and restarted mid-stream (SOAK_SEED replays the requests).
 .PHONY: soak soak-chaos
 soak:
 	./scripts/soak.sh
