@@ -5,7 +5,7 @@
 //! An input's first byte says how the client behaves: bit 0 set, it shuts down its write side
 //! once the bytes are out (it leaves, so whatever the bytes started is cancelled); clear, it
 //! waits for the sidecar to answer and close the connection (the sidecar's idle and header
-//! timers are short here), leaving only after [`PATIENCE`]. The other bytes are written as
+//! timers are short here), leaving after [`PATIENCE`] if it has not. The other bytes are written as
 //! they are, with every `$P` replaced by the prefiller's `host:port`, so an input can ask for
 //! P/D.
 //!
@@ -32,12 +32,12 @@ use tokio::runtime::Runtime;
 use vllm_sim::{SimConfig, SimServer};
 
 /// How long a client that stays waits for the sidecar to close before it leaves.
-pub const PATIENCE: Duration = Duration::from_secs(1);
+pub const PATIENCE: Duration = Duration::from_millis(100);
 /// How long the sidecar may take to close a connection the client has left.
 pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// The sidecar's header-read and idle timeouts here: short, so a client that stays hears
 /// the close soon after the last answer.
-const SIDECAR_TIMERS: Duration = Duration::from_millis(50);
+const SIDECAR_TIMERS: Duration = Duration::from_millis(20);
 /// Request bodies above this get a 413, so inputs can reach that path cheaply.
 const MAX_BODY: usize = 16 * 1024;
 /// Replies are kept up to this many bytes (the checks only look at the first response).
@@ -113,13 +113,14 @@ pub fn check_request_path(data: &[u8]) {
     // sidecar's back (pass-through reaches them), and every later input would fail for it.
     // So would the faults that strand a lease whatever the sidecar does: a prefiller that
     // keeps one it does not report (`omit_kv_params`, `null_kv_params`), a decoder that fails
-    // before it pulls (`decode_http_<code>`).
+    // before it pulls (`decode_http_<code>`) or that takes longer to admit a decode than
+    // `-decode-admission-grace` (`stall_ms`, which stalls both legs).
     let has = |needle: &[u8]| {
         bytes
             .windows(needle.len())
             .any(|w| w.eq_ignore_ascii_case(needle))
     };
-    if has(b"/sim") || has(b"_kv_params") || has(b"decode_http") {
+    if has(b"/sim") || has(b"_kv_params") || has(b"decode_http") || has(b"stall_ms") {
         return;
     }
     let w = world();
@@ -255,6 +256,13 @@ async fn settle(w: &World) {
         let reply = get(sim.api_addr(), &path).await;
         if !reply.starts_with(b"HTTP/1.1 200") {
             let state = get(sim.api_addr(), "/sim/state").await;
+            // Judge the next input on its own: free what this one left behind.
+            post(
+                sim.api_addr(),
+                "/sim/reset",
+                br#"{"counters":false,"requests":false,"release_leases":true}"#,
+            )
+            .await;
             let body = state.split(|&b| b == b'{').skip(1).count();
             let json: serde_json::Value = state
                 .iter()
@@ -297,6 +305,15 @@ async fn still_serves(w: &World) {
         "a P/D completion after the input: {:?}",
         lossy(&reply)
     );
+}
+
+async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> Vec<u8> {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    round_trip(addr, &[head.as_bytes(), body].concat()).await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Vec<u8> {

@@ -31,12 +31,26 @@ fn run_corpus(target: &str, check: fn(&[u8]), at_least: usize) {
         files.len()
     );
     let mut failed = Vec::new();
+    let mut slowest = (std::time::Duration::ZERO, String::new());
     for path in &files {
         let data = std::fs::read(path).unwrap();
+        let started = std::time::Instant::now();
         if catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
             failed.push(path.display().to_string());
         }
+        if std::env::var_os("FUZZ_TIMES").is_some() {
+            eprintln!("{:>6} ms {}", started.elapsed().as_millis(), path.display());
+        }
+        if started.elapsed() > slowest.0 {
+            slowest = (started.elapsed(), path.display().to_string());
+        }
     }
+    eprintln!(
+        "{target}: {} inputs, slowest {:?} ({})",
+        files.len(),
+        slowest.0,
+        slowest.1
+    );
     assert!(failed.is_empty(), "invariants failed on: {failed:#?}");
 }
 
