@@ -13,7 +13,7 @@ const BEGIN: &str = "<!-- flags:begin (generated from -help by tests/it/readme.r
 const END: &str = "<!-- flags:end -->";
 
 /// The groups of `-help` the README shows; docs/flags.md shows them all.
-const README_GROUPS: [&str; 4] = ["Serving", "P/D", "TLS", "SSRF protection"];
+const README_GROUPS: [&str; 3] = ["Serving", "P/D", "TLS"];
 
 /// A file of the repository, by its path from the repository root.
 fn repo_file(relative: &str) -> PathBuf {
