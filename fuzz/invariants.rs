@@ -97,6 +97,7 @@ fn decode_touched(c: Connector) -> &'static [&'static str] {
         Connector::LmCache => &[],
         Connector::Offloading => &["kv_transfer_params"],
         Connector::SgLang => &["bootstrap_host", "bootstrap_port", "bootstrap_room"],
+        Connector::Mooncake => &["kv_transfer_params"],
     }
 }
 
@@ -332,7 +333,9 @@ fn check_decode(
                 "{what}: kv_transfer_params"
             );
         }
-        Connector::LmCache | Connector::SgLang | Connector::Offloading => unreachable!(),
+        Connector::LmCache | Connector::SgLang | Connector::Offloading | Connector::Mooncake => {
+            unreachable!()
+        }
     }
 }
 

@@ -91,6 +91,7 @@ impl App {
                 late_reply_window: config.prefill_abandon_grace,
                 metrics: metrics.clone(),
                 pairing_ports: config.pairing_ports,
+                bootstraps: Default::default(),
             },
             decoder,
             pick: Pick {

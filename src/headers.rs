@@ -10,6 +10,8 @@ pub const PREFILLER_URL: HeaderName = HeaderName::from_static("x-prefiller-url")
 /// of E/PD and the source of a P2P prefix pull (llm-d-router#999, #1937).
 pub const ENCODER_HOSTS_PORTS: HeaderName = HeaderName::from_static("x-encoder-hosts-ports");
 pub const KV_CACHE_SOURCE: HeaderName = HeaderName::from_static("x-kv-cache-source-host-port");
+/// The data-parallel rank vLLM serves a request on (Mooncake's prefill leg).
+pub const DATA_PARALLEL_RANK: HeaderName = HeaderName::from_static("x-data-parallel-rank");
 /// The request id both legs share; vLLM reads it as its own request id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// W3C Trace Context headers.

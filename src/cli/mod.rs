@@ -122,6 +122,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
     pub sglang_bootstrap_port: u16,
 
+    /// Mooncake connector's bootstrap port on prefill pods (env MOONCAKE_BOOTSTRAP_PORT)
+    #[arg(long = "mooncake-bootstrap-port", default_value_t = 8998,
+          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
+    pub mooncake_bootstrap_port: u16,
+
     /// Serve TLS on -port, with -cert-path's certificate or a self-signed one
     /// [default (profile): false, pd-sidecar: true]
     #[arg(long = "secure-proxy", visible_alias = "secure-serving", num_args = 0..=1, require_equals = true,
@@ -280,12 +285,6 @@ pub struct Args {
     /// Chunked decode: tokens per decode request (0: off); not built yet
     #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = UNBUILT)]
     pub decode_chunk_size: i64,
-
-    /// Mooncake connector's bootstrap port on prefill pods (env MOONCAKE_BOOTSTRAP_PORT)
-    #[arg(long = "mooncake-bootstrap-port", default_value_t = 8998,
-          value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = UNBUILT)]
-    pub mooncake_bootstrap_port: u16,
-
 
     /// Cached-prefix pulls over the offloading P2P tier with nixlv2; not built yet
     #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,

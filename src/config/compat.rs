@@ -80,7 +80,7 @@ pub fn model_server_port(parsed: &Parsed) -> (&'static str, u16) {
 }
 
 /// `--kv-connector` (from anywhere) > `--connector` > `nixlv2`, as pd-sidecar's migration
-/// did; pd-sidecar's connectors this sidecar does not have yet are refused by name.
+/// did.
 pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
     let a = &parsed.args;
     let picked = match (&a.kv_connector, &a.connector) {
@@ -91,15 +91,8 @@ pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
     let Some((flag, name)) = picked else {
         return Ok(Connector::NixlV2);
     };
-    match name.as_str() {
-        "mooncake" => Err(ConfigError::NotBuilt {
-            flag: format!("-{flag}={name}"),
-            what: "this connector",
-        }),
-        _ => name
-            .parse()
-            .map_err(|e: String| ConfigError::Invalid { flag, reason: e }),
-    }
+    name.parse()
+        .map_err(|e: String| ConfigError::Invalid { flag, reason: e })
 }
 
 /// TLS per leg: `--enable-tls` stages together with the old per-leg booleans.

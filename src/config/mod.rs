@@ -74,7 +74,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The metrics port was left at its default: failing to bind it does not stop serving.
     pub metrics_port_defaulted: bool,
-    /// The prefill pod's ports the sglang and offloading connectors name.
+    /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
     pub pairing_ports: PairingPorts,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
     pub otlp_endpoint: Option<String>,
@@ -277,6 +277,7 @@ impl TryFrom<Parsed> for Config {
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,
                 p2p: args.p2p_connector_port,
+                mooncake_bootstrap: args.mooncake_bootstrap_port,
             },
             otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
                 Some(e) => Some(

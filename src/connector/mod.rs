@@ -4,6 +4,7 @@
 //! written once for all of them. What a one-token prefill changes per route is `api.rs`'s.
 
 mod lmcache;
+mod mooncake;
 mod nixl;
 mod nixlv2;
 mod offloading;
@@ -16,6 +17,8 @@ use bytes::Bytes;
 
 use crate::api::Api;
 use crate::json_edit::{Edit, JsonObject, Spliced};
+
+pub use mooncake::{parse_query, Engine};
 
 /// The connector selected by `-connector`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,9 @@ pub enum Connector {
     SgLang,
     /// vLLM's OffloadingConnector, P2P tier: the decoder pulls from the prefiller's P2P port.
     Offloading,
+    /// vLLM's MooncakeConnector: both legs at once, one `transfer_id`, the prefiller's engine
+    /// found through its bootstrap server.
+    Mooncake,
 }
 
 /// How a connector's two legs are ordered.
@@ -55,6 +61,12 @@ pub struct Pairing {
     pub bootstrap_port: u16,
     /// The prefiller's P2P port (`-p2p-connector-port`).
     pub p2p_port: u16,
+    /// MooncakeConnector's `transfer_id`.
+    pub transfer_id: String,
+    /// The prefiller's Mooncake bootstrap port (`-mooncake-bootstrap-port`).
+    pub mooncake_port: u16,
+    /// The prefiller's engine, from its bootstrap server (Mooncake only).
+    pub engine: Engine,
 }
 
 /// The ports a connector's pairing names on the prefill pod.
@@ -62,6 +74,7 @@ pub struct Pairing {
 pub struct PairingPorts {
     pub sglang_bootstrap: u16,
     pub p2p: u16,
+    pub mooncake_bootstrap: u16,
 }
 
 impl Default for PairingPorts {
@@ -69,6 +82,7 @@ impl Default for PairingPorts {
         Self {
             sglang_bootstrap: 8998,
             p2p: 7777,
+            mooncake_bootstrap: 8998,
         }
     }
 }
@@ -88,6 +102,9 @@ impl Pairing {
             room,
             bootstrap_port: ports.sglang_bootstrap,
             p2p_port: ports.p2p,
+            transfer_id: format!("xfer-{id}"),
+            mooncake_port: ports.mooncake_bootstrap,
+            engine: Engine::default(),
         }
     }
 
@@ -152,13 +169,14 @@ impl Connector {
             Connector::LmCache => "lmcache",
             Connector::SgLang => "sglang",
             Connector::Offloading => "offloading",
+            Connector::Mooncake => "mooncake",
         }
     }
 
     /// How the two legs are ordered.
     pub fn flow(self) -> Flow {
         match self {
-            Connector::SgLang => Flow::Concurrent,
+            Connector::SgLang | Connector::Mooncake => Flow::Concurrent,
             _ => Flow::Sequential,
         }
     }
@@ -181,8 +199,12 @@ impl Connector {
         let mut scratch = String::new();
         let mut edits = api.prefill_edits(request, &mut scratch);
         edits.extend_from_slice(self.prefill_edits());
-        let offload = (self == Connector::Offloading).then(|| offloading::prefill_params(pairing));
-        if let Some(params) = &offload {
+        let own = match self {
+            Connector::Offloading => Some(offloading::prefill_params(pairing)),
+            Connector::Mooncake => Some(mooncake::prefill_params(pairing)),
+            _ => None,
+        };
+        if let Some(params) = &own {
             edits.push(("kv_transfer_params", Edit::Set(params)));
         }
         request.rewrite(&edits)
@@ -194,7 +216,10 @@ impl Connector {
         match self {
             Connector::NixlV2 => &nixlv2::PREFILL_EDITS,
             Connector::Nixl => &nixl::PREFILL_EDITS,
-            Connector::LmCache | Connector::SgLang | Connector::Offloading => &[],
+            Connector::LmCache
+            | Connector::SgLang
+            | Connector::Offloading
+            | Connector::Mooncake => &[],
         }
     }
 
@@ -216,6 +241,7 @@ impl Connector {
                 handoff: Handoff::Remote,
             }),
             Connector::Offloading => Ok(offloading::decode_plan(request, pairing)),
+            Connector::Mooncake => Ok(mooncake::decode_plan(request, pairing)),
         }
     }
 }
@@ -225,7 +251,9 @@ impl Connector {
     /// without any transfer fields, which only a prefiller may set.
     pub fn local_decode_body(self, request: &JsonObject<'_>, original: &Bytes) -> Spliced {
         let transfer_fields: &[(&str, Edit<'_>)] = match self {
-            Connector::NixlV2 | Connector::Offloading => &[("kv_transfer_params", Edit::Remove)],
+            Connector::NixlV2 | Connector::Offloading | Connector::Mooncake => {
+                &[("kv_transfer_params", Edit::Remove)]
+            }
             Connector::SgLang => &[
                 ("bootstrap_host", Edit::Remove),
                 ("bootstrap_port", Edit::Remove),
@@ -255,10 +283,11 @@ impl FromStr for Connector {
             "nixl" => Ok(Connector::Nixl),
             "sglang" => Ok(Connector::SgLang),
             "offloading" => Ok(Connector::Offloading),
+            "mooncake" => Ok(Connector::Mooncake),
             // pd-sidecar's name for it since llm-d-router#509.
             "lmcache" | "shared-storage" => Ok(Connector::LmCache),
             other => Err(format!(
-                "unknown connector '{other}' (expected nixlv2, nixl, shared-storage, lmcache, sglang or offloading)"
+                "unknown connector '{other}' (expected nixlv2, nixl, shared-storage, lmcache, sglang, mooncake or offloading)"
             )),
         }
     }
@@ -276,12 +305,10 @@ mod tests {
             Connector::LmCache,
             Connector::SgLang,
             Connector::Offloading,
+            Connector::Mooncake,
         ] {
             assert_eq!(c.name().parse::<Connector>().unwrap(), c);
         }
-        assert!("mooncake"
-            .parse::<Connector>()
-            .unwrap_err()
-            .contains("nixlv2"));
+        assert!("vllm".parse::<Connector>().unwrap_err().contains("nixlv2"));
     }
 }

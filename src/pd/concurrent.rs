@@ -1,4 +1,5 @@
-//! Connectors whose decoder fetches the prefilled KV cache itself (SGLang's bootstrap room):
+//! Connectors whose decoder fetches the prefilled KV cache itself (SGLang's bootstrap room,
+//! Mooncake's transfer id):
 //! both legs go at once. Unlike every other proxy, a prefill that fails is not swallowed: until
 //! the decode has produced its first byte, the prefill's failure cancels the decode and is the
 //! client's answer, instead of a decode waiting on a room nobody fills (aibrix#2289).
@@ -23,20 +24,32 @@ use crate::runtime::AbortOnDrop;
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Leg, Target};
 
-/// Sends `body` as both legs, the prefill to `prefiller` and the decode to `decode_uri`, and
-/// answers with the decode, or with the prefill's failure if it comes first.
+/// The two legs' heads and bodies (SGLang sends one body twice; Mooncake's differ).
+pub(super) struct Legs {
+    pub prefill_head: Arc<Parts>,
+    pub prefill_body: Spliced,
+    pub decode_head: Arc<Parts>,
+    pub decode_body: Spliced,
+}
+
+/// Sends the prefill to `prefiller` and the decode to `decode_uri` at once, and answers with
+/// the decode, or with the prefill's failure if it comes first.
 pub(super) async fn serve(
     cx: &PdContext,
-    parts: Arc<Parts>,
-    body: Spliced,
+    legs: Legs,
     prefiller: Target,
     decode_uri: http::Uri,
     guard: &mut RequestGuard,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let Legs {
+        prefill_head,
+        prefill_body,
+        decode_head,
+        decode_body,
+    } = legs;
     let prefill = {
-        let (upstream, metrics, head) =
-            (cx.upstream.clone(), cx.metrics.clone(), Arc::clone(&parts));
-        let (body, timeout) = (body.clone(), cx.prefill_timeout);
+        let (upstream, metrics, head) = (cx.upstream.clone(), cx.metrics.clone(), prefill_head);
+        let (body, timeout) = (prefill_body, cx.prefill_timeout);
         async move {
             let attempts = Attempts {
                 upstream: &upstream,
@@ -65,7 +78,7 @@ pub(super) async fn serve(
     let mut prefill = Box::pin(prefill);
     let decode = cx
         .decoder
-        .send(leg(&parts, decode_uri, body::spliced(body)))
+        .send(leg(&decode_head, decode_uri, body::spliced(decode_body)))
         .instrument(info_span!("decode"));
     tokio::pin!(decode);
 

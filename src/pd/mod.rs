@@ -5,6 +5,7 @@
 //! sees only its [`PdContext`], never the router's state, and returns errors for the router
 //! to log, count and answer once.
 
+mod bootstrap;
 mod concurrent;
 mod handoff;
 mod prefill;
@@ -27,7 +28,7 @@ use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
 use crate::connector::{Connector, Flow, Handoff, Pairing, PairingPorts};
 use crate::error::{describe, ProxyError};
-use crate::headers::{self, PREFILL_FALLBACK, REQUEST_ID};
+use crate::headers::{self, DATA_PARALLEL_RANK, PREFILL_FALLBACK, REQUEST_ID};
 use crate::json_edit::{JsonObject, ParseError};
 use crate::observe::metrics::{Metrics, RequestGuard};
 use crate::observe::trace_context;
@@ -77,8 +78,10 @@ pub struct PdContext {
     pub late_reply_window: Duration,
     /// For the retry count; everything else is counted by the request's guard.
     pub metrics: Metrics,
-    /// The prefill pod's ports a connector's pairing names (SGLang, P2P).
+    /// The prefill pod's ports a connector's pairing names (SGLang, P2P, Mooncake).
     pub pairing_ports: PairingPorts,
+    /// The prefillers' Mooncake engines.
+    pub bootstraps: bootstrap::Bootstraps,
 }
 
 /// Runs the connector's P/D flow for one request. `prefillers` holds the one picked first,
@@ -129,15 +132,46 @@ pub async fn serve(
     if let Err(e) = cx.decoder.health().check().await {
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
-    let pairing = Pairing::new(prefiller.host(), cx.pairing_ports);
+    let mut pairing = Pairing::new(prefiller.host(), cx.pairing_ports);
+    let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
+    if cx.connector.flow() == Flow::Concurrent {
+        let mut prefill_head = Arc::clone(&parts);
+        if cx.connector == Connector::Mooncake {
+            pairing.engine = cx
+                .bootstraps
+                .engine(&cx.upstream, &prefiller, pairing.mooncake_port)
+                .await?;
+            // vLLM's Mooncake prefiller serves the rank its engine was looked up for.
+            if let Ok(rank) = HeaderValue::from_str(&pairing.engine.dp_rank) {
+                let mut head = (*parts).clone();
+                head.headers.insert(DATA_PARALLEL_RANK, rank);
+                prefill_head = Arc::new(head);
+            }
+        }
+        let legs = concurrent::Legs {
+            prefill_head,
+            prefill_body: cx.connector.prefill_body(api, &request, &pairing),
+            decode_head: parts,
+            decode_body: cx
+                .connector
+                .decode_plan(&request, &original, &bytes::Bytes::new(), &pairing)
+                .map_err(|e| ProxyError::Internal(e.to_string()))?
+                .body,
+        };
+        guard.prefill_started();
+        let served = concurrent::serve(cx, legs, prefiller.clone(), decode_uri, guard).await;
+        if served
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error())
+        {
+            // A restarted prefiller has a new engine: ask its bootstrap again next time.
+            cx.bootstraps.forget(&prefiller);
+        }
+        return Ok(with_request_id(served?, request_id));
+    }
     let prefill_body = cx.connector.prefill_body(api, &request, &pairing);
     trace!(body = %prefill_body, "prefill request");
     guard.prefill_started();
-    let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
-    if cx.connector.flow() == Flow::Concurrent {
-        let resp = concurrent::serve(cx, parts, prefill_body, prefiller, decode_uri, guard).await?;
-        return Ok(with_request_id(resp, request_id));
-    }
     let release = cx
         .connector
         .pins_prefill_blocks()

@@ -35,7 +35,7 @@ fn help_names_every_flag_and_exits_zero() {
 #[test]
 fn bad_values_exit_non_zero_with_one_line() {
     for args in [
-        &["-connector=mooncake"][..],
+        &["-connector=vllm"][..],
         &["-port=http"],
         &["-no-such-flag"],
         &["-secure-proxy=perhaps"],

@@ -125,11 +125,16 @@ mod against_the_simulator {
     use sidecar::api::Api;
     use vllm_sim::{Protocol, Role, SimServer};
 
-    const CONNECTORS: [Connector; 2] = [Connector::SgLang, Connector::Offloading];
+    const CONNECTORS: [Connector; 3] = [
+        Connector::SgLang,
+        Connector::Offloading,
+        Connector::Mooncake,
+    ];
 
     async fn cast(connector: Connector, prefill_ms: u64) -> (SimServer, SimServer, Sidecar) {
         let (protocol, roles) = match connector {
             Connector::SgLang => (Protocol::Sglang, [Role::Prefill, Role::Decode]),
+            Connector::Mooncake => (Protocol::Mooncake, [Role::Auto, Role::Auto]),
             _ => (Protocol::Offloading, [Role::Auto, Role::Auto]),
         };
         let tweak = |c: &mut vllm_sim::SimConfig, role| {
@@ -153,6 +158,7 @@ mod against_the_simulator {
         let mut config = Config::new(&d.api_addr().to_string(), connector).unwrap();
         config.pairing_ports.sglang_bootstrap = p.bootstrap_addr().port();
         config.pairing_ports.p2p = p.p2p_addr().port();
+        config.pairing_ports.mooncake_bootstrap = p.bootstrap_addr().port();
         (p, d, Sidecar::start(config).await)
     }
 
@@ -242,5 +248,61 @@ mod against_the_simulator {
                 nothing_held(&what, &p, &d).await;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn mooncake_names_one_transfer_and_finds_a_restarted_prefillers_engine() {
+        let (p, d, sidecar) = cast(Connector::Mooncake, 5).await;
+        let body = request(Api::Completions, 4, false);
+        let (resp, _) = call(
+            sidecar.addr,
+            post(Api::Completions.path(), Some(p.api_addr()), &body),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let prefill = sim_requests(&p).await.pop().unwrap();
+        let decode = sim_requests(&d).await.pop().unwrap();
+        let (pb, db) = (record_body(&prefill), record_body(&decode));
+        let transfer = pb["kv_transfer_params"]["transfer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(transfer.starts_with("xfer-"), "{pb}");
+        assert_eq!(
+            pb["kv_transfer_params"],
+            serde_json::json!({"do_remote_prefill": false, "do_remote_decode": true, "transfer_id": transfer})
+        );
+        assert_eq!(record_header(&prefill, "x-data-parallel-rank"), Some("0"));
+        let engine = p.engine_id();
+        assert_eq!(
+            db["kv_transfer_params"],
+            serde_json::json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "transfer_id": transfer,
+                "remote_bootstrap_addr": format!("http://127.0.0.1:{}", p.bootstrap_addr().port()),
+                "remote_engine_id": engine,
+            })
+        );
+        assert_eq!(db["max_tokens"], 4, "the decode is the client's request");
+
+        // The prefiller restarts with a new engine: the cached one fails a decode at most
+        // once, then the bootstrap is asked again.
+        sim_config(&p, r#"{"engine_id":"engine-after-restart"}"#).await;
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let (resp, _) = call(
+                sidecar.addr,
+                post(Api::Completions.path(), Some(p.api_addr()), &body),
+            )
+            .await;
+            statuses.push(resp.status().as_u16());
+        }
+        assert_eq!(statuses, [500, 200], "the stale engine fails one decode");
+        let db = record_body(&sim_requests(&d).await.pop().unwrap());
+        assert_eq!(
+            db["kv_transfer_params"]["remote_engine_id"],
+            "engine-after-restart"
+        );
     }
 }
