@@ -105,17 +105,6 @@ fn manifests_that_ask_for_unbuilt_features_exit_2_naming_the_flag() {
             ][..],
             "-ec-connector=ec-example: encoder disaggregation",
         ),
-        // llm-d/llm-d guides/pd-disaggregation/modelserver/gpu/vllm/cks-mooncake.
-        (
-            &[
-                "--port=8000",
-                "--vllm-port=8200",
-                "--connector=mooncake",
-                "--zap-log-level=1",
-                "--secure-proxy=false",
-            ],
-            "-connector=mooncake: this connector",
-        ),
         // llm-d/llm-d guides/wide-ep-lws/.../vllm-deepseek-r1-0528 disaggregatedset.yaml.
         (
             &[

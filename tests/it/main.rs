@@ -9,8 +9,8 @@ mod support;
 
 mod cancel;
 mod cli;
-mod connectors;
 mod connections;
+mod connectors;
 mod deploy;
 mod errors;
 mod fuzz_corpus;

@@ -107,6 +107,24 @@ const CASES: &[Case] = &[
         defaults: "pd-sidecar",
         logs: None,
     },
+    // llm-d/llm-d guides/pd-disaggregation/modelserver/gpu/vllm/cks-mooncake: the
+    // simulators speak Mooncake, the prefiller's bootstrap on the default 8998.
+    Case {
+        name: "llm_d_pd_guide_mooncake",
+        args: &[
+            "--port=8000",
+            "--vllm-port=8200",
+            "--connector=mooncake",
+            "--zap-log-level=1",
+            "--secure-proxy=false",
+        ],
+        env: &[],
+        listen: 8000,
+        vllm: 8200,
+        tls: false,
+        defaults: "pd-sidecar",
+        logs: None,
+    },
     // llm-d/llm-d 034b87dc guides/wide-ep-lws/modelserver/gpu/vllm-deepseek-v4/base/decode.yaml.
     Case {
         name: "llm_d_wide_ep_decode",
@@ -283,6 +301,11 @@ fn llm_d_pd_recipe_sidecar_patch() {
 }
 
 #[test]
+fn llm_d_pd_guide_mooncake() {
+    run("llm_d_pd_guide_mooncake");
+}
+
+#[test]
 fn llm_d_wide_ep_decode() {
     run("llm_d_wide_ep_decode");
 }
@@ -333,8 +356,22 @@ fn metrics_default_port_taken() {
 async fn in_namespace() {
     let name = std::env::var("MANIFEST_CASE").expect("MANIFEST_CASE");
     let case = CASES.iter().find(|c| c.name == name).expect("a known case");
-    let p = sim(|_| {}).await;
-    let d = sim(|c| c.port = case.vllm).await;
+    let mooncake = case.args.contains(&"--connector=mooncake");
+    let protocol = |c: &mut vllm_sim::SimConfig| {
+        if mooncake {
+            c.protocol = vllm_sim::Protocol::Mooncake;
+        }
+    };
+    let p = sim(|c| {
+        protocol(c);
+        c.bootstrap_port = if mooncake { 8998 } else { 0 };
+    })
+    .await;
+    let d = sim(|c| {
+        protocol(c);
+        c.port = case.vllm;
+    })
+    .await;
     // Another container's listener on the sidecar's default metrics port.
     let _squatter = if case.name == "metrics_default_port_taken" {
         Some(std::net::TcpListener::bind("0.0.0.0:9090").expect("bind 9090"))
