@@ -200,7 +200,7 @@ mod against_the_simulator {
     #[tokio::test]
     async fn a_client_leaving_during_either_leg_leaves_nothing_held() {
         for connector in CONNECTORS {
-            for api in [Api::ChatCompletions, Api::Generate] {
+            for api in Api::ALL {
                 let what = format!("{} {}", connector.name(), api.path());
                 let (p, d, sidecar) = cast(connector, 300).await;
                 let client = send(
@@ -230,7 +230,7 @@ mod against_the_simulator {
     async fn a_failing_prefill_is_the_answer() {
         for connector in CONNECTORS {
             let (p, d, sidecar) = cast(connector, 5).await;
-            for api in [Api::Completions, Api::Messages] {
+            for api in Api::ALL {
                 let what = format!("{} {}", connector.name(), api.path());
                 let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, true));
                 req.headers_mut().insert(
