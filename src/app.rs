@@ -97,6 +97,7 @@ impl App {
             pick: Pick {
                 tls: config.prefiller_use_tls,
                 sampling: config.prefiller_sampling,
+                p2p_pull: config.p2p_pull,
             },
             allowlist,
             busy_poll,

@@ -137,9 +137,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let served = match routing {
             Routing::PassThrough => self.pass_through(req, client, guard).await,
-            Routing::Pd(api, prefillers) => {
-                pd::serve(&self.pd, req, api, prefillers, client, guard).await
-            }
+            Routing::Pd(route) => pd::serve(&self.pd, req, route, client, guard).await,
             Routing::Refused { error, .. } => Err(error),
         };
         served.unwrap_or_else(|e| respond_error(guard, client, e))

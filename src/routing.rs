@@ -4,8 +4,10 @@ use http::{Method, Request};
 
 use crate::api::Api;
 use crate::error::ProxyError;
+use crate::headers::KV_CACHE_SOURCE;
 use crate::security::allowlist::Allowlist;
 use crate::upstream::{self, Target};
+use tracing::{debug, warn};
 
 /// How a request was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +34,24 @@ pub enum Routing {
     PassThrough,
     /// Prefilled on the first of these prefillers (a retry goes to the next), then decoded
     /// locally.
-    Pd(Api, Vec<Target>),
+    Pd(Pd),
     /// Meant for P/D but refused before any upstream is called (bad header, SSRF).
     Refused {
         prefiller: Option<Target>,
         error: ProxyError,
     },
+}
+
+/// A P/D request's route.
+#[derive(Debug)]
+pub struct Pd {
+    pub api: Api,
+    /// The prefiller picked first, then the ones a retry may go to.
+    pub prefillers: Vec<Target>,
+    /// Where the prefiller may pull a cached prefix from (`-enable-p2p-pull`): the
+    /// `x-kv-cache-source-host-port` the scheduler named, if SSRF protection allows it and
+    /// it is not the prefiller itself.
+    pub kv_source: Option<Target>,
 }
 
 /// How the prefiller is picked from the header's list.
@@ -47,6 +61,8 @@ pub struct Pick {
     pub tls: bool,
     /// Uniformly at random (`-enable-prefiller-sampling`), instead of the first entry.
     pub sampling: bool,
+    /// Read `x-kv-cache-source-host-port` (`-enable-p2p-pull`).
+    pub p2p_pull: bool,
 }
 
 /// The P/D routes ([`Api`]) with a prefiller header go P/D; everything else passes through.
@@ -90,14 +106,48 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
     // Retries go down the list from the pick, skipping entries that do not parse and those
     // SSRF protection refuses.
     let order = list.iter().cycle().skip(first).take(list.len());
-    Routing::Pd(
+    let kv_source = pick
+        .p2p_pull
+        .then(|| kv_source(req.headers(), picked, allowlist))
+        .flatten();
+    Routing::Pd(Pd {
         api,
-        order
+        prefillers: order
             .filter_map(|t| t.as_ref().ok())
             .filter(|t| allowlist.allows(t))
             .cloned()
             .collect(),
-    )
+        kv_source,
+    })
+}
+
+/// The KV cache source the scheduler named, when it may be used: it parses, SSRF protection
+/// allows it (else it is ignored, as pd-sidecar does), and it is not the prefiller, which
+/// would pull from itself.
+fn kv_source(
+    headers: &http::HeaderMap,
+    prefiller: &Target,
+    allowlist: &Allowlist,
+) -> Option<Target> {
+    let value = headers.get(KV_CACHE_SOURCE)?.to_str().ok()?.trim();
+    let source: Target = match value.parse::<http::uri::Authority>() {
+        Ok(authority) if authority.port_u16().is_some() => Target::http(authority),
+        _ => {
+            debug!(
+                value,
+                "x-kv-cache-source-host-port is not host:port; ignored"
+            );
+            return None;
+        }
+    };
+    if !allowlist.allows(&source) {
+        warn!(
+            source = source.authority(),
+            "KV cache source not allowed by SSRF protection; ignored"
+        );
+        return None;
+    }
+    (source.authority() != prefiller.authority()).then_some(source)
 }
 
 impl Routing {
@@ -105,14 +155,14 @@ impl Routing {
     pub fn route(&self) -> Route {
         match self {
             Routing::PassThrough => Route::PassThrough,
-            Routing::Pd(..) | Routing::Refused { .. } => Route::Pd,
+            Routing::Pd(_) | Routing::Refused { .. } => Route::Pd,
         }
     }
 
     /// The prefiller named, for the request span.
     pub fn prefiller(&self) -> Option<&Target> {
         match self {
-            Routing::Pd(_, list) => list.first(),
+            Routing::Pd(pd) => pd.prefillers.first(),
             Routing::Refused { prefiller, .. } => prefiller.as_ref(),
             Routing::PassThrough => None,
         }

@@ -286,9 +286,9 @@ pub struct Args {
     #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = UNBUILT)]
     pub decode_chunk_size: i64,
 
-    /// Cached-prefix pulls over the offloading P2P tier with nixlv2; not built yet
+    /// nixlv2 prefills pull a cached prefix from x-kv-cache-source-host-port (SSRF-checked)
     #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = UNBUILT)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
     pub enable_p2p_pull: bool,
 
     /// pd-sidecar's OTLP/gRPC tracing from OTEL_* variables; not built yet (use -otlp-endpoint)

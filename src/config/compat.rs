@@ -237,9 +237,6 @@ pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
             "chunked decode",
         );
     }
-    if a.enable_p2p_pull {
-        return not_built("-enable-p2p-pull".into(), "P2P prefix pulls");
-    }
     if a.tracing {
         return not_built(
             "-tracing".into(),

@@ -74,6 +74,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The metrics port was left at its default: failing to bind it does not stop serving.
     pub metrics_port_defaulted: bool,
+    /// `-enable-p2p-pull`: nixlv2 prefills may pull a cached prefix from the
+    /// `x-kv-cache-source-host-port` peer.
+    pub p2p_pull: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
     pub pairing_ports: PairingPorts,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
@@ -274,6 +277,7 @@ impl TryFrom<Parsed> for Config {
             metrics_listen: (metrics_port != 0)
                 .then(|| SocketAddr::new(args.bind_address, metrics_port)),
             metrics_port_defaulted: !parsed.is_set("metrics-port"),
+            p2p_pull: args.enable_p2p_pull,
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,
                 p2p: args.p2p_connector_port,

@@ -246,7 +246,6 @@ fn unbuilt_features_are_refused_by_name() {
             &["--decode-chunk-size=256"],
             "-decode-chunk-size=256: chunked decode",
         ),
-        (&["--enable-p2p-pull"], "-enable-p2p-pull: P2P"),
         (&["--tracing"], "-tracing: OTLP/gRPC"),
         (&["--moriio-write-mode"], "-moriio-*: AMD MoRI-IO"),
         (&["--moriio-remote-hosts=a,b"], "-moriio-*"),

@@ -67,6 +67,9 @@ pub struct Pairing {
     pub mooncake_port: u16,
     /// The prefiller's engine, from its bootstrap server (Mooncake only).
     pub engine: Engine,
+    /// The peer a nixlv2 prefill pulls a cached prefix from (`-enable-p2p-pull`), with
+    /// `kv_request_id` naming the pull.
+    pub kv_source_host: Option<String>,
 }
 
 /// The ports a connector's pairing names on the prefill pod.
@@ -105,6 +108,7 @@ impl Pairing {
             transfer_id: format!("xfer-{id}"),
             mooncake_port: ports.mooncake_bootstrap,
             engine: Engine::default(),
+            kv_source_host: None,
         }
     }
 
@@ -202,9 +206,12 @@ impl Connector {
         let own = match self {
             Connector::Offloading => Some(offloading::prefill_params(pairing)),
             Connector::Mooncake => Some(mooncake::prefill_params(pairing)),
+            Connector::NixlV2 => nixlv2::prefill_params_with_source(pairing),
             _ => None,
         };
         if let Some(params) = &own {
+            // One edit per key: a second one for the same key would be appended twice.
+            edits.retain(|(k, _)| *k != "kv_transfer_params");
             edits.push(("kv_transfer_params", Edit::Set(params)));
         }
         request.rewrite(&edits)

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{DecodePlan, Handoff, ReplyError};
+use super::{unbracketed, DecodePlan, Handoff, Pairing, ReplyError};
 use crate::json_edit::{Edit, JsonObject};
 
 /// What vLLM's NixlConnector expects on the prefill leg (the same as vLLM's toy proxy sends).
@@ -11,6 +11,20 @@ const PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":fal
 /// The client's own `kv_transfer_params`, if any, are replaced.
 pub(super) const PREFILL_EDITS: [(&str, Edit<'static>); 1] =
     [("kv_transfer_params", Edit::Set(PREFILL_PARAMS))];
+
+/// With a KV cache source (`-enable-p2p-pull`), the request also names the peer to pull a
+/// cached prefix from, as pd-sidecar does: `remote_kv_source` with a fresh `kv_request_id`,
+/// the peer's host and its P2P port.
+pub(super) fn prefill_params_with_source(pairing: &Pairing) -> Option<String> {
+    let host = pairing.kv_source_host.as_deref()?;
+    let params = PREFILL_PARAMS.strip_suffix('}')?;
+    Some(format!(
+        r#"{params},"remote_kv_source":{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}}}"#,
+        pairing.kv_request_id,
+        unbracketed(host),
+        pairing.p2p_port
+    ))
+}
 
 /// The original request plus the prefiller's `kv_transfer_params`, verbatim: new vLLM versions
 /// add fields, so the value is opaque to us.
@@ -71,6 +85,25 @@ mod tests {
                 r#"{{"model":"m","prompt":"hi","stream":false,"max_tokens":1,"kv_transfer_params":{PREFILL_PARAMS},"max_completion_tokens":1}}"#
             )
         );
+    }
+
+    #[test]
+    fn a_kv_source_is_named_in_the_prefills_params() {
+        let req = Bytes::from_static(br#"{"prompt":"hi"}"#);
+        let obj = JsonObject::parse(&req).unwrap();
+        let pairing = Pairing {
+            kv_source_host: Some("10.0.0.9".into()),
+            kv_request_id: "k".into(),
+            p2p_port: 7777,
+            ..Pairing::default()
+        };
+        let body =
+            crate::Connector::NixlV2.prefill_body(crate::api::Api::Completions, &obj, &pairing);
+        assert_eq!(
+            text(body),
+            r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null,"remote_kv_source":{"kv_request_id":"k","remote_host":"10.0.0.9","remote_port":7777}}}"#
+        );
+        assert!(prefill_params_with_source(&Pairing::default()).is_none());
     }
 
     #[test]

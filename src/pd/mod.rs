@@ -24,7 +24,6 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info_span, trace, warn, Instrument};
 
-use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
 use crate::connector::{Connector, Flow, Handoff, Pairing, PairingPorts};
 use crate::error::{describe, ProxyError};
@@ -33,7 +32,7 @@ use crate::json_edit::{JsonObject, ParseError};
 use crate::observe::metrics::{Metrics, RequestGuard};
 use crate::observe::trace_context;
 use crate::upstream::decoder::from_upstream;
-use crate::upstream::{Decoder, Leg, Target, Upstream};
+use crate::upstream::{Decoder, Leg, Upstream};
 
 use handoff::{Abandoned, LateReplyRelease};
 use prefill::{Attempts, Prefilled};
@@ -84,17 +83,21 @@ pub struct PdContext {
     pub bootstraps: bootstrap::Bootstraps,
 }
 
-/// Runs the connector's P/D flow for one request. `prefillers` holds the one picked first,
+/// Runs the connector's P/D flow for one request. `route.prefillers` holds the one picked first,
 /// then the ones a retry may go to.
 pub async fn serve(
     cx: &PdContext,
     req: Request<Incoming>,
-    api: Api,
-    prefillers: Vec<Target>,
+    route: crate::routing::Pd,
     client: SocketAddr,
     guard: &mut RequestGuard,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
+    let crate::routing::Pd {
+        api,
+        prefillers,
+        kv_source,
+    } = route;
     let Some(prefiller) = prefillers.first().cloned() else {
         return Err(ProxyError::Internal("P/D without a prefiller".into()));
     };
@@ -133,6 +136,10 @@ pub async fn serve(
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
     let mut pairing = Pairing::new(prefiller.host(), cx.pairing_ports);
+    // Only NIXL v2's prefill can pull a cached prefix (vLLM's P2P tier).
+    if cx.connector == Connector::NixlV2 {
+        pairing.kv_source_host = kv_source.map(|s| s.host().to_owned());
+    }
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
     if cx.connector.flow() == Flow::Concurrent {
         let mut prefill_head = Arc::clone(&parts);

@@ -306,3 +306,62 @@ mod against_the_simulator {
         );
     }
 }
+
+/// `-enable-p2p-pull` on nixlv2: the prefill names the scheduler's KV cache source, unless it
+/// is the prefiller itself or SSRF protection refuses it; no upstream sees the header.
+#[tokio::test]
+async fn a_nixlv2_prefill_pulls_from_the_kv_cache_source_it_may_use() {
+    const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 53\r\n\r\n{\"kv_transfer_params\":{\"remote_block_ids\":[1]},\"a\":1}";
+    let mut p = Recorder::start(REPLY).await;
+    let mut d = Recorder::start(OK_REPLY).await;
+    // SSRF protection allows the prefiller and 10.1.2.3, not 10.9.9.9.
+    let parsed = sidecar::cli::parse_from([
+        "sidecar",
+        "-connector=nixlv2",
+        "-enable-p2p-pull",
+        "-p2p-connector-port=7100",
+        "-allowed-prefillers=127.0.0.1,10.1.2.3",
+        // A pd-sidecar flag selects its profile, which serves TLS.
+        "-secure-proxy=false",
+    ])
+    .unwrap();
+    let mut config = Config::try_from(parsed).unwrap();
+    config.decoder = sidecar::upstream::Target::http(d.addr.to_string().parse().unwrap());
+    let sidecar = Sidecar::start(config).await;
+    let prefiller = p.addr.to_string();
+    for (source, pulled_from) in [
+        ("10.1.2.3:8000", Some("10.1.2.3")),
+        ("10.9.9.9:8000", None),
+        (prefiller.as_str(), None),
+        ("not a host", None),
+    ] {
+        let mut req = post("/v1/completions", Some(p.addr), r#"{"prompt":"hi"}"#);
+        req.headers_mut()
+            .insert("x-kv-cache-source-host-port", source.parse().unwrap());
+        let (resp, reply) = call(sidecar.addr, req).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "{source}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        let (prefill, decode) = (p.next().await, d.next().await);
+        let params = member(&prefill, "kv_transfer_params");
+        match pulled_from {
+            Some(host) => {
+                let src = &params["remote_kv_source"];
+                assert_eq!(src["remote_host"], host, "{source}: {params}");
+                assert_eq!(src["remote_port"], 7100, "{source}: {params}");
+                assert_eq!(src["kv_request_id"].as_str().map(str::len), Some(36));
+                assert_eq!(params["do_remote_decode"], true);
+            }
+            None => assert!(
+                params.get("remote_kv_source").is_none(),
+                "{source}: {params}"
+            ),
+        }
+        for rec in [&prefill, &decode] {
+            assert_eq!(rec.header("x-kv-cache-source-host-port"), None);
+        }
+    }
+}
