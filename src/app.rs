@@ -92,6 +92,7 @@ impl App {
                 metrics: metrics.clone(),
                 pairing_ports: config.pairing_ports,
                 bootstraps: Default::default(),
+                rewrite_cached_tokens: config.rewrite_cached_tokens,
             },
             decoder,
             pick: Pick {

@@ -2,6 +2,7 @@
 
 pub mod coalesce;
 mod spliced;
+pub mod usage;
 
 pub use spliced::SentSignal;
 

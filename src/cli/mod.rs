@@ -116,6 +116,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT", help_heading = PD)]
     pub p2p_connector_port: u16,
 
+    /// Put the prefiller's cached tokens in the decoder's usage (nixlv2, vLLM before 0.31)
+    #[arg(long = "rewrite-cached-tokens", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
+    pub rewrite_cached_tokens: bool,
+
     /// SGLang connector's bootstrap port on prefill pods (env SGLANG_BOOTSTRAP_PORT, which is
     /// all pd-sidecar reads)
     #[arg(long = "sglang-bootstrap-port", default_value_t = 8998,

@@ -77,6 +77,8 @@ pub struct Config {
     /// `-enable-p2p-pull`: nixlv2 prefills may pull a cached prefix from the
     /// `x-kv-cache-source-host-port` peer.
     pub p2p_pull: bool,
+    /// `-rewrite-cached-tokens`.
+    pub rewrite_cached_tokens: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
     pub pairing_ports: PairingPorts,
     /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
@@ -278,6 +280,7 @@ impl TryFrom<Parsed> for Config {
                 .then(|| SocketAddr::new(args.bind_address, metrics_port)),
             metrics_port_defaulted: !parsed.is_set("metrics-port"),
             p2p_pull: args.enable_p2p_pull,
+            rewrite_cached_tokens: args.rewrite_cached_tokens,
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,
                 p2p: args.p2p_connector_port,

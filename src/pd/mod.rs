@@ -81,6 +81,8 @@ pub struct PdContext {
     pub pairing_ports: PairingPorts,
     /// The prefillers' Mooncake engines.
     pub bootstraps: bootstrap::Bootstraps,
+    /// `-rewrite-cached-tokens`: nixlv2 decodes report the prefiller's cached tokens.
+    pub rewrite_cached_tokens: bool,
 }
 
 /// Runs the connector's P/D flow for one request. `route.prefillers` holds the one picked first,
@@ -298,7 +300,17 @@ pub async fn serve(
         status = resp.status().as_u16(),
         "decode started"
     );
-    Ok(with_request_id(from_upstream(resp), request_id))
+    let mut resp = from_upstream(resp);
+    if cx.rewrite_cached_tokens && cx.connector == Connector::NixlV2 && pinned {
+        let cached = body::usage::cached_tokens(&reply);
+        let sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        resp.headers_mut().remove(CONTENT_LENGTH);
+        resp = resp.map(|b| body::boxed(body::usage::CachedTokens::new(b, cached, sse)));
+    }
+    Ok(with_request_id(resp, request_id))
 }
 
 /// `-prefill-failure-policy=decode-local`: the decoder prefills itself, without KV handoff.

@@ -365,3 +365,30 @@ async fn a_nixlv2_prefill_pulls_from_the_kv_cache_source_it_may_use() {
         }
     }
 }
+
+/// `-rewrite-cached-tokens`: a decoder older than vLLM 0.31 reports no prefix hits of the
+/// prefiller; the sidecar writes them into the usage it relays, and changes nothing else.
+#[tokio::test]
+async fn the_prefillers_cached_tokens_reach_the_clients_usage_when_asked() {
+    const PREFILL: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 101\r\n\r\n{\"kv_transfer_params\":{\"remote_block_ids\":[1]},\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":7}}}";
+    const DECODE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 48\r\n\r\n{\"id\":\"d\",\"usage\":{\"prompt_tokens\":9},\"x\":1e400}";
+    for rewrite in [false, true] {
+        let p = Recorder::start(PREFILL).await;
+        let d = Recorder::start(DECODE).await;
+        let mut config = Config::new(&d.addr.to_string(), Connector::NixlV2).unwrap();
+        config.rewrite_cached_tokens = rewrite;
+        let sidecar = Sidecar::start(config).await;
+        let (resp, reply) = call(
+            sidecar.addr,
+            post("/v1/completions", Some(p.addr), r#"{"prompt":"hi"}"#),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let want: &[u8] = if rewrite {
+            br#"{"id":"d","usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":7}},"x":1e400}"#
+        } else {
+            br#"{"id":"d","usage":{"prompt_tokens":9},"x":1e400}"#
+        };
+        assert_eq!(&reply[..], want, "rewrite={rewrite}");
+    }
+}
