@@ -121,7 +121,9 @@ async fn offloading_names_the_id_the_prefill_used_and_the_prefillers_p2p_port() 
 /// prefiller's KV accounting back to nothing held.
 mod against_the_simulator {
     use super::*;
-    use crate::routes::{complete, request};
+    use crate::routes::{
+        complete, failing_prefill, leave_in_the_decode, leave_in_the_prefill, nothing_held, request,
+    };
     use sidecar::api::Api;
     use vllm_sim::{Protocol, Role, SimServer};
 
@@ -162,15 +164,6 @@ mod against_the_simulator {
         (p, d, Sidecar::start(config).await)
     }
 
-    async fn nothing_held(what: &str, p: &SimServer, d: &SimServer) {
-        assert!(
-            sim_wait(p, "idle_and_no_leases", LIMIT).await,
-            "{what}: the prefiller holds KV blocks: {}",
-            sim_state(p).await["kv"]
-        );
-        assert!(sim_wait(d, "idle", LIMIT).await, "{what}: decoder busy");
-    }
-
     #[tokio::test]
     async fn every_route_hands_off_whole_and_streamed() {
         for connector in CONNECTORS {
@@ -202,26 +195,8 @@ mod against_the_simulator {
         for connector in CONNECTORS {
             for api in Api::ALL {
                 let what = format!("{} {}", connector.name(), api.path());
-                let (p, d, sidecar) = cast(connector, 300).await;
-                let client = send(
-                    sidecar.addr,
-                    post(api.path(), Some(p.api_addr()), &request(api, 6, false)),
-                )
-                .await;
-                assert!(sim_wait(&p, "busy", LIMIT).await, "{what}: no prefill");
-                leave_and_wait_idle(client, &p).await;
-                nothing_held(&format!("{what} left in the prefill"), &p, &d).await;
-
-                let (p, d, sidecar) = cast(connector, 5).await;
-                let mut client = send(
-                    sidecar.addr,
-                    post(api.path(), Some(p.api_addr()), &request(api, 400, true)),
-                )
-                .await;
-                assert_eq!(client.head().await.status(), 200, "{what}");
-                assert!(client.next_data().await.is_some(), "{what}: no first event");
-                leave_and_wait_idle(client, &d).await;
-                nothing_held(&format!("{what} left in the decode"), &p, &d).await;
+                leave_in_the_prefill(&what, cast(connector, 300).await, api).await;
+                leave_in_the_decode(&what, cast(connector, 5).await, api).await;
             }
         }
     }
@@ -232,20 +207,7 @@ mod against_the_simulator {
             let (p, d, sidecar) = cast(connector, 5).await;
             for api in Api::ALL {
                 let what = format!("{} {}", connector.name(), api.path());
-                let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, true));
-                req.headers_mut().insert(
-                    "x-sim-fault",
-                    http::HeaderValue::from_static("prefill_http_500"),
-                );
-                let (resp, reply) = call(sidecar.addr, req).await;
-                assert_eq!(
-                    resp.status(),
-                    502,
-                    "{what}: {}",
-                    String::from_utf8_lossy(&reply)
-                );
-                assert_eq!(json(&reply)["error"]["code"], 502, "{what}");
-                nothing_held(&what, &p, &d).await;
+                failing_prefill(&what, (&p, &d, &sidecar), api, true).await;
             }
         }
     }

@@ -206,6 +206,77 @@ pub fn complete(api: Api, stream: bool, body: &[u8]) -> bool {
     }
 }
 
+/// The prefiller ends idle with no KV lease held, and the decoder idle.
+pub async fn nothing_held(what: &str, p: &vllm_sim::SimServer, d: &vllm_sim::SimServer) {
+    assert!(
+        sim_wait(p, "idle_and_no_leases", LIMIT).await,
+        "{what}: the prefiller holds KV blocks: {}",
+        sim_state(p).await["kv"]
+    );
+    assert!(sim_wait(d, "idle", LIMIT).await, "{what}: decoder busy");
+}
+
+/// A client sends an `api` request through `sidecar` and leaves while the prefiller `p`
+/// (whose prefill must outlast the wait for it) is busy; nothing stays held.
+pub async fn leave_in_the_prefill(
+    what: &str,
+    (p, d, sidecar): (vllm_sim::SimServer, vllm_sim::SimServer, Sidecar),
+    api: Api,
+) {
+    let client = send(
+        sidecar.addr,
+        post(api.path(), Some(p.api_addr()), &request(api, 6, false)),
+    )
+    .await;
+    assert!(sim_wait(&p, "busy", LIMIT).await, "{what}: no prefill");
+    leave_and_wait_idle(client, &p).await;
+    nothing_held(&format!("{what} left in the prefill"), &p, &d).await;
+}
+
+/// A client streams a long `api` decode through `sidecar` and leaves after its first event;
+/// nothing stays held. Returns the decoder, for what it counted.
+pub async fn leave_in_the_decode(
+    what: &str,
+    (p, d, sidecar): (vllm_sim::SimServer, vllm_sim::SimServer, Sidecar),
+    api: Api,
+) -> vllm_sim::SimServer {
+    let mut client = send(
+        sidecar.addr,
+        post(api.path(), Some(p.api_addr()), &request(api, 400, true)),
+    )
+    .await;
+    assert_eq!(client.head().await.status(), 200, "{what}");
+    assert!(client.next_data().await.is_some(), "{what}: no first event");
+    leave_and_wait_idle(client, &d).await;
+    nothing_held(&format!("{what} left in the decode"), &p, &d).await;
+    d
+}
+
+/// An `api` request whose prefill fails (`prefill_http_500`) gets a 502 with a JSON error,
+/// and nothing stays held.
+pub async fn failing_prefill(
+    what: &str,
+    (p, d, sidecar): (&vllm_sim::SimServer, &vllm_sim::SimServer, &Sidecar),
+    api: Api,
+    stream: bool,
+) {
+    let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, stream));
+    req.headers_mut().insert(
+        "x-sim-fault",
+        http::HeaderValue::from_static("prefill_http_500"),
+    );
+    let (resp, reply) = call(sidecar.addr, req).await;
+    assert_eq!(
+        resp.status(),
+        502,
+        "{what}: {}",
+        String::from_utf8_lossy(&reply)
+    );
+    let error = json(&reply);
+    assert_eq!(error["error"]["code"], 502, "{what}: {error}");
+    nothing_held(what, p, d).await;
+}
+
 /// The three routes against simulated vLLM workers, with every connector the simulator
 /// speaks: replies whole and streamed, clients leaving during each leg, a failing prefill,
 /// and no KV block left held.
@@ -241,15 +312,6 @@ mod against_the_simulator {
         .await;
         let sidecar = Sidecar::for_decoder(d.api_addr(), connector).await;
         (p, d, sidecar)
-    }
-
-    async fn nothing_held(what: &str, p: &SimServer, d: &SimServer) {
-        assert!(
-            sim_wait(p, "idle_and_no_leases", LIMIT).await,
-            "{what}: the prefiller holds KV blocks: {}",
-            sim_state(p).await["kv"]
-        );
-        assert!(sim_wait(d, "idle", LIMIT).await, "{what}: decoder busy");
     }
 
     #[tokio::test]
@@ -314,27 +376,8 @@ mod against_the_simulator {
         for connector in CONNECTORS {
             for api in APIS {
                 let what = format!("{} {}", connector.name(), api.path());
-                // During the prefill.
-                let (p, d, sidecar) = cast(connector, 300).await;
-                let client = send(
-                    sidecar.addr,
-                    post(api.path(), Some(p.api_addr()), &request(api, 6, false)),
-                )
-                .await;
-                assert!(sim_wait(&p, "busy", LIMIT).await, "{what}: no prefill");
-                leave_and_wait_idle(client, &p).await;
-                nothing_held(&format!("{what} left in the prefill"), &p, &d).await;
-                // During the decode, after its first event.
-                let (p, d, sidecar) = cast(connector, 5).await;
-                let mut client = send(
-                    sidecar.addr,
-                    post(api.path(), Some(p.api_addr()), &request(api, 400, true)),
-                )
-                .await;
-                assert_eq!(client.head().await.status(), 200, "{what}");
-                assert!(client.next_data().await.is_some(), "{what}: no first event");
-                leave_and_wait_idle(client, &d).await;
-                nothing_held(&format!("{what} left in the decode"), &p, &d).await;
+                leave_in_the_prefill(&what, cast(connector, 300).await, api).await;
+                let d = leave_in_the_decode(&what, cast(connector, 5).await, api).await;
                 let aborted = counter(&sim_state(&d).await, "requests_aborted/decode")
                     + counter(&sim_state(&d).await, "requests_aborted/plain");
                 assert_eq!(aborted, 1, "{what}: the decode was not aborted");
@@ -348,16 +391,7 @@ mod against_the_simulator {
             let (p, d, sidecar) = cast(connector, 5).await;
             for api in APIS {
                 let what = format!("{} {}", connector.name(), api.path());
-                let mut req = post(api.path(), Some(p.api_addr()), &request(api, 6, false));
-                req.headers_mut().insert(
-                    "x-sim-fault",
-                    http::HeaderValue::from_static("prefill_http_500"),
-                );
-                let (resp, reply) = call(sidecar.addr, req).await;
-                assert_eq!(resp.status(), 502, "{what}");
-                let error = json(&reply);
-                assert_eq!(error["error"]["code"], 502, "{what}: {error}");
-                nothing_held(&what, &p, &d).await;
+                failing_prefill(&what, (&p, &d, &sidecar), api, false).await;
             }
             assert_eq!(
                 counter(&sim_state(&d).await, "requests_total"),
