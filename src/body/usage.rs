@@ -57,10 +57,15 @@ pub fn with_cached_tokens(json: &[u8], cached: u64) -> Option<Vec<u8>> {
     Some(top.rewrite(&[("usage", Edit::Set(&usage))]).to_vec())
 }
 
+/// Whether `bytes` may hold a usage object to rewrite.
+fn has_usage(bytes: &[u8]) -> bool {
+    bytes.windows(8).any(|w| w == b"\"usage\":")
+}
+
 /// One SSE event (its bytes up to and including the blank line) with every `data:` line that
 /// carries a usage object rewritten.
 fn rewrite_event(event: &[u8], cached: u64) -> Bytes {
-    if !event.windows(8).any(|w| w == b"\"usage\":") {
+    if !has_usage(event) {
         return Bytes::copy_from_slice(event);
     }
     let mut out = Vec::with_capacity(event.len() + 32);
@@ -122,6 +127,10 @@ impl CachedTokens {
             .rposition(|w| w == b"\n\n")
             .map(|i| i + 2)?;
         let events = self.held.split_to(end);
+        if !has_usage(&events) {
+            // Events without a usage member are relayed without a copy.
+            return Some(events.freeze());
+        }
         let mut out = BytesMut::with_capacity(events.len() + 32);
         let mut rest: &[u8] = &events;
         while let Some(i) = rest.windows(2).position(|w| w == b"\n\n") {
