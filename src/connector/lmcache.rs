@@ -16,23 +16,16 @@ pub(super) fn decode_plan(original: &Bytes) -> DecodePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json_edit::JsonObject;
 
     #[test]
     fn prefill_is_one_token_and_decode_is_untouched() {
         let original = Bytes::from_static(br#"{"prompt":"hi", "max_tokens":9,"stream":true}"#);
-        let obj = JsonObject::parse(&original).unwrap();
         assert_eq!(
-            String::from_utf8(
-                crate::Connector::LmCache
-                    .prefill_body(
-                        crate::api::Api::Completions,
-                        &obj,
-                        &crate::connector::Pairing::default()
-                    )
-                    .to_vec()
-            )
-            .unwrap(),
+            crate::connector::completion_prefill(
+                crate::Connector::LmCache,
+                r#"{"prompt":"hi", "max_tokens":9,"stream":true}"#,
+                &Default::default()
+            ),
             r#"{"prompt":"hi","max_tokens":1,"stream":false,"max_completion_tokens":1}"#
         );
         assert_eq!(decode_plan(&original).body.to_bytes(), original);

@@ -53,22 +53,22 @@ pub enum Flow {
 pub struct Pairing {
     /// The prefiller's host (IPv6 in brackets, as in a URI).
     pub prefiller_host: String,
-    /// OffloadingConnector's `kv_request_id`.
-    pub kv_request_id: String,
+    /// The id the sidecar makes up for the transfer: OffloadingConnector's and a P2P pull's
+    /// `kv_request_id`, and (as `xfer-<id>`) Mooncake's `transfer_id`. Formatted only by the
+    /// connectors that send it.
+    pub id: uuid::Uuid,
     /// SGLang's `bootstrap_room`.
     pub room: u64,
     /// SGLang's bootstrap port on the prefill server (`SGLANG_BOOTSTRAP_PORT`).
     pub bootstrap_port: u16,
     /// The prefiller's P2P port (`-p2p-connector-port`).
     pub p2p_port: u16,
-    /// MooncakeConnector's `transfer_id`.
-    pub transfer_id: String,
     /// The prefiller's Mooncake bootstrap port (`-mooncake-bootstrap-port`).
     pub mooncake_port: u16,
     /// The prefiller's engine, from its bootstrap server (Mooncake only).
     pub engine: Engine,
     /// The peer a nixlv2 prefill pulls a cached prefix from (`-enable-p2p-pull`), with
-    /// `kv_request_id` naming the pull.
+    /// `id` naming the pull.
     pub kv_source_host: Option<String>,
 }
 
@@ -101,11 +101,10 @@ impl Pairing {
         ]) >> 1;
         Self {
             prefiller_host: prefiller_host.to_owned(),
-            kv_request_id: id.to_string(),
+            id,
             room,
             bootstrap_port: ports.sglang_bootstrap,
             p2p_port: ports.p2p,
-            transfer_id: format!("xfer-{id}"),
             mooncake_port: ports.mooncake_bootstrap,
             engine: Engine::default(),
             kv_source_host: None,
@@ -298,6 +297,16 @@ impl FromStr for Connector {
             )),
         }
     }
+}
+
+/// A completion's prefill body from `connector` for `request`, as text (for the connectors'
+/// tests).
+#[cfg(test)]
+fn completion_prefill(connector: Connector, request: &'static str, pairing: &Pairing) -> String {
+    let source = Bytes::from_static(request.as_bytes());
+    let obj = JsonObject::parse(&source).expect("a JSON object");
+    let body = connector.prefill_body(Api::Completions, &obj, pairing);
+    String::from_utf8(body.to_vec()).expect("UTF-8")
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{unbracketed, DecodePlan, Handoff, Pairing};
+use super::{DecodePlan, Handoff, Pairing};
 use crate::json_edit::{Edit, JsonObject};
 
 /// One data-parallel rank of a prefiller, from its bootstrap server's `/query`.
@@ -18,7 +18,7 @@ pub struct Engine {
 pub(super) fn prefill_params(pairing: &Pairing) -> String {
     format!(
         r#"{{"do_remote_prefill":false,"do_remote_decode":true,"transfer_id":"{}"}}"#,
-        pairing.transfer_id
+        transfer_id(pairing)
     )
 }
 
@@ -27,12 +27,9 @@ pub(super) fn decode_plan(request: &JsonObject<'_>, pairing: &Pairing) -> Decode
     let params = serde_json::json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
-        "transfer_id": pairing.transfer_id,
-        "remote_bootstrap_addr": format!(
-            "http://{}:{}",
-            bracketed(&pairing.prefiller_host),
-            pairing.mooncake_port
-        ),
+        "transfer_id": transfer_id(pairing),
+        // The host as a URI has it: IPv6 in brackets.
+        "remote_bootstrap_addr": format!("http://{}:{}", pairing.prefiller_host, pairing.mooncake_port),
         "remote_engine_id": pairing.engine.engine_id,
     })
     .to_string();
@@ -42,14 +39,9 @@ pub(super) fn decode_plan(request: &JsonObject<'_>, pairing: &Pairing) -> Decode
     }
 }
 
-/// A URI host: an IPv6 literal in brackets.
-fn bracketed(host: &str) -> String {
-    let bare = unbracketed(host);
-    if bare.contains(':') {
-        format!("[{bare}]")
-    } else {
-        bare.to_owned()
-    }
+/// The `transfer_id` both legs carry.
+fn transfer_id(pairing: &Pairing) -> String {
+    format!("xfer-{}", pairing.id)
 }
 
 /// The engines of a bootstrap server's `/query` answer, `{"<dp_rank>":{"engine_id":…},…}`.
@@ -93,7 +85,7 @@ mod tests {
         let obj = JsonObject::parse(&source).unwrap();
         let pairing = Pairing {
             prefiller_host: "[fd00::2]".into(),
-            transfer_id: "xfer-1".into(),
+            id: uuid::Uuid::from_u128(1),
             mooncake_port: 8998,
             engine: Engine {
                 dp_rank: "0".into(),
@@ -103,12 +95,12 @@ mod tests {
         };
         assert_eq!(
             prefill_params(&pairing),
-            r#"{"do_remote_prefill":false,"do_remote_decode":true,"transfer_id":"xfer-1"}"#
+            r#"{"do_remote_prefill":false,"do_remote_decode":true,"transfer_id":"xfer-00000000-0000-0000-0000-000000000001"}"#
         );
         assert_eq!(
             decode_plan(&obj, &pairing).body.to_bytes(),
             Bytes::from_static(
-                br#"{"prompt":"hi","kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true,"remote_bootstrap_addr":"http://[fd00::2]:8998","remote_engine_id":"e0","transfer_id":"xfer-1"}}"#
+                br#"{"prompt":"hi","kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true,"remote_bootstrap_addr":"http://[fd00::2]:8998","remote_engine_id":"e0","transfer_id":"xfer-00000000-0000-0000-0000-000000000001"}}"#
             )
         );
     }

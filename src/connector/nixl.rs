@@ -72,19 +72,12 @@ mod tests {
 
     #[test]
     fn prefill_uses_top_level_fields() {
-        let source = Bytes::from_static(br#"{"prompt":"hi","stream":true,"remote_host":"evil"}"#);
-        let obj = JsonObject::parse(&source).unwrap();
         assert_eq!(
-            String::from_utf8(
-                crate::Connector::Nixl
-                    .prefill_body(
-                        crate::api::Api::Completions,
-                        &obj,
-                        &crate::connector::Pairing::default()
-                    )
-                    .to_vec()
-            )
-            .unwrap(),
+            crate::connector::completion_prefill(
+                crate::Connector::Nixl,
+                r#"{"prompt":"hi","stream":true,"remote_host":"evil"}"#,
+                &Default::default()
+            ),
             r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"do_remote_decode":true}"#
         );
     }

@@ -20,7 +20,7 @@ pub(super) fn prefill_params_with_source(pairing: &Pairing) -> Option<String> {
     let params = PREFILL_PARAMS.strip_suffix('}')?;
     Some(format!(
         r#"{params},"remote_kv_source":{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}}}"#,
-        pairing.kv_request_id,
+        pairing.id,
         unbracketed(host),
         pairing.p2p_port
     ))
@@ -64,23 +64,13 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json_edit::Spliced;
-
-    fn text(v: Spliced) -> String {
-        String::from_utf8(v.to_vec()).unwrap()
-    }
+    use crate::connector::completion_prefill;
 
     #[test]
     fn prefill_sets_params_one_token_and_no_streaming() {
-        let req = br#"{"model":"m","prompt":"hi","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"min_tokens":4,"kv_transfer_params":{"evil":1}}"#;
-        let req = Bytes::from_static(req);
-        let obj = JsonObject::parse(&req).unwrap();
+        let req = r#"{"model":"m","prompt":"hi","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"min_tokens":4,"kv_transfer_params":{"evil":1}}"#;
         assert_eq!(
-            text(crate::Connector::NixlV2.prefill_body(
-                crate::api::Api::Completions,
-                &obj,
-                &crate::connector::Pairing::default()
-            )),
+            completion_prefill(crate::Connector::NixlV2, req, &Pairing::default()),
             format!(
                 r#"{{"model":"m","prompt":"hi","stream":false,"max_tokens":1,"kv_transfer_params":{PREFILL_PARAMS},"max_completion_tokens":1}}"#
             )
@@ -89,19 +79,15 @@ mod tests {
 
     #[test]
     fn a_kv_source_is_named_in_the_prefills_params() {
-        let req = Bytes::from_static(br#"{"prompt":"hi"}"#);
-        let obj = JsonObject::parse(&req).unwrap();
         let pairing = Pairing {
             kv_source_host: Some("10.0.0.9".into()),
-            kv_request_id: "k".into(),
+            id: uuid::Uuid::from_u128(1),
             p2p_port: 7777,
             ..Pairing::default()
         };
-        let body =
-            crate::Connector::NixlV2.prefill_body(crate::api::Api::Completions, &obj, &pairing);
         assert_eq!(
-            text(body),
-            r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null,"remote_kv_source":{"kv_request_id":"k","remote_host":"10.0.0.9","remote_port":7777}}}"#
+            completion_prefill(crate::Connector::NixlV2, r#"{"prompt":"hi"}"#, &pairing),
+            r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null,"remote_kv_source":{"kv_request_id":"00000000-0000-0000-0000-000000000001","remote_host":"10.0.0.9","remote_port":7777}}}"#
         );
         assert!(prefill_params_with_source(&Pairing::default()).is_none());
     }

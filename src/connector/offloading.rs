@@ -8,7 +8,7 @@ use crate::json_edit::{Edit, JsonObject};
 pub(super) fn prefill_params(pairing: &Pairing) -> String {
     format!(
         r#"{{"remote_decoder":{{"kv_request_id":"{}"}}}}"#,
-        pairing.kv_request_id
+        pairing.id
     )
 }
 
@@ -17,7 +17,7 @@ pub(super) fn prefill_params(pairing: &Pairing) -> String {
 pub(super) fn decode_plan(request: &JsonObject<'_>, pairing: &Pairing) -> DecodePlan {
     let params = format!(
         r#"{{"remote_prefiller":{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}}}"#,
-        pairing.kv_request_id,
+        pairing.id,
         unbracketed(&pairing.prefiller_host),
         pairing.p2p_port
     );
@@ -38,18 +38,18 @@ mod tests {
         let obj = JsonObject::parse(&source).unwrap();
         let pairing = Pairing {
             prefiller_host: "10.0.0.7".into(),
-            kv_request_id: "k1".into(),
+            id: uuid::Uuid::from_u128(1),
             p2p_port: 7777,
             ..Pairing::default()
         };
         assert_eq!(
             prefill_params(&pairing),
-            r#"{"remote_decoder":{"kv_request_id":"k1"}}"#
+            r#"{"remote_decoder":{"kv_request_id":"00000000-0000-0000-0000-000000000001"}}"#
         );
         assert_eq!(
             decode_plan(&obj, &pairing).body.to_bytes(),
             Bytes::from_static(
-                br#"{"prompt":"hi","kv_transfer_params":{"remote_prefiller":{"kv_request_id":"k1","remote_host":"10.0.0.7","remote_port":7777}}}"#
+                br#"{"prompt":"hi","kv_transfer_params":{"remote_prefiller":{"kv_request_id":"00000000-0000-0000-0000-000000000001","remote_host":"10.0.0.7","remote_port":7777}}}"#
             )
         );
     }
