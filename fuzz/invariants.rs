@@ -223,7 +223,9 @@ pub fn check_json_edit(input: &[u8]) {
     for c in CONNECTORS {
         let name = c.name();
         for api in Api::ALL {
-            let prefill = c.prefill_body(api, &obj, &Pairing::default()).to_bytes();
+            let prefill = c
+                .prefill_body(api, &obj, &Pairing::default(), "127.0.0.1")
+                .to_bytes();
             let what = format!("{name} {} prefill_body", api.path());
             check_rewrite(
                 &what,
@@ -268,7 +270,7 @@ fn check_decode(
 ) {
     let what = format!("{} decode_plan", c.name());
     let reply = Bytes::copy_from_slice(reply);
-    let Ok(plan) = c.decode_plan(obj, original, &reply, &Pairing::default()) else {
+    let Ok(plan) = c.decode_plan(obj, original, &reply, &Pairing::default(), "127.0.0.1") else {
         assert!(
             c != Connector::LmCache,
             "{what}: lmcache never reads the reply"

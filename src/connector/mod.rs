@@ -47,12 +47,11 @@ pub enum Flow {
     Concurrent,
 }
 
-/// What pairs one request's two legs besides the client's body: the prefiller that answered
-/// and the ids the sidecar made up for the transfer.
+/// What pairs one request's two legs besides the client's body and the prefiller: the ids
+/// the sidecar made up for the transfer and the prefill pod's ports they name. Cheap to
+/// clone unless a Mooncake engine or a P2P source is set.
 #[derive(Debug, Clone, Default)]
 pub struct Pairing {
-    /// The prefiller's host (IPv6 in brackets, as in a URI).
-    pub prefiller_host: String,
     /// The id the sidecar makes up for the transfer: OffloadingConnector's and a P2P pull's
     /// `kv_request_id`, and (as `xfer-<id>`) Mooncake's `transfer_id`. Formatted only by the
     /// connectors that send it.
@@ -91,8 +90,8 @@ impl Default for PairingPorts {
 }
 
 impl Pairing {
-    /// A fresh pairing for a request prefilled on `prefiller_host`.
-    pub fn new(prefiller_host: &str, ports: PairingPorts) -> Self {
+    /// A fresh pairing.
+    pub fn new(ports: PairingPorts) -> Self {
         let bytes = crate::runtime::ids::next_bytes::<16>();
         let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
         // SGLang reads the room as a signed 64-bit integer: keep it non-negative.
@@ -100,7 +99,6 @@ impl Pairing {
             bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
         ]) >> 1;
         Self {
-            prefiller_host: prefiller_host.to_owned(),
             id,
             room,
             bootstrap_port: ports.sglang_bootstrap,
@@ -108,14 +106,6 @@ impl Pairing {
             mooncake_port: ports.mooncake_bootstrap,
             engine: Engine::default(),
             kv_source_host: None,
-        }
-    }
-
-    /// The same pairing for the prefiller that answered (a retry may have moved on).
-    pub fn answered_by(&self, prefiller_host: &str) -> Self {
-        Self {
-            prefiller_host: prefiller_host.to_owned(),
-            ..self.clone()
         }
     }
 }
@@ -193,11 +183,18 @@ impl Connector {
         )
     }
 
-    /// The prefill leg's body: the API's one-token edits, then the connector's own. SGLang's
-    /// prefill is the decode's request itself (its prefill server stops after the prefill).
-    pub fn prefill_body(self, api: Api, request: &JsonObject<'_>, pairing: &Pairing) -> Spliced {
+    /// The prefill leg's body for the prefiller on `prefiller_host` (IPv6 in brackets): the
+    /// API's one-token edits, then the connector's own. SGLang's prefill is the decode's
+    /// request itself (its prefill server stops after the prefill).
+    pub fn prefill_body(
+        self,
+        api: Api,
+        request: &JsonObject<'_>,
+        pairing: &Pairing,
+        prefiller_host: &str,
+    ) -> Spliced {
         if self == Connector::SgLang {
-            return sglang::body(request, pairing);
+            return sglang::body(request, pairing, prefiller_host);
         }
         let mut scratch = String::new();
         let mut edits = api.prefill_edits(request, &mut scratch);
@@ -229,25 +226,27 @@ impl Connector {
         }
     }
 
-    /// The decode leg, built from the client's request, the prefiller's 2xx reply and the
-    /// request's pairing (with the prefiller that answered).
+    /// The decode leg, built from the client's request, the prefiller's 2xx reply, the
+    /// request's pairing and the host of the prefiller that answered (a retry may have moved
+    /// on from the first).
     pub fn decode_plan(
         self,
         request: &JsonObject<'_>,
         original: &Bytes,
         reply: &Bytes,
         pairing: &Pairing,
+        prefiller_host: &str,
     ) -> Result<DecodePlan, ReplyError> {
         match self {
             Connector::NixlV2 => nixlv2::decode_plan(request, reply),
             Connector::Nixl => nixl::decode_plan(request, reply),
             Connector::LmCache => Ok(lmcache::decode_plan(original)),
             Connector::SgLang => Ok(DecodePlan {
-                body: sglang::body(request, pairing),
+                body: sglang::body(request, pairing, prefiller_host),
                 handoff: Handoff::Remote,
             }),
-            Connector::Offloading => Ok(offloading::decode_plan(request, pairing)),
-            Connector::Mooncake => Ok(mooncake::decode_plan(request, pairing)),
+            Connector::Offloading => Ok(offloading::decode_plan(request, pairing, prefiller_host)),
+            Connector::Mooncake => Ok(mooncake::decode_plan(request, pairing, prefiller_host)),
         }
     }
 }
@@ -305,7 +304,7 @@ impl FromStr for Connector {
 fn completion_prefill(connector: Connector, request: &'static str, pairing: &Pairing) -> String {
     let source = Bytes::from_static(request.as_bytes());
     let obj = JsonObject::parse(&source).expect("a JSON object");
-    let body = connector.prefill_body(Api::Completions, &obj, pairing);
+    let body = connector.prefill_body(Api::Completions, &obj, pairing, "127.0.0.1");
     String::from_utf8(body.to_vec()).expect("UTF-8")
 }
 

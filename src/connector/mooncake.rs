@@ -23,13 +23,17 @@ pub(super) fn prefill_params(pairing: &Pairing) -> String {
 }
 
 /// The original request with the transfer to pull and where its engine's bootstrap is.
-pub(super) fn decode_plan(request: &JsonObject<'_>, pairing: &Pairing) -> DecodePlan {
+pub(super) fn decode_plan(
+    request: &JsonObject<'_>,
+    pairing: &Pairing,
+    prefiller_host: &str,
+) -> DecodePlan {
     let params = serde_json::json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
         "transfer_id": transfer_id(pairing),
         // The host as a URI has it: IPv6 in brackets.
-        "remote_bootstrap_addr": format!("http://{}:{}", pairing.prefiller_host, pairing.mooncake_port),
+        "remote_bootstrap_addr": format!("http://{prefiller_host}:{}", pairing.mooncake_port),
         "remote_engine_id": pairing.engine.engine_id,
     })
     .to_string();
@@ -84,7 +88,6 @@ mod tests {
         let source = Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#);
         let obj = JsonObject::parse(&source).unwrap();
         let pairing = Pairing {
-            prefiller_host: "[fd00::2]".into(),
             id: uuid::Uuid::from_u128(1),
             mooncake_port: 8998,
             engine: Engine {
@@ -98,7 +101,7 @@ mod tests {
             r#"{"do_remote_prefill":false,"do_remote_decode":true,"transfer_id":"xfer-00000000-0000-0000-0000-000000000001"}"#
         );
         assert_eq!(
-            decode_plan(&obj, &pairing).body.to_bytes(),
+            decode_plan(&obj, &pairing, "[fd00::2]").body.to_bytes(),
             Bytes::from_static(
                 br#"{"prompt":"hi","kv_transfer_params":{"do_remote_decode":false,"do_remote_prefill":true,"remote_bootstrap_addr":"http://[fd00::2]:8998","remote_engine_id":"e0","transfer_id":"xfer-00000000-0000-0000-0000-000000000001"}}"#
             )

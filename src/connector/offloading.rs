@@ -14,11 +14,15 @@ pub(super) fn prefill_params(pairing: &Pairing) -> String {
 
 /// The original request with where to pull the prefilled KV cache from; the prefiller's reply
 /// carries nothing the decoder needs.
-pub(super) fn decode_plan(request: &JsonObject<'_>, pairing: &Pairing) -> DecodePlan {
+pub(super) fn decode_plan(
+    request: &JsonObject<'_>,
+    pairing: &Pairing,
+    prefiller_host: &str,
+) -> DecodePlan {
     let params = format!(
         r#"{{"remote_prefiller":{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}}}"#,
         pairing.id,
-        unbracketed(&pairing.prefiller_host),
+        unbracketed(prefiller_host),
         pairing.p2p_port
     );
     DecodePlan {
@@ -37,7 +41,6 @@ mod tests {
         let source = Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#);
         let obj = JsonObject::parse(&source).unwrap();
         let pairing = Pairing {
-            prefiller_host: "10.0.0.7".into(),
             id: uuid::Uuid::from_u128(1),
             p2p_port: 7777,
             ..Pairing::default()
@@ -47,7 +50,7 @@ mod tests {
             r#"{"remote_decoder":{"kv_request_id":"00000000-0000-0000-0000-000000000001"}}"#
         );
         assert_eq!(
-            decode_plan(&obj, &pairing).body.to_bytes(),
+            decode_plan(&obj, &pairing, "10.0.0.7").body.to_bytes(),
             Bytes::from_static(
                 br#"{"prompt":"hi","kv_transfer_params":{"remote_prefiller":{"kv_request_id":"00000000-0000-0000-0000-000000000001","remote_host":"10.0.0.7","remote_port":7777}}}"#
             )

@@ -7,9 +7,9 @@ use crate::json_edit::{Edit, JsonObject, Spliced};
 
 /// The body both legs carry: the client's request, token limits and `stream` as sent, plus
 /// the bootstrap fields (any the client sent are replaced: they aim the decoder's fetch).
-pub(super) fn body(request: &JsonObject<'_>, pairing: &Pairing) -> Spliced {
+pub(super) fn body(request: &JsonObject<'_>, pairing: &Pairing, prefiller_host: &str) -> Spliced {
     // JSON strings of a host: a registered name or an IP literal never needs escaping.
-    let host = format!("\"{}\"", unbracketed(&pairing.prefiller_host));
+    let host = format!("\"{}\"", unbracketed(prefiller_host));
     let port = pairing.bootstrap_port.to_string();
     let room = pairing.room.to_string();
     request.rewrite(&[
@@ -31,13 +31,12 @@ mod tests {
         );
         let obj = JsonObject::parse(&source).unwrap();
         let pairing = Pairing {
-            prefiller_host: "[fd00::1]".into(),
             bootstrap_port: 8998,
             room: 42,
             ..Pairing::default()
         };
         assert_eq!(
-            body(&obj, &pairing).to_bytes(),
+            body(&obj, &pairing, "[fd00::1]").to_bytes(),
             Bytes::from_static(
                 br#"{"prompt":"hi","max_tokens":9,"stream":true,"bootstrap_room":42,"bootstrap_host":"fd00::1","bootstrap_port":8998}"#
             )

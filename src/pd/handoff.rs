@@ -259,7 +259,7 @@ pub struct LateReplyRelease {
     pub uri: http::Uri,
     pub upstream: Upstream,
     pub grace: Duration,
-    /// The request's pairing, for the prefiller that answered.
+    /// The request's pairing.
     pub pairing: Pairing,
 }
 
@@ -268,10 +268,9 @@ impl LateReplyRelease {
         let Ok(request) = JsonObject::parse(&self.original) else {
             return;
         };
-        let pairing = self.pairing.answered_by(from.host());
-        let Ok(plan) = self
-            .connector
-            .decode_plan(&request, &self.original, reply, &pairing)
+        let Ok(plan) =
+            self.connector
+                .decode_plan(&request, &self.original, reply, &self.pairing, from.host())
         else {
             return;
         };

@@ -137,7 +137,7 @@ pub async fn serve(
     if let Err(e) = cx.decoder.health().check().await {
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
-    let mut pairing = Pairing::new(prefiller.host(), cx.pairing_ports);
+    let mut pairing = Pairing::new(cx.pairing_ports);
     // Only NIXL v2's prefill can pull a cached prefix (vLLM's P2P tier).
     if cx.connector == Connector::NixlV2 {
         pairing.kv_source_host = kv_source.map(|s| s.host().to_owned());
@@ -159,11 +159,19 @@ pub async fn serve(
         }
         let legs = concurrent::Legs {
             prefill_head,
-            prefill_body: cx.connector.prefill_body(api, &request, &pairing),
+            prefill_body: cx
+                .connector
+                .prefill_body(api, &request, &pairing, prefiller.host()),
             decode_head: parts,
             decode_body: cx
                 .connector
-                .decode_plan(&request, &original, &bytes::Bytes::new(), &pairing)
+                .decode_plan(
+                    &request,
+                    &original,
+                    &bytes::Bytes::new(),
+                    &pairing,
+                    prefiller.host(),
+                )
                 .map_err(|e| ProxyError::Internal(e.to_string()))?
                 .body,
         };
@@ -178,7 +186,9 @@ pub async fn serve(
         }
         return Ok(with_request_id(served?, request_id));
     }
-    let prefill_body = cx.connector.prefill_body(api, &request, &pairing);
+    let prefill_body = cx
+        .connector
+        .prefill_body(api, &request, &pairing, prefiller.host());
     trace!(body = %prefill_body, "prefill request");
     guard.prefill_started();
     let release = cx
@@ -244,26 +254,28 @@ pub async fn serve(
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // 3. The decode leg, from the original request and the prefiller's reply.
-    let pairing = pairing.answered_by(answered.host());
-    let plan = match cx
-        .connector
-        .decode_plan(&request, &original, &reply, &pairing)
-    {
-        Ok(plan) => plan,
-        Err(e) => {
-            let e = ProxyError::PrefillBadReply {
-                prefiller: answered.authority().to_string(),
-                detail: e.to_string(),
-            };
-            if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal {
-                // A 2xx that cannot be used may still have pinned blocks: they wait for their
-                // lease, as after any unusable reply; the user gets an answer.
-                return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e)
+    let plan =
+        match cx
+            .connector
+            .decode_plan(&request, &original, &reply, &pairing, answered.host())
+        {
+            Ok(plan) => plan,
+            Err(e) => {
+                let e = ProxyError::PrefillBadReply {
+                    prefiller: answered.authority().to_string(),
+                    detail: e.to_string(),
+                };
+                if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal {
+                    // A 2xx that cannot be used may still have pinned blocks: they wait for their
+                    // lease, as after any unusable reply; the user gets an answer.
+                    return decode_local(
+                        cx, &parts, &request, &original, decode_uri, request_id, e,
+                    )
                     .await;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     if let Handoff::LocalPrefill(why) = plan.handoff {
         warn!(reason = why, "decoder will prefill locally: no KV handoff");
     }
