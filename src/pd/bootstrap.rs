@@ -38,32 +38,30 @@ impl Bootstraps {
         prefiller: &Target,
         port: u16,
     ) -> Result<Engine, ProxyError> {
-        let key = prefiller.authority().to_owned();
-        let cached = self
+        let fresh = self
             .lock()
-            .get(&key)
-            .and_then(|(at, engines)| (at.elapsed() < FRESH_FOR).then(|| engines.clone()));
-        let engines = match cached {
-            Some(engines) => engines,
-            None => {
-                let engines = query(upstream, prefiller, port).await?;
-                let mut known = self.lock();
-                if known.len() >= CAPACITY && !known.contains_key(&key) {
-                    // The oldest answer goes: it is the likeliest to be stale anyway.
-                    let oldest = known
-                        .iter()
-                        .min_by_key(|(_, (at, _))| *at)
-                        .map(|(k, _)| k.clone());
-                    if let Some(oldest) = oldest {
-                        known.remove(&oldest);
-                    }
-                }
-                known.insert(key, (Instant::now(), engines.clone()));
-                engines
+            .get(prefiller.authority())
+            .filter(|(at, _)| at.elapsed() < FRESH_FOR)
+            .map(|(_, engines)| pick(engines));
+        if let Some(engine) = fresh {
+            return Ok(engine);
+        }
+        let engines = query(upstream, prefiller, port).await?;
+        let engine = pick(&engines);
+        let key = prefiller.authority().to_owned();
+        let mut known = self.lock();
+        if known.len() >= CAPACITY && !known.contains_key(&key) {
+            // The oldest answer goes: it is the likeliest to be stale anyway.
+            let oldest = known
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                known.remove(&oldest);
             }
-        };
-        let pick = fastrand::usize(..engines.len());
-        Ok(engines[pick].clone())
+        }
+        known.insert(key, (Instant::now(), engines));
+        Ok(engine)
     }
 
     /// Drops what is known of `prefiller`, after a leg to it failed.
@@ -75,6 +73,11 @@ impl Bootstraps {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// One of `engines` (never empty: `parse_query` refuses an answer without one), at random.
+fn pick(engines: &[Engine]) -> Engine {
+    engines[fastrand::usize(..engines.len())].clone()
 }
 
 async fn query(
