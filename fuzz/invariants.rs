@@ -36,7 +36,7 @@ const CANNED_REPLIES: [&[u8]; 4] = [
 const CONNECTORS: [Connector; 4] = [
     Connector::NixlV2,
     Connector::Nixl,
-    Connector::LmCache,
+    Connector::SharedStorage,
     Connector::Offloading,
 ];
 
@@ -90,11 +90,29 @@ fn check_edits(
     }
 }
 
+/// A shared-storage decode is the client's bytes, but for a `cache_hit_threshold` it set,
+/// which becomes 0.
+fn check_shared_storage_decode(
+    what: &str,
+    input: &HashMap<String, &RawValue>,
+    body: &[u8],
+    original: &[u8],
+    strict: bool,
+) {
+    if !input.contains_key("cache_hit_threshold") {
+        assert_eq!(body, original, "{what}: must be the client's bytes");
+        return;
+    }
+    check_rewrite(what, input, body, &["cache_hit_threshold"], strict);
+    let out = members(body).expect("checked above");
+    assert_eq!(raw_of(&out, "cache_hit_threshold"), Some("0"), "{what}");
+}
+
 fn decode_touched(c: Connector) -> &'static [&'static str] {
     match c {
         Connector::NixlV2 => &["kv_transfer_params"],
         Connector::Nixl => &NIXL_FIELDS,
-        Connector::LmCache => &[],
+        Connector::SharedStorage => &["cache_hit_threshold"],
         Connector::Offloading => &["kv_transfer_params"],
         Connector::SgLang => &["bootstrap_host", "bootstrap_port", "bootstrap_room"],
         Connector::Mooncake => &["kv_transfer_params"],
@@ -244,8 +262,8 @@ pub fn check_json_edit(input: &[u8]) {
 
         let local = c.local_decode_body(&obj, &original).to_bytes();
         let what = format!("{name} local_decode_body");
-        if c == Connector::LmCache {
-            assert_eq!(local, original, "{what}: must be the client's bytes");
+        if c == Connector::SharedStorage {
+            check_shared_storage_decode(&what, &input_members, &local, &original, strict);
         } else {
             check_rewrite(&what, &input_members, &local, decode_touched(c), strict);
             let l = members(&local).expect("checked above");
@@ -272,17 +290,14 @@ fn check_decode(
     let reply = Bytes::copy_from_slice(reply);
     let Ok(plan) = c.decode_plan(obj, original, &reply, &Pairing::default(), "127.0.0.1") else {
         assert!(
-            c != Connector::LmCache,
+            c != Connector::SharedStorage,
             "{what}: lmcache never reads the reply"
         );
         return;
     };
-    if c == Connector::LmCache {
-        assert_eq!(
-            &plan.body.to_bytes(),
-            original,
-            "{what}: must be the client's bytes"
-        );
+    if c == Connector::SharedStorage {
+        let body = plan.body.to_bytes();
+        check_shared_storage_decode(&what, input, &body, original, strict);
         assert_eq!(plan.handoff, Handoff::SharedStorage);
         return;
     }
@@ -335,7 +350,10 @@ fn check_decode(
                 "{what}: kv_transfer_params"
             );
         }
-        Connector::LmCache | Connector::SgLang | Connector::Offloading | Connector::Mooncake => {
+        Connector::SharedStorage
+        | Connector::SgLang
+        | Connector::Offloading
+        | Connector::Mooncake => {
             unreachable!()
         }
     }

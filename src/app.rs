@@ -99,6 +99,7 @@ impl App {
                 tls: config.prefiller_use_tls,
                 sampling: config.prefiller_sampling,
                 p2p_pull: config.p2p_pull,
+                own: config.own_endpoint,
             },
             allowlist,
             busy_poll,

@@ -138,6 +138,9 @@ impl Proxy {
         let served = match routing {
             Routing::PassThrough => self.pass_through(req, client, guard).await,
             Routing::Pd(route) => pd::serve(&self.pd, req, route, client, guard).await,
+            Routing::KvSource(source) => {
+                pd::serve_with_kv_source(&self.pd, req, source, client, guard).await
+            }
             Routing::Refused { error, .. } => Err(error),
         };
         served.unwrap_or_else(|e| respond_error(guard, client, e))

@@ -35,6 +35,9 @@ pub enum Routing {
     /// Prefilled on the first of these prefillers (a retry goes to the next), then decoded
     /// locally.
     Pd(Pd),
+    /// No prefiller, but a KV cache source to pull a cached prefix from: decoded locally
+    /// with `remote_kv_source` (vLLM's P2P tier).
+    KvSource(Target),
     /// Meant for P/D but refused before any upstream is called (bad header, SSRF).
     Refused {
         prefiller: Option<Target>,
@@ -61,8 +64,10 @@ pub struct Pick {
     pub tls: bool,
     /// Uniformly at random (`-enable-prefiller-sampling`), instead of the first entry.
     pub sampling: bool,
-    /// Read `x-kv-cache-source-host-port` (`-enable-p2p-pull`).
+    /// Read `x-kv-cache-source-host-port` (offloading, or nixlv2 with `-enable-p2p-pull`).
     pub p2p_pull: bool,
+    /// `POD_IP:port`: a source naming it is this sidecar's own decoder.
+    pub own: Option<std::net::SocketAddr>,
 }
 
 /// The P/D routes ([`Api`]) with a prefiller header go P/D; everything else passes through.
@@ -72,7 +77,15 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
         _ => return Routing::PassThrough,
     };
     let list = match upstream::prefillers_from(req.headers(), pick.tls) {
-        Ok(list) if list.is_empty() => return Routing::PassThrough,
+        Ok(list) if list.is_empty() => {
+            return match pick
+                .p2p_pull
+                .then(|| kv_source(req.headers(), None, pick, allowlist))
+            {
+                Some(Some(source)) => Routing::KvSource(source),
+                _ => Routing::PassThrough,
+            }
+        }
         Ok(list) => list,
         Err(e) => {
             return Routing::Refused {
@@ -108,7 +121,7 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
     let order = list.iter().cycle().skip(first).take(list.len());
     let kv_source = pick
         .p2p_pull
-        .then(|| kv_source(req.headers(), picked, allowlist))
+        .then(|| kv_source(req.headers(), Some(picked), pick, allowlist))
         .flatten();
     Routing::Pd(Pd {
         api,
@@ -122,11 +135,12 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
 }
 
 /// The KV cache source the scheduler named, when it may be used: it parses, SSRF protection
-/// allows it (else it is ignored, as pd-sidecar does), and it is not the prefiller, which
-/// would pull from itself.
+/// allows it (else it is ignored, as pd-sidecar does), and it is not the server that would
+/// pull (the prefiller, or without one this pod's decoder), which would pull from itself.
 fn kv_source(
     headers: &http::HeaderMap,
-    prefiller: &Target,
+    prefiller: Option<&Target>,
+    pick: Pick,
     allowlist: &Allowlist,
 ) -> Option<Target> {
     let value = headers.get(KV_CACHE_SOURCE)?.to_str().ok()?.trim();
@@ -147,14 +161,20 @@ fn kv_source(
         );
         return None;
     }
-    (source.authority() != prefiller.authority()).then_some(source)
+    let itself = match prefiller {
+        Some(prefiller) => source.authority() == prefiller.authority(),
+        None => pick.own.is_some_and(|own| {
+            source.authority().parse::<std::net::SocketAddr>().ok() == Some(own)
+        }),
+    };
+    (!itself).then_some(source)
 }
 
 impl Routing {
     /// The metrics label: a refused P/D request still counts as P/D.
     pub fn route(&self) -> Route {
         match self {
-            Routing::PassThrough => Route::PassThrough,
+            Routing::PassThrough | Routing::KvSource(_) => Route::PassThrough,
             Routing::Pd(_) | Routing::Refused { .. } => Route::Pd,
         }
     }
@@ -164,7 +184,7 @@ impl Routing {
         match self {
             Routing::Pd(pd) => pd.prefillers.first(),
             Routing::Refused { prefiller, .. } => prefiller.as_ref(),
-            Routing::PassThrough => None,
+            Routing::PassThrough | Routing::KvSource(_) => None,
         }
     }
 }

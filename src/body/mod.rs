@@ -7,9 +7,10 @@ pub mod usage;
 pub use spliced::SentSignal;
 
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, Limited};
-use hyper::body::Body;
+use http_body_util::{BodyExt, BodyStream, Empty, Full, Limited, StreamBody};
+use hyper::body::{Body, Frame};
 
 use crate::json_edit::Spliced;
 
@@ -44,6 +45,22 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
+}
+
+/// `rest` with the frames already read from it put back in front. `hold` lives as long as
+/// the body (a task to abort when the client's response ends early, say).
+pub fn replay<I>(read: I, rest: ProxyBody, hold: impl Send + 'static) -> ProxyBody
+where
+    I: IntoIterator<Item = Result<Frame<Bytes>, BoxError>>,
+    I::IntoIter: Send + 'static,
+{
+    let frames = stream::iter(read)
+        .chain(BodyStream::new(rest))
+        .map(move |frame| {
+            let _held = &hold;
+            frame
+        });
+    boxed(StreamBody::new(frames))
 }
 
 /// Why a body could not be collected.

@@ -110,6 +110,11 @@ pub struct Args {
     #[arg(long = "decode-admission-grace", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
     pub decode_admission_grace: Duration,
 
+    /// This pod's IP (env POD_IP, from the downward API): a KV cache source naming
+    /// POD_IP:port is this sidecar itself
+    #[arg(long = "pod-ip", hide = true, value_name = "IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
     /// Offloading connector's P2P tier port on prefill pods, rank r on port+r (env
     /// P2P_CONNECTOR_PORT)
     #[arg(long = "p2p-connector-port", default_value_t = 7777,
@@ -521,10 +526,11 @@ impl std::fmt::Display for CliError {
 
 /// Variables pd-sidecar reads as flags' defaults, below YAML. Empty means unset; a value the
 /// flag would refuse is an error naming the variable.
-const FLAG_ENV: [(&str, &str); 4] = [
+const FLAG_ENV: [(&str, &str); 5] = [
     ("ENABLE_PREFILLER_SAMPLING", "enable-prefiller-sampling"),
     ("MOONCAKE_BOOTSTRAP_PORT", "mooncake-bootstrap-port"),
     ("P2P_CONNECTOR_PORT", "p2p-connector-port"),
+    ("POD_IP", "pod-ip"),
     ("SGLANG_BOOTSTRAP_PORT", "sglang-bootstrap-port"),
 ];
 

@@ -74,9 +74,11 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The metrics port was left at its default: failing to bind it does not stop serving.
     pub metrics_port_defaulted: bool,
-    /// `-enable-p2p-pull`: nixlv2 prefills may pull a cached prefix from the
-    /// `x-kv-cache-source-host-port` peer.
+    /// A request's `x-kv-cache-source-host-port` peer is pulled from: always with the
+    /// offloading connector, with `-enable-p2p-pull` for nixlv2 (vLLM's MultiConnector).
     pub p2p_pull: bool,
+    /// `POD_IP:port`: a KV cache source naming it is this sidecar's own decoder.
+    pub own_endpoint: Option<SocketAddr>,
     /// `-rewrite-cached-tokens`.
     pub rewrite_cached_tokens: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
@@ -279,7 +281,9 @@ impl TryFrom<Parsed> for Config {
             metrics_listen: (metrics_port != 0)
                 .then(|| SocketAddr::new(args.bind_address, metrics_port)),
             metrics_port_defaulted: !parsed.is_set("metrics-port"),
-            p2p_pull: args.enable_p2p_pull,
+            p2p_pull: connector == Connector::Offloading
+                || (args.enable_p2p_pull && connector == Connector::NixlV2),
+            own_endpoint: args.pod_ip.map(|ip| SocketAddr::new(ip, args.port)),
             rewrite_cached_tokens: args.rewrite_cached_tokens,
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,

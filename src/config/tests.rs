@@ -45,11 +45,11 @@ fn connector_precedence_and_names() {
     assert_eq!(connector(&[]), Connector::NixlV2);
     assert_eq!(
         connector(&["--kv-connector=shared-storage"]),
-        Connector::LmCache
+        Connector::SharedStorage
     );
     assert_eq!(
         connector(&["--connector=nixl", "--kv-connector=lmcache"]),
-        Connector::LmCache
+        Connector::SharedStorage
     );
     // The current name wins from anywhere, as in pd-sidecar's migration.
     assert_eq!(
@@ -57,7 +57,7 @@ fn connector_precedence_and_names() {
             "--connector=nixl",
             "--configuration={kv-connector: lmcache}"
         ]),
-        Connector::LmCache
+        Connector::SharedStorage
     );
     assert_eq!(connector(&["--kv-connector=sglang"]), Connector::SgLang);
     assert_eq!(connector(&["-connector=offloading"]), Connector::Offloading);

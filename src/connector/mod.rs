@@ -3,12 +3,12 @@
 //! Connectors are pure functions over request bytes; the network flow lives in `pd/` and is
 //! written once for all of them. What a one-token prefill changes per route is `api.rs`'s.
 
-mod lmcache;
 mod mooncake;
 mod nixl;
 mod nixlv2;
 mod offloading;
 mod sglang;
+mod shared_storage;
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +19,7 @@ use crate::api::Api;
 use crate::json_edit::{Edit, JsonObject, Spliced};
 
 pub use mooncake::{parse_query, Engine};
+pub use shared_storage::BELOW_THRESHOLD;
 
 /// The connector selected by `-connector`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +28,9 @@ pub enum Connector {
     NixlV2,
     /// The legacy llm-d fork protocol: top-level `do_remote_*` and `remote_*` fields.
     Nixl,
-    /// LMCache shared storage: prefill with one token, then the untouched request.
-    LmCache,
+    /// Shared storage (LMCache, vLLM's ExampleConnector): prefill with one token, then the
+    /// untouched request; decode first when the client set `cache_hit_threshold`.
+    SharedStorage,
     /// SGLang: both legs at once, paired through the prefill server's bootstrap room.
     SgLang,
     /// vLLM's OffloadingConnector, P2P tier: the decoder pulls from the prefiller's P2P port.
@@ -45,7 +47,14 @@ pub enum Flow {
     Sequential,
     /// Both at once: the decoder waits for the prefilled KV cache itself.
     Concurrent,
+    /// The decoder first, with the client's request: it answers unless too little of the
+    /// prompt is cached (`finish_reason: "cache_threshold"`); then prefill, then decode.
+    DecodeFirst,
 }
+
+/// The request member that asks a shared-storage decoder to refuse a prompt it has too
+/// little of cached (llm-d's decode-first; vllm#24256).
+pub const CACHE_HIT_THRESHOLD: &str = "cache_hit_threshold";
 
 /// What pairs one request's two legs besides the client's body and the prefiller: the ids
 /// the sidecar made up for the transfer and the prefill pod's ports they name. Cheap to
@@ -110,6 +119,34 @@ impl Pairing {
     }
 }
 
+impl Pairing {
+    /// The `kv_request_id` of a pull from the KV cache source: apart from the transfer's id,
+    /// under which an offloading prefiller stores what the decoder pulls. Still a uuid4 (only
+    /// the last byte differs).
+    fn source_pull_id(&self) -> uuid::Uuid {
+        uuid::Uuid::from_u128(self.id.as_u128() ^ 0xff)
+    }
+}
+
+/// `remote_kv_source`'s value (vLLM's P2P tier): pull a cached prefix from the peer's P2P
+/// port. `None` without a source.
+fn remote_kv_source(pairing: &Pairing) -> Option<String> {
+    let host = pairing.kv_source_host.as_deref()?;
+    Some(format!(
+        r#"{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}"#,
+        pairing.source_pull_id(),
+        unbracketed(host),
+        pairing.p2p_port
+    ))
+}
+
+/// A decoder-only request with a KV cache source (no prefiller named): `kv_transfer_params`
+/// becomes the pull alone, the client's own keys dropped, as pd-sidecar does.
+pub fn with_kv_source(request: &JsonObject<'_>, pairing: &Pairing) -> Option<Spliced> {
+    let params = format!(r#"{{"remote_kv_source":{}}}"#, remote_kv_source(pairing)?);
+    Some(request.rewrite(&[("kv_transfer_params", Edit::Set(&params))]))
+}
+
 /// SGLang and vLLM's P2P tier join host and port themselves: an IPv6 host goes bare.
 fn unbracketed(host: &str) -> &str {
     host.strip_prefix('[')
@@ -159,17 +196,20 @@ impl Connector {
         match self {
             Connector::NixlV2 => "nixlv2",
             Connector::Nixl => "nixl",
-            Connector::LmCache => "lmcache",
+            Connector::SharedStorage => "shared-storage",
             Connector::SgLang => "sglang",
             Connector::Offloading => "offloading",
             Connector::Mooncake => "mooncake",
         }
     }
 
-    /// How the two legs are ordered.
-    pub fn flow(self) -> Flow {
+    /// How the two legs of `request` are ordered.
+    pub fn flow(self, request: &JsonObject<'_>) -> Flow {
         match self {
             Connector::SgLang | Connector::Mooncake => Flow::Concurrent,
+            Connector::SharedStorage if request.get(CACHE_HIT_THRESHOLD).is_some() => {
+                Flow::DecodeFirst
+            }
             _ => Flow::Sequential,
         }
     }
@@ -219,10 +259,8 @@ impl Connector {
         match self {
             Connector::NixlV2 => &nixlv2::PREFILL_EDITS,
             Connector::Nixl => &nixl::PREFILL_EDITS,
-            Connector::LmCache
-            | Connector::SgLang
-            | Connector::Offloading
-            | Connector::Mooncake => &[],
+            Connector::SharedStorage => &shared_storage::ZERO_THRESHOLD,
+            Connector::SgLang | Connector::Offloading | Connector::Mooncake => &[],
         }
     }
 
@@ -240,7 +278,7 @@ impl Connector {
         match self {
             Connector::NixlV2 => nixlv2::decode_plan(request, reply),
             Connector::Nixl => nixl::decode_plan(request, reply),
-            Connector::LmCache => Ok(lmcache::decode_plan(original)),
+            Connector::SharedStorage => Ok(shared_storage::decode_plan(request, original)),
             Connector::SgLang => Ok(DecodePlan {
                 body: sglang::body(request, pairing, prefiller_host),
                 handoff: Handoff::Remote,
@@ -273,7 +311,7 @@ impl Connector {
                 ("remote_host", Edit::Remove),
                 ("remote_port", Edit::Remove),
             ],
-            Connector::LmCache => return Spliced::from(original.clone()),
+            Connector::SharedStorage => return shared_storage::decode_plan(request, original).body,
         };
         request.rewrite(transfer_fields)
     }
@@ -290,7 +328,7 @@ impl FromStr for Connector {
             "offloading" => Ok(Connector::Offloading),
             "mooncake" => Ok(Connector::Mooncake),
             // pd-sidecar's name for it since llm-d-router#509.
-            "lmcache" | "shared-storage" => Ok(Connector::LmCache),
+            "lmcache" | "shared-storage" => Ok(Connector::SharedStorage),
             other => Err(format!(
                 "unknown connector '{other}' (expected nixlv2, nixl, shared-storage, lmcache, sglang, mooncake or offloading)"
             )),
@@ -317,7 +355,7 @@ mod tests {
         for c in [
             Connector::NixlV2,
             Connector::Nixl,
-            Connector::LmCache,
+            Connector::SharedStorage,
             Connector::SgLang,
             Connector::Offloading,
             Connector::Mooncake,

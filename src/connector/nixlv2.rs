@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{unbracketed, DecodePlan, Handoff, Pairing, ReplyError};
+use super::{remote_kv_source, DecodePlan, Handoff, Pairing, ReplyError};
 use crate::json_edit::{Edit, JsonObject};
 
 /// What vLLM's NixlConnector expects on the prefill leg (the same as vLLM's toy proxy sends).
@@ -13,17 +13,12 @@ pub(super) const PREFILL_EDITS: [(&str, Edit<'static>); 1] =
     [("kv_transfer_params", Edit::Set(PREFILL_PARAMS))];
 
 /// With a KV cache source (`-enable-p2p-pull`), the request also names the peer to pull a
-/// cached prefix from, as pd-sidecar does: `remote_kv_source` with a fresh `kv_request_id`,
-/// the peer's host and its P2P port.
+/// cached prefix from, as pd-sidecar does (vLLM's MultiConnector hands `remote_kv_source` to
+/// its P2P tier).
 pub(super) fn prefill_params_with_source(pairing: &Pairing) -> Option<String> {
-    let host = pairing.kv_source_host.as_deref()?;
+    let source = remote_kv_source(pairing)?;
     let params = PREFILL_PARAMS.strip_suffix('}')?;
-    Some(format!(
-        r#"{params},"remote_kv_source":{{"kv_request_id":"{}","remote_host":"{}","remote_port":{}}}}}"#,
-        pairing.id,
-        unbracketed(host),
-        pairing.p2p_port
-    ))
+    Some(format!(r#"{params},"remote_kv_source":{source}}}"#))
 }
 
 /// The original request plus the prefiller's `kv_transfer_params`, verbatim: new vLLM versions
@@ -87,7 +82,7 @@ mod tests {
         };
         assert_eq!(
             completion_prefill(crate::Connector::NixlV2, r#"{"prompt":"hi"}"#, &pairing),
-            r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null,"remote_kv_source":{"kv_request_id":"00000000-0000-0000-0000-000000000001","remote_host":"10.0.0.9","remote_port":7777}}}"#
+            r#"{"prompt":"hi","stream":false,"max_tokens":1,"max_completion_tokens":1,"kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null,"remote_kv_source":{"kv_request_id":"00000000-0000-0000-0000-0000000000fe","remote_host":"10.0.0.9","remote_port":7777}}}"#
         );
         assert!(prefill_params_with_source(&Pairing::default()).is_none());
     }

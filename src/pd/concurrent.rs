@@ -6,17 +6,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::stream::{self, StreamExt};
 use http::request::Parts;
 use http::Response;
-use http_body_util::{BodyExt, BodyStream, StreamBody};
-use hyper::body::Frame;
+use http_body_util::BodyExt;
 use tracing::{debug, info_span, Instrument};
 
 use super::prefill::{self, Attempts, Prefilled};
 use super::{leg, Abandoned, PdContext, RetryPolicy};
-use crate::body::{self, BoxError, ProxyBody};
+use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::json_edit::Spliced;
 use crate::observe::metrics::RequestGuard;
@@ -116,9 +113,11 @@ pub(super) async fn serve(
             debug!(error = %e, "prefill failed after the decode started");
         }
     }));
+    // The first frame, already read, goes back in front; the body holds the prefill's
+    // task, so the prefill is aborted when the client's response ends early.
     Ok(Response::from_parts(
         head,
-        with_first(first, decode_body, rest),
+        body::replay(first, decode_body, rest),
     ))
 }
 
@@ -128,19 +127,4 @@ fn refusal(prefilled: Prefilled) -> Option<Response<ProxyBody>> {
         Prefilled::Reply { .. } => None,
         Prefilled::Rejected(resp) => Some(resp),
     }
-}
-
-/// The decode's body with its first frame, already read, put back in front; it holds the
-/// prefill's task, so the prefill is aborted when the client's response ends early.
-fn with_first(
-    first: Option<Result<Frame<Bytes>, BoxError>>,
-    rest: ProxyBody,
-    prefill: AbortOnDrop,
-) -> ProxyBody {
-    let rest = BodyStream::new(rest);
-    let frames = stream::iter(first).chain(rest).map(move |frame| {
-        let _held = &prefill;
-        frame
-    });
-    body::boxed(StreamBody::new(frames))
 }

@@ -7,10 +7,13 @@
 
 mod bootstrap;
 mod concurrent;
+mod decode_first;
 mod handoff;
+mod kv_source;
 mod prefill;
 mod retry;
 
+pub use kv_source::serve as serve_with_kv_source;
 pub use retry::RetryPolicy;
 
 use std::net::SocketAddr;
@@ -105,32 +108,8 @@ pub async fn serve(
     };
 
     // 1. The client's request, whole, and the head both legs share.
-    let (mut parts, body) = req.into_parts();
-    let original = body::collect_limited(body, cx.max_body_bytes)
-        .await
-        .map_err(|e| match e {
-            CollectError::TooLarge => ProxyError::BodyTooLarge {
-                limit: cx.max_body_bytes,
-            },
-            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
-        })?;
-    guard.request_bytes(original.len());
-    let request = JsonObject::parse(&original).map_err(|e| match e {
-        ParseError::Invalid(e) => ProxyError::InvalidJson(e),
-        ParseError::NotObject => ProxyError::NotAnObject,
-    })?;
-    headers::for_upstream(&mut parts.headers);
-    headers::append_forwarded_for(&mut parts.headers, client.ip());
-    let request_id = headers::request_id(&parts.headers);
-    parts.headers.insert(REQUEST_ID, request_id.clone());
-    // Both legs carry rewritten bodies; hyper sets the right length for each.
-    parts.headers.remove(CONTENT_LENGTH);
-    // Both legs clone these headers, so they share the trace id.
-    let trace_id = trace_context::ensure_traceparent(&mut parts.headers);
-    trace_context::record_ids(guard.span(), &request_id, &trace_id);
-    // Shared with the late-reply release, which needs the head only if the client leaves.
-    let parts = Arc::new(parts);
-    trace!(body = %String::from_utf8_lossy(&original), "client request");
+    let (parts, original, request_id) = read_request(cx, req, client, guard).await?;
+    let request = parse(&original)?;
 
     // 2. Prefill, unless the decoder is known to be down: the prefiller would pin KV blocks
     //    for a decode that cannot happen.
@@ -138,12 +117,20 @@ pub async fn serve(
         return Err(cx.decoder.unreachable(format!("{e} (no prefill was sent)")));
     }
     let mut pairing = Pairing::new(cx.pairing_ports);
-    // Only NIXL v2's prefill can pull a cached prefix (vLLM's P2P tier).
-    if cx.connector == Connector::NixlV2 {
-        pairing.kv_source_host = kv_source.map(|s| s.host().to_owned());
-    }
+    // Routing names a source only where the prefill can pull from it (vLLM's P2P tier).
+    pairing.kv_source_host = kv_source.map(|s| s.host().to_owned());
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
-    if cx.connector.flow() == Flow::Concurrent {
+    let flow = cx.connector.flow(&request);
+    if flow == Flow::DecodeFirst {
+        let tried = decode_first::try_decode(cx, &parts, &original, decode_uri.clone());
+        match tried.instrument(info_span!("decode_first")).await? {
+            decode_first::Tried::Answered(resp) => return Ok(with_request_id(resp, request_id)),
+            decode_first::Tried::BelowThreshold => {
+                debug!("below the decoder's cache hit threshold: prefilling remotely");
+            }
+        }
+    }
+    if flow == Flow::Concurrent {
         let mut prefill_head = Arc::clone(&parts);
         if cx.connector == Connector::Mooncake {
             pairing.engine = cx
@@ -323,6 +310,47 @@ pub async fn serve(
         resp = resp.map(|b| body::boxed(body::usage::CachedTokens::new(b, cached, sse)));
     }
     Ok(with_request_id(resp, request_id))
+}
+
+/// Reads the client's request whole, within `-max-request-body-size`, and cleans the head both
+/// legs share: hop-by-hop and routing headers out, `x-forwarded-for`, one request id and one
+/// trace id in.
+async fn read_request(
+    cx: &PdContext,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    guard: &mut RequestGuard,
+) -> Result<(Arc<Parts>, bytes::Bytes, HeaderValue), ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let original = body::collect_limited(body, cx.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            CollectError::TooLarge => ProxyError::BodyTooLarge {
+                limit: cx.max_body_bytes,
+            },
+            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
+        })?;
+    guard.request_bytes(original.len());
+    headers::for_upstream(&mut parts.headers);
+    headers::append_forwarded_for(&mut parts.headers, client.ip());
+    let request_id = headers::request_id(&parts.headers);
+    parts.headers.insert(REQUEST_ID, request_id.clone());
+    // Every leg carries a rewritten body; hyper sets the right length for each.
+    parts.headers.remove(CONTENT_LENGTH);
+    // Both legs clone these headers, so they share the trace id.
+    let trace_id = trace_context::ensure_traceparent(&mut parts.headers);
+    trace_context::record_ids(guard.span(), &request_id, &trace_id);
+    trace!(body = %String::from_utf8_lossy(&original), "client request");
+    // Shared with the late-reply release, which needs the head only if the client leaves.
+    Ok((Arc::new(parts), original, request_id))
+}
+
+/// The client's body as the JSON object every P/D route takes.
+fn parse(original: &bytes::Bytes) -> Result<JsonObject<'_>, ProxyError> {
+    JsonObject::parse(original).map_err(|e| match e {
+        ParseError::Invalid(e) => ProxyError::InvalidJson(e),
+        ParseError::NotObject => ProxyError::NotAnObject,
+    })
 }
 
 /// `-prefill-failure-policy=decode-local`: the decoder prefills itself, without KV handoff.

@@ -354,3 +354,101 @@ async fn the_prefillers_cached_tokens_reach_the_clients_usage_when_asked() {
         assert_eq!(&reply[..], want, "rewrite={rewrite}");
     }
 }
+
+/// A sidecar from `flags` whose decoder is `decoder`.
+async fn sidecar_with(decoder: SocketAddr, flags: &[&str]) -> Sidecar {
+    let argv = ["sidecar", "-secure-proxy=false"].iter().chain(flags);
+    let parsed = sidecar::cli::parse_with_env(argv, |_| None).unwrap();
+    let mut config = Config::try_from(parsed).unwrap();
+    config.decoder = sidecar::upstream::Target::http(decoder.to_string().parse().unwrap());
+    Sidecar::start(config).await
+}
+
+/// No prefiller but a KV cache source: the decoder pulls the cached prefix itself, with
+/// `kv_transfer_params` naming the source alone (the client's keys dropped), unless the
+/// source is this pod's own endpoint, SSRF protection refuses it, or the connector has no
+/// P2P tier.
+#[tokio::test]
+async fn a_decoder_only_request_pulls_from_the_kv_cache_source() {
+    let mut d = Recorder::start(OK_REPLY).await;
+    let pulling = [
+        "-kv-connector=offloading",
+        "-p2p-connector-port=7100",
+        "-allowed-prefillers=10.1.2.3,10.0.0.5",
+        "-pod-ip=10.0.0.5",
+        "-port=8000",
+    ];
+    let offloading = sidecar_with(d.addr, &pulling).await;
+    let nixlv2 = sidecar_with(d.addr, &["-kv-connector=nixlv2"]).await;
+    let nixlv2_pull = sidecar_with(d.addr, &["-kv-connector=nixlv2", "-enable-p2p-pull"]).await;
+    let body = r#"{"prompt":"hi","kv_transfer_params":{"remote_host":"evil"}}"#;
+    for (sidecar, source, pulled_from) in [
+        (&offloading, "10.1.2.3:8000", Some("10.1.2.3")),
+        (&offloading, "10.0.0.5:8000", None),
+        (&offloading, "10.0.0.5:8001", Some("10.0.0.5")),
+        (&offloading, "10.9.9.9:8000", None),
+        (&nixlv2, "10.1.2.3:8000", None),
+        (&nixlv2_pull, "10.1.2.3:8000", Some("10.1.2.3")),
+    ] {
+        let mut req = post("/v1/completions", None, body);
+        req.headers_mut()
+            .insert("x-kv-cache-source-host-port", source.parse().unwrap());
+        let (resp, reply) = call(sidecar.addr, req).await;
+        assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&reply));
+        let decode = d.next().await;
+        assert_eq!(decode.header("x-kv-cache-source-host-port"), None);
+        let Some(host) = pulled_from else {
+            assert_eq!(decode.body, body.as_bytes(), "{source}: untouched");
+            continue;
+        };
+        let params = member(&decode, "kv_transfer_params");
+        let src = &params["remote_kv_source"];
+        assert_eq!(src["remote_host"], host, "{source}: {params}");
+        let port = if sidecar.addr == offloading.addr {
+            7100
+        } else {
+            7777
+        };
+        assert_eq!(src["remote_port"], port, "{source}: {params}");
+        let id = src["kv_request_id"].as_str().unwrap();
+        assert_eq!(
+            String::from_utf8(decode.body.clone()).unwrap(),
+            format!(
+                r#"{{"prompt":"hi","kv_transfer_params":{{"remote_kv_source":{{"kv_request_id":"{id}","remote_host":"{host}","remote_port":{port}}}}}}}"#
+            )
+        );
+    }
+}
+
+/// An offloading prefill pulls from the KV cache source first, under its own id, and still
+/// stores under the id the decoder is told.
+#[tokio::test]
+async fn an_offloading_prefill_pulls_from_the_kv_cache_source_under_its_own_id() {
+    let mut p = Recorder::start(OK_REPLY).await;
+    let mut d = Recorder::start(OK_REPLY).await;
+    let sidecar = sidecar_with(
+        d.addr,
+        &[
+            "-kv-connector=offloading",
+            "-allowed-prefillers=127.0.0.1,10.1.2.3",
+        ],
+    )
+    .await;
+    let mut req = post("/v1/completions", Some(p.addr), r#"{"prompt":"hi"}"#);
+    req.headers_mut().insert(
+        "x-kv-cache-source-host-port",
+        "10.1.2.3:8000".parse().unwrap(),
+    );
+    let (resp, _) = call(sidecar.addr, req).await;
+    assert_eq!(resp.status(), 200);
+    let (prefill, decode) = (p.next().await, d.next().await);
+    let sent = member(&prefill, "kv_transfer_params");
+    let stored = sent["remote_decoder"]["kv_request_id"].as_str().unwrap();
+    let pulled = &sent["remote_kv_source"];
+    assert_eq!(pulled["remote_host"], "10.1.2.3", "{sent}");
+    assert_eq!(pulled["remote_port"], 7777);
+    assert_ne!(pulled["kv_request_id"], stored);
+    let told = member(&decode, "kv_transfer_params");
+    assert_eq!(told["remote_prefiller"]["kv_request_id"], stored);
+    assert!(told.get("remote_kv_source").is_none(), "{told}");
+}

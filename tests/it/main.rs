@@ -22,6 +22,7 @@ mod policy;
 mod readme;
 mod retries;
 mod routes;
+mod shared_storage;
 mod shutdown;
 mod ssrf_pool;
 mod streaming;

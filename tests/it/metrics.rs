@@ -326,7 +326,7 @@ async fn a_pass_through_client_that_leaves_is_a_decode_cancellation() {
 #[tokio::test]
 async fn the_admin_listener_serves_health_and_nothing_else() {
     let d = sim(|_| {}).await;
-    let s = Observed::start(d.api_addr(), Connector::LmCache).await;
+    let s = Observed::start(d.api_addr(), Connector::SharedStorage).await;
     let (resp, _) = call(s.admin, get("/health")).await;
     assert_eq!(resp.status(), 200);
     let (resp, _) = call(s.admin, get("/v1/models")).await;

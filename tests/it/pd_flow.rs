@@ -170,7 +170,7 @@ async fn lmcache_prefills_one_token_then_sends_the_untouched_request() {
         c.lmcache_peer = Some(peer);
     })
     .await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::LmCache).await;
+    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::SharedStorage).await;
     let original = r#"{"prompt": "shared prefix", "max_tokens": 3, "stream": false}"#;
     let (resp, body) = call_pd(sidecar.addr, &p, original).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));

@@ -81,7 +81,7 @@ async fn messages_prefill_one_token_and_decode_the_original() {
         text(&d),
         r#"{"model":"m","max_tokens":64,"messages":[{"role":"user","content":"hi"}],"stream":true,"system":"be brief","do_remote_prefill":true,"remote_block_ids":[7],"remote_engine_id":"e","remote_host":"h","remote_port":5}"#
     );
-    let (p, d) = both_legs(Connector::LmCache, "/v1/messages", body).await;
+    let (p, d) = both_legs(Connector::SharedStorage, "/v1/messages", body).await;
     assert_eq!(text(&p), format!("{one_token}}}"));
     assert_eq!(text(&d), body);
 }
@@ -97,7 +97,12 @@ async fn responses_prefill_one_output_token_in_the_foreground() {
         r#"{"model":"m","input":"hi","instructions":"be brief","max_output_tokens":64,"background":true,"stream":true,"kv_transfer_params":{"remote_block_ids":[7],"remote_engine_id":"e"}}"#
     );
     // Absent limits are set for the prefill only.
-    let (p, d) = both_legs(Connector::LmCache, "/v1/responses", r#"{"input":"hi"}"#).await;
+    let (p, d) = both_legs(
+        Connector::SharedStorage,
+        "/v1/responses",
+        r#"{"input":"hi"}"#,
+    )
+    .await;
     assert_eq!(
         text(&p),
         r#"{"input":"hi","stream":false,"max_output_tokens":1}"#
@@ -286,14 +291,15 @@ mod against_the_simulator {
     use vllm_sim::SimServer;
 
     const APIS: [Api; 3] = [Api::Messages, Api::Responses, Api::Generate];
-    const CONNECTORS: [Connector; 3] = [Connector::NixlV2, Connector::Nixl, Connector::LmCache];
+    const CONNECTORS: [Connector; 3] =
+        [Connector::NixlV2, Connector::Nixl, Connector::SharedStorage];
 
     /// A prefiller and a decoder speaking `connector`'s protocol (prefills taking
     /// `prefill_ms`), and a sidecar in front of the decoder.
     async fn cast(connector: Connector, prefill_ms: u64) -> (SimServer, SimServer, Sidecar) {
         let protocol = match connector {
             Connector::Nixl => "nixl-v1",
-            Connector::LmCache => "lmcache",
+            Connector::SharedStorage => "lmcache",
             _ => "nixlv2",
         };
         let p = sim(|c| {
@@ -305,7 +311,7 @@ mod against_the_simulator {
         let d = sim(|c| {
             c.protocol = protocol.parse().unwrap();
             c.itl_ms = 5;
-            if connector == Connector::LmCache {
+            if connector == Connector::SharedStorage {
                 c.lmcache_peer = Some(peer);
             }
         })
@@ -364,7 +370,7 @@ mod against_the_simulator {
                 }
             }
             let state = sim_state(&p).await;
-            if connector != Connector::LmCache {
+            if connector != Connector::SharedStorage {
                 assert_eq!(counter(&state, "leases_created"), 6, "{}", connector.name());
                 assert_eq!(counter(&state, "leases_pulled"), 6, "{}", connector.name());
             }

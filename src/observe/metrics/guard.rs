@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn an_empty_body_never_polled_is_complete() {
         let m = Metrics::new();
-        let t = m.track(Connector::LmCache, Route::PassThrough, Span::none());
+        let t = m.track(Connector::SharedStorage, Route::PassThrough, Span::none());
         drop(t.attach(Response::new(crate::body::empty())));
         let text = m.render();
         assert!(text.contains("outcome=\"2xx\"} 1"), "{text}");

@@ -39,16 +39,22 @@ pub struct Recorder {
 impl Recorder {
     /// Serves `response` (raw bytes, a complete HTTP/1.1 response) to every request.
     pub async fn start(response: &'static [u8]) -> Recorder {
-        Self::start_with(response, false).await
+        Self::start_with(&[response], false).await
+    }
+
+    /// Serves `responses` in turn, one per request (the last one again after the end).
+    pub async fn start_sequence(responses: &[&'static [u8]]) -> Recorder {
+        Self::start_with(responses, false).await
     }
 
     /// Like `start`, but closes each connection right after its response without announcing
     /// it (no `Connection: close`), as a server closing an idle keep-alive connection does.
     pub async fn start_closing(response: &'static [u8]) -> Recorder {
-        Self::start_with(response, true).await
+        Self::start_with(&[response], true).await
     }
 
-    async fn start_with(response: &'static [u8], close_after: bool) -> Recorder {
+    async fn start_with(responses: &[&'static [u8]], close_after: bool) -> Recorder {
+        let responses: Arc<[&'static [u8]]> = responses.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = mpsc::unbounded_channel();
@@ -58,9 +64,14 @@ impl Recorder {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let tx = tx.clone();
                 let counter = counter.clone();
+                let responses = Arc::clone(&responses);
                 tokio::spawn(async move {
                     while let Some(rec) = read_request(&mut sock).await {
-                        *counter.lock().expect("lock") += 1;
+                        let response = {
+                            let mut seen = counter.lock().expect("lock");
+                            *seen += 1;
+                            responses[(*seen - 1).min(responses.len() - 1)]
+                        };
                         let _ = tx.send(rec);
                         if sock.write_all(response).await.is_err() || close_after {
                             return;
