@@ -49,6 +49,8 @@ pub struct SideChannelIn {
     pub fetch: u64,
     /// Mooncake bootstrap `GET /query` (§7.20).
     pub query: u64,
+    /// KV-source lookups answered for pullers (`POST /p2p/source`, §7.22).
+    pub p2p_source: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -89,6 +91,14 @@ pub struct Counters {
     pub handoff_prefill_failed: u64,
     pub handoff_recomputes: u64,
     pub handoff_engine_id_mismatches: u64,
+    /// lmcache decodes answered `cache_threshold` below their `cache_hit_threshold`
+    /// (§7.10.4); they count in neither `lmcache_hits` nor `lmcache_misses`.
+    pub cache_threshold_misses: u64,
+    /// Pulls from a `remote_kv_source` (§7.22): the source had the prompt, had not, or
+    /// the lookup failed (both of the latter prefill in full).
+    pub p2p_source_hits: u64,
+    pub p2p_source_misses: u64,
+    pub p2p_source_errors: u64,
     /// Prometheus-only totals (`/metrics`).
     #[serde(skip)]
     pub prompt_tokens_total: u64,

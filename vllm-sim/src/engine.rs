@@ -49,6 +49,8 @@ pub struct Job {
     pub handoff: Option<super::handoff::Target>,
     /// Keyed-handoff prefill: its lease key.
     pub handoff_key: Option<String>,
+    /// `remote_kv_source` to pull the prefix from before prefilling (§7.22).
+    pub source: Option<super::p2p_source::Source>,
     pub public_id: String,
     pub internal_id: String,
     pub faults: Faults,
@@ -240,6 +242,10 @@ impl Job {
             self.disconnect_at_ms,
         );
         let (prompt, tokens, reason) = (self.parsed.prompt_tokens, self.tokens, self.finish_reason);
+        // A `cache_threshold` answer computed nothing, so it cannot serve as a KV source.
+        let computed =
+            matches!(o, Outcome::Completed) && reason != super::engine_work::CACHE_THRESHOLD;
+        let hash = &self.parsed.prompt_hash;
         let blocks = std::mem::take(&mut self.blocks);
         let failed_key = match o {
             Outcome::Completed => None,
@@ -247,6 +253,9 @@ impl Job {
         };
         self.shared.update(|i| {
             i.kv.free_running(&blocks);
+            if computed {
+                i.computed.insert(hash, prompt);
+            }
             if let Some(k) = &failed_key {
                 // No lease for this key (or one made just before a late abort): the decoder
                 // waiting on it fails now rather than at its timeout.

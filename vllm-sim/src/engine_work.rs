@@ -8,10 +8,14 @@ use super::engine::{Head, Job, Outcome};
 use super::handoff;
 use super::http_util::{bytes_response, call, ApiError, StreamItem};
 use super::kv::{Lease, LeaseState};
-use super::responses::{KvOut, PrefillParams};
+use super::p2p_source::{self, Pulled};
+use super::responses::{finish_chunk, KvOut, PrefillParams};
 use bytes::Bytes;
 use http::StatusCode;
 use std::time::{Duration, Instant};
+
+/// llm-d's finish reason for a decode refused below its `cache_hit_threshold`.
+pub(super) const CACHE_THRESHOLD: &str = "cache_threshold";
 
 impl Job {
     /// Prefill (TTFT), KV pull (decode) or LMCache lookup; `Some` ends the request early.
@@ -59,11 +63,53 @@ impl Job {
             return None;
         }
         let wait = if self.cfg.protocol == Protocol::Lmcache && self.class == Class::Decode {
-            if self.lmcache_hit().await {
-                self.shared.update(|i| i.counters.lmcache_hits += 1);
+            let hit = self.lmcache_hit().await;
+            // llm-d's decode-first protocol: the hit rate is all (1.0) or nothing (0.0),
+            // the store being keyed on the whole prompt.
+            let rate = if hit { 1.0 } else { 0.0 };
+            if self.parsed.cache_hit_threshold.is_some_and(|t| rate < t) {
+                return Some(self.cache_threshold_reply().await);
+            }
+            self.shared.update(|i| {
+                if hit {
+                    i.counters.lmcache_hits += 1
+                } else {
+                    i.counters.lmcache_misses += 1
+                }
+            });
+            if hit {
                 transfer
             } else {
-                self.shared.update(|i| i.counters.lmcache_misses += 1);
+                full_prefill
+            }
+        } else if let Some(s) = self.source.clone() {
+            let asked = p2p_source::ask(
+                &self.shared,
+                &s,
+                &self.parsed.prompt_hash,
+                self.faults.side_channel_down,
+            );
+            // Cancellable: dropping the lookup closes its connection; nothing is held on
+            // either side.
+            let Some(pulled) = self.abortable(asked).await else {
+                return Some(self.on_abort().await);
+            };
+            tracing::info!(id = %self.internal_id, source = %s.endpoint, kv_request_id = %s.kv_request_id, result = pulled.as_str(), "P2P source pull");
+            let seq = self.seq;
+            self.shared.update(|i| {
+                let c = &mut i.counters;
+                match pulled {
+                    Pulled::Hit => c.p2p_source_hits += 1,
+                    Pulled::Miss => c.p2p_source_misses += 1,
+                    Pulled::Error => c.p2p_source_errors += 1,
+                }
+                if let Some(r) = i.log.get_mut(seq) {
+                    r.p2p_source = Some(pulled.as_str());
+                }
+            });
+            if pulled == Pulled::Hit {
+                transfer
+            } else {
                 full_prefill
             }
         } else {
@@ -133,6 +179,21 @@ impl Job {
             return Some(self.on_abort().await);
         }
         None
+    }
+
+    /// Below `cache_hit_threshold` (§7.10.4): answered at once, no prefill, no tokens.
+    async fn cache_threshold_reply(&mut self) -> Outcome {
+        self.shared
+            .update(|i| i.counters.cache_threshold_misses += 1);
+        self.tokens = 0;
+        self.finish_reason = CACHE_THRESHOLD;
+        if self.parsed.stream {
+            let c = finish_chunk(&self.head_view(), CACHE_THRESHOLD);
+            if !self.event(c).await {
+                return self.on_abort().await;
+            }
+        }
+        self.complete().await
     }
 
     pub(super) async fn lmcache_hit(&self) -> bool {

@@ -8,6 +8,7 @@ use super::engine::{Head, Job, Overrides};
 use super::faults::Faults;
 use super::handoff::{self, Leg};
 use super::http_util::{ApiError, Resp, SimBody};
+use super::p2p_source;
 use super::reqlog::RequestRecord;
 use super::state::{Flight, Shared};
 use super::validate::{self, Endpoint};
@@ -66,6 +67,7 @@ pub fn log_request(
             disconnect_at_ms: None,
             first_byte_ms: None,
             events_sent: 0,
+            p2p_source: None,
         });
         seq
     })
@@ -120,6 +122,16 @@ async fn reject(
         }
     });
     super::wire::error_response(endpoint, &err, cfg.error_format)
+}
+
+/// Malformed `kv_transfer_params` under `--on-invalid-kv-params reject` (§7.10.1 step 1).
+fn invalid_params(reason: &str) -> ApiError {
+    ApiError::new(
+        400,
+        "BadRequestError",
+        format!("invalid kv_transfer_params: {reason}"),
+    )
+    .param("kv_transfer_params")
 }
 
 /// A duplicate id or key: counted as a rejection, nothing sent to a prefiller.
@@ -207,12 +219,7 @@ pub async fn handle(
                 shared.update(|i| i.counters.decode_invalid_kv_params += 1);
                 tracing::warn!(%reason, "Got invalid KVTransferParams");
                 if cfg.on_invalid_kv_params == super::config::OnInvalidKvParams::Reject {
-                    let err = ApiError::new(
-                        400,
-                        "BadRequestError",
-                        format!("invalid kv_transfer_params: {reason}"),
-                    )
-                    .param("kv_transfer_params");
+                    let err = invalid_params(&reason);
                     return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
                 }
             }
@@ -250,12 +257,7 @@ pub async fn handle(
                         shared.update(|i| i.counters.decode_invalid_kv_params += 1);
                         tracing::warn!(%reason, "Got invalid KVTransferParams");
                         if cfg.on_invalid_kv_params == super::config::OnInvalidKvParams::Reject {
-                            let err = ApiError::new(
-                                400,
-                                "BadRequestError",
-                                format!("invalid kv_transfer_params: {reason}"),
-                            )
-                            .param("kv_transfer_params");
+                            let err = invalid_params(&reason);
                             return Ok(
                                 reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await
                             );
@@ -266,6 +268,23 @@ pub async fn handle(
                 && parsed.body.get("kv_transfer_params") == Some(&Value::Null)
             {
                 without_params = true;
+            }
+        }
+    }
+
+    // A KV source (§7.22) is read where vLLM's P2P tier runs beside the handoff; a decode
+    // loads from its prefiller instead (vLLM prefers `remote_prefiller` too).
+    let mut source = None;
+    if matches!(cfg.protocol, Protocol::Nixlv2 | Protocol::Offloading) && class != Class::Decode {
+        match p2p_source::parse(&parsed.body) {
+            Ok(s) => source = s,
+            Err(reason) => {
+                shared.update(|i| i.counters.decode_invalid_kv_params += 1);
+                tracing::warn!(%reason, "Got invalid KVTransferParams");
+                if cfg.on_invalid_kv_params == super::config::OnInvalidKvParams::Reject {
+                    let err = invalid_params(&reason);
+                    return Ok(reject(&shared, seq, err, endpoint, h, Some(&parsed.body)).await);
+                }
             }
         }
     }
@@ -356,6 +375,7 @@ pub async fn handle(
         target,
         handoff: handoff_target,
         handoff_key,
+        source,
         public_id: ids.public,
         internal_id: ids.internal,
         faults,

@@ -23,6 +23,7 @@ mod http_util;
 mod kv;
 mod mooncake;
 mod offloading;
+mod p2p_source;
 mod prompt;
 mod reqlog;
 mod responses;

@@ -23,6 +23,8 @@ pub struct RequestRecord {
     pub disconnect_at_ms: Option<u64>,
     pub first_byte_ms: Option<u64>,
     pub events_sent: u64,
+    /// `"hit"`, `"miss"` or `"error"` once a `remote_kv_source` pull ended (§7.22).
+    pub p2p_source: Option<&'static str>,
 }
 
 pub struct RequestLog {

@@ -250,6 +250,25 @@ pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>) -> Bytes {
         .finish())
 }
 
+/// A chunk with no output that only carries `finish_reason` (llm-d's `cache_threshold`):
+/// empty `text`, or an empty chat `delta`.
+pub fn finish_chunk(h: &Head, finish: &str) -> Bytes {
+    let c = Obj::new().field("index", &0);
+    let c = match h.endpoint {
+        Endpoint::Completions => c.field("text", ""),
+        _ => c.raw("delta", "{}"),
+    };
+    let choice = c
+        .null("logprobs")
+        .field("finish_reason", finish)
+        .null("stop_reason")
+        .finish();
+    sse(&h
+        .start(true)
+        .raw("choices", &format!("[{choice}]"))
+        .finish())
+}
+
 /// The usage chunk (`choices: []`), serialized with exclude_none as vLLM does.
 pub fn usage_chunk(h: &Head, prompt: u64, completion: u64) -> Bytes {
     sse(&h

@@ -1,5 +1,6 @@
 //! Side-channel server (§7.9): the sim's HTTP stand-in for NIXL handshake, reads,
-//! notifications and heartbeats, plus the LMCache lookup (§7.10.4).
+//! notifications and heartbeats, plus the LMCache lookup (§7.10.4) and the KV-source
+//! lookup (§7.22).
 
 use super::config::LeaseMode;
 use super::http_util::{json_response, not_found, Resp};
@@ -45,6 +46,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp,
         }
         (Method::POST, "/nixl/read") => read(&shared, &body),
         (Method::POST, "/kv/fetch") => super::handoff::serve_fetch(&shared, &body).await,
+        (Method::POST, "/p2p/source") => super::p2p_source::serve(&shared, &body),
         (Method::GET, "/query") => {
             shared.update(|i| i.counters.side_channel_in.query += 1);
             let worker = format!("{}:{}", shared.advertised_host, shared.side_addr.port());

@@ -47,6 +47,8 @@ pub struct Inner {
     pub handshakes: HashMap<String, String>,
     /// Process-local LMCache store of prompt hashes (§7.10.4).
     pub lmcache: HashSet<String>,
+    /// Prompts completed here, which this instance serves as a KV source (§7.22).
+    pub computed: super::p2p_source::Computed,
     /// This instance's engine id (`--engine-id`, changeable by `POST /sim/config`).
     pub engine_id: String,
     handoff_failed: HashSet<String>,
@@ -179,6 +181,7 @@ impl Shared {
             next_seq: 0,
             handshakes: HashMap::new(),
             lmcache: HashSet::new(),
+            computed: Default::default(),
             engine_id,
             handoff_failed: HashSet::new(),
             handoff_failed_order: VecDeque::new(),

@@ -95,6 +95,8 @@ pub struct Parsed {
     pub max_tokens: Option<u64>,
     pub stream: bool,
     pub include_usage: bool,
+    /// llm-d's `cache_hit_threshold` in [0, 1] (completions and chat only, §7.10.4).
+    pub cache_hit_threshold: Option<f64>,
     pub ignored_fields: Vec<String>,
 }
 
@@ -152,6 +154,8 @@ const COMMON_FIELDS: &[&str] = &[
     "echo",
     "best_of",
     "ec_transfer_params",
+    // llm-d's decode-first field (vllm RFC #24256); the sim gives it meaning (§7.10.4).
+    "cache_hit_threshold",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "suffix", "prompt_embeds"];
 const CHAT_FIELDS: &[&str] = &[
@@ -316,6 +320,12 @@ pub fn parse(
             ))
         }
     }
+    let cache_hit_threshold = if classic {
+        cache_hit_threshold(fmt, &body).map_err(|e| reject(e, b))?
+    } else {
+        // The other request models have no such field: an ignored key there.
+        None
+    };
     let served = cfg.model_names();
     let model = match body.get("model") {
         // Anthropic's request model has `model` required.
@@ -393,8 +403,29 @@ pub fn parse(
         max_tokens,
         stream,
         include_usage,
+        cache_hit_threshold,
         ignored_fields,
     })
+}
+
+/// `cache_hit_threshold`: a number in [0, 1] if not null (pydantic's `ge=0, le=1` texts).
+fn cache_hit_threshold(
+    fmt: ErrorFormat,
+    body: &Map<String, Value>,
+) -> Result<Option<f64>, ApiError> {
+    const K: &str = "cache_hit_threshold";
+    match body.get(K) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if t < 0.0 => Err(bad(fmt, K, "Input should be greater than or equal to 0")),
+            Some(t) if t > 1.0 => Err(bad(fmt, K, "Input should be less than or equal to 1")),
+            Some(t) => Ok(Some(t)),
+            None => Err(bad(fmt, K, "Input should be a valid number")),
+        },
+        // Strict: a bool or a numeric string is refused too (pydantic's lax mode would
+        // coerce "0.5"), so a proxy that stringifies the field is caught.
+        Some(_) => Err(bad(fmt, K, "Input should be a valid number")),
+    }
 }
 
 /// What an endpoint's own fields give: prompt accounting and the explicit output limit.

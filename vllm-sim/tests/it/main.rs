@@ -6,9 +6,11 @@
 mod support;
 
 mod abort;
+mod decode_first;
 mod http;
 mod mooncake;
 mod offloading;
+mod p2p_source;
 mod pd;
 mod routes;
 mod sglang;

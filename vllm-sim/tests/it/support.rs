@@ -258,3 +258,22 @@ pub async fn exchange(
     let text: Vec<u8> = evs.iter().flat_map(|b| b.iter().copied()).collect();
     (status.as_u16(), String::from_utf8_lossy(&text).into_owned())
 }
+
+/// The newest `/sim/requests` entry (the request a test just sent).
+pub async fn last_logged(s: &SimServer) -> Value {
+    let all = get(s.api_addr(), "/sim/requests").await.json();
+    all.as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .expect("a logged request")
+}
+
+/// The JSON of one SSE `data:` frame.
+pub fn sse_json(frame: &[u8]) -> Value {
+    let t = String::from_utf8_lossy(frame);
+    let data = t
+        .strip_prefix("data: ")
+        .and_then(|d| d.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("not one SSE data event: {t:?}"));
+    serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"))
+}
