@@ -452,3 +452,65 @@ async fn an_offloading_prefill_pulls_from_the_kv_cache_source_under_its_own_id()
     assert_eq!(told["remote_prefiller"]["kv_request_id"], stored);
     assert!(told.get("remote_kv_source").is_none(), "{told}");
 }
+
+/// Against simulated workers: a source that computed the prompt before saves the pulling
+/// server its prefill, a fresh prompt is a miss, and nothing stays held. Decoder-only with
+/// offloading, and a nixlv2 prefill under `-enable-p2p-pull`.
+#[tokio::test]
+async fn a_kv_cache_source_is_pulled_from_against_the_simulator() {
+    const SEEN: &str = r#"{"model":"sim-model","prompt":"a prefix the source computed before, long enough for blocks","max_tokens":4}"#;
+    const FRESH: &str = r#"{"model":"sim-model","prompt":"a prompt nobody has seen before, long enough for blocks","max_tokens":4}"#;
+    for connector in [Connector::Offloading, Connector::NixlV2] {
+        let protocol = connector.name().parse::<vllm_sim::Protocol>().unwrap();
+        let source = sim(|c| c.protocol = protocol).await;
+        let (resp, _) = call(source.api_addr(), post("/v1/completions", None, SEEN)).await;
+        assert_eq!(resp.status(), 200);
+        let p = sim(|c| c.protocol = protocol).await;
+        let d = sim(|c| c.protocol = protocol).await;
+        let mut config = Config::new(&d.api_addr().to_string(), connector).unwrap();
+        config.p2p_pull = true;
+        config.pairing_ports.p2p = source.p2p_addr().port();
+        let sidecar = Sidecar::start(config).await;
+        // Offloading pulls on the decoder alone; nixlv2 on its prefiller.
+        let (prefiller, puller) = match connector {
+            Connector::Offloading => (None, &d),
+            _ => (Some(p.api_addr()), &p),
+        };
+        for (body, want) in [(SEEN, "hit"), (FRESH, "miss")] {
+            let what = format!("{} {want}", connector.name());
+            let mut req = post("/v1/completions", prefiller, body);
+            req.headers_mut().insert(
+                "x-kv-cache-source-host-port",
+                source.api_addr().to_string().parse().unwrap(),
+            );
+            let (resp, reply) = call(sidecar.addr, req).await;
+            let shown = String::from_utf8_lossy(&reply);
+            assert_eq!(resp.status(), 200, "{what}: {shown}");
+            assert_eq!(
+                json(&reply)["choices"][0]["finish_reason"],
+                "length",
+                "{what}"
+            );
+            let pulled = sim_requests(puller).await.pop().unwrap();
+            assert_eq!(pulled["p2p_source"], want, "{what}: {pulled}");
+            crate::routes::nothing_held(&what, &p, &d).await;
+            crate::routes::nothing_held(&what, &source, puller).await;
+        }
+        let state = sim_state(puller).await;
+        assert_eq!(counter(&state, "p2p_source_hits"), 1, "{state}");
+        assert_eq!(counter(&state, "p2p_source_misses"), 1, "{state}");
+        let served = sim_state(&source).await;
+        assert_eq!(
+            counter(&served, "side_channel_in/p2p_source"),
+            2,
+            "{served}"
+        );
+        if connector == Connector::NixlV2 {
+            assert_eq!(
+                counter(&sim_state(&p).await, "leases_pulled"),
+                2,
+                "handed off"
+            );
+        }
+    }
+}

@@ -144,3 +144,145 @@ async fn without_a_threshold_the_decoder_gets_the_clients_bytes_after_the_prefil
     assert_eq!((p.len(), d.len()), (1, 1));
     assert_eq!(text(&d[0]), body);
 }
+
+/// Against simulated workers sharing a store (the decoder looks up the prefiller's): the
+/// decoder refuses a prompt it has not got, the sidecar prefills it, and the decode that
+/// follows finds it; the same prompt again is answered by the decoder alone.
+mod against_the_simulator {
+    use super::*;
+    use crate::routes::{complete, nothing_held, request};
+    use sidecar::api::Api;
+    use vllm_sim::SimServer;
+
+    async fn cast(prefill_ms: u64) -> (SimServer, SimServer, Sidecar) {
+        let p = sim(|c| {
+            c.protocol = "lmcache".parse().unwrap();
+            c.ttft_ms = prefill_ms;
+        })
+        .await;
+        let peer = format!("http://{}", p.side_channel_addr());
+        let d = sim(|c| {
+            c.protocol = "lmcache".parse().unwrap();
+            c.itl_ms = 5;
+            c.lmcache_peer = Some(peer);
+        })
+        .await;
+        let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::SharedStorage).await;
+        (p, d, sidecar)
+    }
+
+    /// `request(api, max, stream)` asking for a cache hit rate of at least one half.
+    fn with_threshold(api: Api, max: u32, stream: bool) -> String {
+        request(api, max, stream).replacen('{', r#"{"cache_hit_threshold":0.5,"#, 1)
+    }
+
+    fn requests_seen(state: &serde_json::Value) -> i64 {
+        counter(state, "requests_total")
+    }
+
+    #[tokio::test]
+    async fn a_refused_prompt_goes_pd_and_is_then_served_by_the_decoder_alone() {
+        for api in [Api::Completions, Api::ChatCompletions] {
+            for stream in [false, true] {
+                let what = format!("{} stream={stream}", api.path());
+                let (p, d, sidecar) = cast(5).await;
+                let body = with_threshold(api, 6, stream);
+                for round in 1..=2 {
+                    let (resp, reply) =
+                        call(sidecar.addr, post(api.path(), Some(p.api_addr()), &body)).await;
+                    let shown = String::from_utf8_lossy(&reply);
+                    assert_eq!(resp.status(), 200, "{what} round {round}: {shown}");
+                    assert!(complete(api, stream, &reply), "{what}: {shown}");
+                    assert!(!shown.contains("cache_threshold"), "{what}: {shown}");
+                }
+                nothing_held(&what, &p, &d).await;
+                let (ps, ds) = (sim_state(&p).await, sim_state(&d).await);
+                assert_eq!(requests_seen(&ps), 1, "{what}: one prefill, in round 1");
+                assert_eq!(requests_seen(&ds), 3, "{what}: refused, decoded, decoded");
+                assert_eq!(counter(&ds, "cache_threshold_misses"), 1, "{what}");
+                assert_eq!(counter(&ds, "lmcache_hits"), 2, "{what}");
+                let decodes = sim_requests(&d).await;
+                let thresholds: Vec<_> = decodes
+                    .iter()
+                    .map(|r| record_body(r)["cache_hit_threshold"].clone())
+                    .collect();
+                assert_eq!(
+                    thresholds,
+                    [
+                        serde_json::json!(0.5),
+                        serde_json::json!(0),
+                        serde_json::json!(0.5)
+                    ],
+                    "{what}: the client's, zeroed after the prefill, the client's"
+                );
+                let prefill = record_body(&sim_requests(&p).await[0]);
+                assert_eq!(prefill["cache_hit_threshold"], 0, "{what}: {prefill}");
+                assert_eq!(prefill["max_tokens"], 1, "{what}: {prefill}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_in_either_leg_after_a_refusal_leaves_nothing_running() {
+        let api = Api::ChatCompletions;
+        // In the prefill that follows the refusal.
+        let (p, d, sidecar) = cast(300).await;
+        let client = send(
+            sidecar.addr,
+            post(
+                api.path(),
+                Some(p.api_addr()),
+                &with_threshold(api, 6, false),
+            ),
+        )
+        .await;
+        assert!(sim_wait(&p, "busy", LIMIT).await, "no prefill");
+        leave_and_wait_idle(client, &p).await;
+        nothing_held("left in the prefill", &p, &d).await;
+        assert_eq!(counter(&sim_state(&d).await, "cache_threshold_misses"), 1);
+        assert_eq!(counter(&sim_state(&d).await, "requests_total"), 1);
+        // In the decode that follows it.
+        let (p, d, sidecar) = cast(5).await;
+        let mut client = send(
+            sidecar.addr,
+            post(
+                api.path(),
+                Some(p.api_addr()),
+                &with_threshold(api, 400, true),
+            ),
+        )
+        .await;
+        assert_eq!(client.head().await.status(), 200);
+        assert!(client.next_data().await.is_some(), "no first event");
+        leave_and_wait_idle(client, &d).await;
+        nothing_held("left in the decode", &p, &d).await;
+        let state = sim_state(&d).await;
+        assert_eq!(counter(&state, "requests_aborted/decode"), 1, "{state}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_prefill_after_a_refusal_is_the_clients_error() {
+        let (p, d, sidecar) = cast(5).await;
+        let api = Api::Completions;
+        let mut req = post(
+            api.path(),
+            Some(p.api_addr()),
+            &with_threshold(api, 6, true),
+        );
+        req.headers_mut().insert(
+            "x-sim-fault",
+            http::HeaderValue::from_static("prefill_http_500"),
+        );
+        let (resp, reply) = call(sidecar.addr, req).await;
+        assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&reply));
+        assert_eq!(json(&reply)["error"]["code"], 502);
+        nothing_held("failing prefill", &p, &d).await;
+        let state = sim_state(&d).await;
+        assert_eq!(counter(&state, "cache_threshold_misses"), 1, "{state}");
+        assert_eq!(
+            requests_seen(&state),
+            1,
+            "no decode after the failed prefill"
+        );
+    }
+}
