@@ -122,10 +122,12 @@ pub async fn serve(
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
     let flow = cx.connector.flow(&request);
     if flow == Flow::DecodeFirst {
+        guard.decode_first();
         let tried = decode_first::try_decode(cx, &parts, &original, decode_uri.clone());
         match tried.instrument(info_span!("decode_first")).await? {
             decode_first::Tried::Answered(resp) => return Ok(with_request_id(resp, request_id)),
             decode_first::Tried::BelowThreshold => {
+                guard.decode_refused();
                 debug!("below the decoder's cache hit threshold: prefilling remotely");
             }
         }

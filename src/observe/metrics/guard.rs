@@ -86,6 +86,19 @@ impl RequestGuard {
         self.decode_sent = Some(now);
     }
 
+    /// The decoder is asked first (decode-first): a client leaving now leaves a decode, and
+    /// the decoder's first byte is timed from here.
+    pub fn decode_first(&mut self) {
+        self.phase = Phase::Decode;
+        self.decode_sent = Some(Instant::now());
+    }
+
+    /// The decoder refused (too little cached): the request goes on to its prefill.
+    pub fn decode_refused(&mut self) {
+        self.phase = Phase::Prefill;
+        self.decode_sent = None;
+    }
+
     /// Counts the client's request body bytes.
     pub fn request_bytes(&self, n: usize) {
         self.metrics.bytes(self.route, "request", n);
@@ -350,6 +363,24 @@ mod tests {
         assert!(
             text.contains("llm_d_sidecar_prefill_duration_seconds_count{connector=\"nixlv2\"} 1")
         );
+    }
+
+    #[test]
+    fn a_client_leaving_a_decode_first_try_leaves_a_decode_and_after_a_refusal_a_prefill() {
+        let m = Metrics::new();
+        let mut t = m.track(Connector::SharedStorage, Route::Pd, Span::none());
+        t.decode_first();
+        drop(t);
+        let mut t = m.track(Connector::SharedStorage, Route::Pd, Span::none());
+        t.decode_first();
+        t.decode_refused();
+        drop(t);
+        let text = m.render();
+        for phase in ["decode", "prefill"] {
+            let series =
+                format!("llm_d_sidecar_cancellations_total{{route=\"pd\",phase=\"{phase}\"}}");
+            assert_eq!(value(&text, &series), Some(1.0), "{text}");
+        }
     }
 
     #[tokio::test]
