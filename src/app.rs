@@ -55,7 +55,7 @@ impl App {
         config: Config,
         kube_api: Option<&str>,
     ) -> Result<App, StartupError> {
-        let metrics = Metrics::new();
+        let metrics = Metrics::for_connector(config.connector);
         let busy_poll = BusyPoll::start(config.busy_poll);
         let upstream = Upstream::with_tls(
             config.connect_timeout,

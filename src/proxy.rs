@@ -66,6 +66,12 @@ impl Proxy {
         let mut guard = self
             .metrics
             .track(self.pd.connector, routing.route(), span.clone());
+        if method == Method::POST {
+            if let Some(api) = crate::api::Api::for_path(path) {
+                let disaggregated = matches!(routing, Routing::Pd(_));
+                self.metrics.inference_request(api, disaggregated);
+            }
+        }
         let resp = match refused.map_or_else(|| self.admit(), Err) {
             Err(e) => respond_error(&mut guard, client, e),
             Ok(permit) => {
@@ -120,11 +126,10 @@ impl Proxy {
     fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
         match &self.in_flight {
             None => Ok(None),
-            Some((slots, limit)) => slots
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| ProxyError::Overloaded { limit: *limit }),
+            Some((slots, limit)) => slots.clone().try_acquire_owned().map(Some).map_err(|_| {
+                self.metrics.rejected("max_in_flight");
+                ProxyError::Overloaded { limit: *limit }
+            }),
         }
     }
 

@@ -233,8 +233,12 @@ pub async fn serve(
             }
             (body, from)
         }
-        Ok(Prefilled::Rejected(resp)) => return Ok(with_request_id(resp, request_id)),
+        Ok(Prefilled::Rejected(resp)) => {
+            guard.prefill_failed();
+            return Ok(with_request_id(resp, request_id));
+        }
         Err(e) if cx.prefill_failure_policy == PrefillFailurePolicy::DecodeLocal => {
+            guard.prefill_failed();
             return decode_local(cx, &parts, &request, &original, decode_uri, request_id, e).await;
         }
         Err(e) => return Err(e),

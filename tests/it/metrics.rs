@@ -146,8 +146,101 @@ async fn pd_and_pass_through_requests_are_counted_with_latencies() {
             "llm_d_sidecar_relayed_bytes_total{route=\"pd\",direction=\"request\"}"
         ) > 0.0
     );
-    assert!(!m.contains("upstream_errors_total{"), "{m}");
-    assert!(!m.contains("cancellations_total{"), "{m}");
+    assert_eq!(
+        nonzero(&m, "llm_d_sidecar_upstream_errors_total"),
+        Vec::<&str>::new()
+    );
+    assert_eq!(
+        nonzero(&m, "llm_d_sidecar_cancellations_total"),
+        Vec::<&str>::new()
+    );
+    // pd-sidecar's names count the same requests: two P/D POSTs, timed to their end.
+    let pd = |series: &str| must(&m, &format!("llm_d_disagg_sidecar_{series}"));
+    assert_eq!(
+        pd("requests_total{api_type=\"chat_completions\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(pd("disagg_requests_total{disagg_type=\"p/d\"}"), 2.0, "{m}");
+    assert_eq!(pd("prefill_duration_seconds_count"), 2.0, "{m}");
+    assert_eq!(pd("decode_duration_seconds_count"), 2.0, "{m}");
+    assert_eq!(
+        nonzero(&m, "llm_d_disagg_sidecar_request_errors_total"),
+        Vec::<&str>::new()
+    );
+}
+
+/// The series starting with `prefix` whose value is not 0.
+fn nonzero<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) != Some(0.0))
+        .collect()
+}
+
+/// A fresh process exports every family, ours and pd-sidecar's, with every series whose label
+/// values are known at 0.
+#[tokio::test]
+async fn a_fresh_process_exports_every_family_at_zero() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llm-d-routing-sidecar"))
+        .args(["-port=0", "-bind-address=127.0.0.1", "-connector=sglang"])
+        .arg(format!("-metrics-port={port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the sidecar");
+    let event = readiness(&mut child).await;
+    assert_eq!(event["metrics_port"], port, "{event}");
+    let (resp, body) = call(SocketAddr::from(([127, 0, 0, 1], port)), get("/metrics")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(resp.status(), 200);
+    let m = String::from_utf8(body.to_vec()).expect("UTF-8");
+    for name in sidecar::observe::metrics::NAMES {
+        assert!(
+            m.lines().any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            "{name} missing:\n{m}"
+        );
+    }
+    for series in [
+        "llm_d_sidecar_requests_total{connector=\"sglang\",route=\"pd\",outcome=\"2xx\"}",
+        "llm_d_sidecar_requests_total{connector=\"sglang\",route=\"pass_through\",outcome=\"cancelled\"}",
+        "llm_d_sidecar_prefill_duration_seconds_count{connector=\"sglang\"}",
+        "llm_d_sidecar_decode_first_byte_seconds_count{connector=\"sglang\"}",
+        "llm_d_sidecar_upstream_errors_total{leg=\"prefill\",kind=\"timeout\"}",
+        "llm_d_sidecar_upstream_errors_total{leg=\"decode\",kind=\"stream_broken\"}",
+        "llm_d_sidecar_cancellations_total{route=\"pd\",phase=\"handoff\"}",
+        "llm_d_sidecar_cancellations_total{route=\"pass_through\",phase=\"streaming\"}",
+        "llm_d_sidecar_relayed_bytes_total{route=\"pd\",direction=\"response\"}",
+        "llm_d_sidecar_prefill_retries_total{reason=\"http_503\"}",
+        "llm_d_sidecar_connections_refused_total{reason=\"over_limit\"}",
+        "llm_d_sidecar_rejected_requests_total{reason=\"max_in_flight\"}",
+        "llm_d_sidecar_in_flight_requests{route=\"pd\"}",
+        "llm_d_disagg_sidecar_requests_total{api_type=\"chat_completions\"}",
+        "llm_d_disagg_sidecar_requests_total{api_type=\"responses\"}",
+        "llm_d_disagg_sidecar_requests_total{api_type=\"generate\"}",
+        "llm_d_disagg_sidecar_disagg_requests_total{disagg_type=\"p/d\"}",
+        "llm_d_disagg_sidecar_disagg_requests_total{disagg_type=\"e/p/d\"}",
+        "llm_d_disagg_sidecar_disagg_requests_total{disagg_type=\"e/d\"}",
+        "llm_d_disagg_sidecar_encode_duration_seconds_count",
+        "llm_d_disagg_sidecar_prefill_duration_seconds_count",
+        "llm_d_disagg_sidecar_decode_duration_seconds_count",
+        "llm_d_disagg_sidecar_request_errors_total{stage=\"encode\"}",
+        "llm_d_disagg_sidecar_request_errors_total{stage=\"prefill\"}",
+        "llm_d_disagg_sidecar_request_errors_total{stage=\"decode\"}",
+    ] {
+        assert_eq!(value(&m, series), Some(0.0), "{series} in:\n{m}");
+    }
+    // pd-sidecar's buckets.
+    assert!(
+        m.contains("llm_d_disagg_sidecar_prefill_duration_seconds_bucket{le=\"300\"} 0"),
+        "{m}"
+    );
+    assert_eq!(nonzero(&m, "llm_d_"), Vec::<&str>::new());
 }
 
 #[tokio::test]
@@ -197,10 +290,24 @@ async fn failing_prefills_are_upstream_errors_by_kind() {
         ),
         1.0
     );
-    // Failed prefills are not in the latency histogram, and no decode was sent.
-    assert!(!m.contains("prefill_duration_seconds_count{"), "{m}");
-    assert!(!m.contains("decode_first_byte_seconds_count{"), "{m}");
+    // Failed prefills are not in our latency histogram, and no decode was sent.
+    let zero = |series: &str| assert_eq!(value(&m, series), Some(0.0), "{series}: {m}");
+    zero("llm_d_sidecar_prefill_duration_seconds_count{connector=\"nixlv2\"}");
+    zero("llm_d_sidecar_decode_first_byte_seconds_count{connector=\"nixlv2\"}");
     assert_eq!(counter(&sim_state(&d).await, "requests_total"), 0);
+    // pd-sidecar's names: both failures are prefill stage errors, timed; the refused header
+    // is a request on the route but no disaggregation.
+    let pd = |series: &str| must(&m, &format!("llm_d_disagg_sidecar_{series}"));
+    assert_eq!(pd("request_errors_total{stage=\"prefill\"}"), 2.0, "{m}");
+    assert_eq!(pd("request_errors_total{stage=\"decode\"}"), 0.0, "{m}");
+    assert_eq!(pd("prefill_duration_seconds_count"), 2.0, "{m}");
+    assert_eq!(pd("decode_duration_seconds_count"), 0.0, "{m}");
+    assert_eq!(
+        pd("requests_total{api_type=\"chat_completions\"}"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(pd("disagg_requests_total{disagg_type=\"p/d\"}"), 2.0, "{m}");
 }
 
 #[tokio::test]
@@ -409,5 +516,13 @@ async fn a_request_refused_for_max_in_flight_is_counted() {
     assert_eq!(
         must(&m, "llm_d_sidecar_in_flight_requests{route=\"pd\"}"),
         1.0
+    );
+    assert_eq!(
+        must(
+            &m,
+            "llm_d_sidecar_rejected_requests_total{reason=\"max_in_flight\"}"
+        ),
+        1.0,
+        "{m}"
     );
 }

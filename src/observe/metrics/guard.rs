@@ -12,7 +12,7 @@ use tracing::{debug, Span};
 
 use super::{
     error_kind, CancelLabels, ConnectorLabels, Metrics, Outcome, Phase, RequestLabels, Route,
-    RouteLabels,
+    RouteLabels, Stage,
 };
 use crate::body::{BoxError, ProxyBody};
 use crate::connector::Connector;
@@ -28,6 +28,8 @@ pub struct RequestGuard {
     prefill_started: Option<Instant>,
     /// When the decode leg went out; taken when its first byte is relayed.
     decode_sent: Option<Instant>,
+    /// When the decode leg went out, for pd-sidecar's decode stage (to the response's end).
+    decode_started: Option<Instant>,
     done: bool,
     /// The request's span, entered for logs emitted after the handler returned.
     span: Span,
@@ -49,6 +51,7 @@ impl RequestGuard {
             },
             prefill_started: None,
             decode_sent: None,
+            decode_started: None,
             done: false,
             span,
             slot: None,
@@ -74,29 +77,46 @@ impl RequestGuard {
     pub fn prefill_done(&mut self) {
         let now = Instant::now();
         if let Some(started) = self.prefill_started.take() {
+            let seconds = (now - started).as_secs_f64();
             self.metrics
                 .0
                 .prefill_duration
                 .get_or_create(&ConnectorLabels {
                     connector: self.connector,
                 })
-                .observe((now - started).as_secs_f64());
+                .observe(seconds);
+            self.metrics.0.pd_sidecar.prefill_duration.observe(seconds);
         }
         self.phase = Phase::Handoff;
         self.decode_sent = Some(now);
+        self.decode_started = Some(now);
+    }
+
+    /// The prefill stage ended without a usable reply (a 4xx relayed to the client, or a
+    /// failure decoded locally): a prefill stage error in pd-sidecar's families. A failure that
+    /// becomes the client's error is counted by [`RequestGuard::error`].
+    pub fn prefill_failed(&mut self) {
+        if let Some(started) = self.prefill_started.take() {
+            let pd = &self.metrics.0.pd_sidecar;
+            pd.prefill_duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.stage_error(Stage::Prefill);
+        }
     }
 
     /// The decoder is asked first (decode-first): a client leaving now leaves a decode, and
     /// the decoder's first byte is timed from here.
     pub fn decode_first(&mut self) {
         self.phase = Phase::Decode;
-        self.decode_sent = Some(Instant::now());
+        let now = Instant::now();
+        self.decode_sent = Some(now);
+        self.decode_started = Some(now);
     }
 
     /// The decoder refused (too little cached): the request goes on to its prefill.
     pub fn decode_refused(&mut self) {
         self.phase = Phase::Prefill;
         self.decode_sent = None;
+        self.decode_started = None;
     }
 
     /// Counts the client's request body bytes.
@@ -117,6 +137,9 @@ impl RequestGuard {
     pub fn error(&mut self, e: ProxyError) -> Response<ProxyBody> {
         if let Some(leg) = e.leg() {
             self.metrics.upstream_error(leg, error_kind(&e));
+            if leg == Leg::Prefill {
+                self.prefill_failed();
+            }
         }
         // Our error body is not the decoder's first byte.
         self.decode_sent = None;
@@ -155,6 +178,20 @@ impl RequestGuard {
                 route: self.route.as_str(),
             })
             .dec();
+        if let Some(started) = self.decode_started.take() {
+            // pd-sidecar's decode stage: P/D requests whose decode leg went out.
+            m.pd_sidecar
+                .decode_duration
+                .observe(started.elapsed().as_secs_f64());
+            let failed = match outcome {
+                Outcome::Status(s) => !s.is_success(),
+                // pd-sidecar counts a client it could not write to as a decode error.
+                Outcome::StreamError | Outcome::Cancelled => true,
+            };
+            if failed {
+                self.metrics.stage_error(Stage::Decode);
+            }
+        }
         if outcome == Outcome::Cancelled {
             m.cancellations
                 .get_or_create(&CancelLabels {
@@ -411,6 +448,73 @@ mod tests {
         assert_eq!(exposed, names, "{text}");
     }
 
+    #[tokio::test]
+    async fn pd_sidecar_stages_time_the_prefill_and_the_decode_to_its_end() {
+        let m = Metrics::new();
+        let pd = |text: &str, series: &str| value(text, &format!("llm_d_disagg_sidecar_{series}"));
+        // A decoder's 503 after a good prefill.
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.prefill_started();
+        t.prefill_done();
+        let mut resp = Response::new(crate::body::full("busy"));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        t.attach(resp).into_body().collect().await.unwrap();
+        let text = m.render();
+        assert_eq!(
+            pd(&text, "prefill_duration_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            pd(&text, "decode_duration_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            pd(&text, "request_errors_total{stage=\"decode\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            pd(&text, "request_errors_total{stage=\"prefill\"}"),
+            Some(0.0)
+        );
+        // A client leaving during the decode; then a prefill that failed.
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.prefill_started();
+        t.prefill_done();
+        drop(t);
+        let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
+        t.prefill_started();
+        t.prefill_failed();
+        drop(t);
+        // Pass-through is no stage of pd-sidecar's.
+        let t = m.track(Connector::NixlV2, Route::PassThrough, Span::none());
+        t.attach(Response::new(crate::body::full("x")))
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        let text = m.render();
+        assert_eq!(
+            pd(&text, "prefill_duration_seconds_count"),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            pd(&text, "decode_duration_seconds_count"),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            pd(&text, "request_errors_total{stage=\"decode\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            pd(&text, "request_errors_total{stage=\"prefill\"}"),
+            Some(1.0)
+        );
+    }
+
     #[test]
     fn an_empty_body_never_polled_is_complete() {
         let m = Metrics::new();
@@ -418,6 +522,11 @@ mod tests {
         drop(t.attach(Response::new(crate::body::empty())));
         let text = m.render();
         assert!(text.contains("outcome=\"2xx\"} 1"), "{text}");
-        assert!(!text.contains("cancellations_total{"), "{text}");
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("llm_d_sidecar_cancellations_total{"))
+                .all(|l| l.ends_with(" 0")),
+            "{text}"
+        );
     }
 }

@@ -13,6 +13,15 @@
 //! | `relayed_bytes_total` | counter | `route`, `direction` |
 //! | `prefill_retries_total` | counter | `reason` |
 //! | `connections_refused_total` | counter | `reason` |
+//! | `rejected_requests_total` | counter | `reason` |
+//!
+//! pd-sidecar's families (llm-d-router#1677), under their own prefix `llm_d_disagg_sidecar_`, so
+//! dashboards built for it work unchanged: `requests_total{api_type}`,
+//! `disagg_requests_total{disagg_type}`, `encode_duration_seconds`, `prefill_duration_seconds`,
+//! `decode_duration_seconds` (histograms with its buckets) and `request_errors_total{stage}`.
+//!
+//! Every series whose label values are known is created at zero when the registry is built, so
+//! a rate or an alert works from the first scrape.
 //!
 //! Labels carry only low-cardinality values the server controls (connector, route, phase…),
 //! never user input: the prefiller address comes from a request header, so it is never a label
@@ -48,7 +57,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 16] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -58,7 +67,49 @@ pub const NAMES: [&str; 9] = [
     "llm_d_sidecar_relayed_bytes_total",
     "llm_d_sidecar_prefill_retries_total",
     "llm_d_sidecar_connections_refused_total",
+    "llm_d_sidecar_rejected_requests_total",
+    "llm_d_disagg_sidecar_requests_total",
+    "llm_d_disagg_sidecar_disagg_requests_total",
+    "llm_d_disagg_sidecar_encode_duration_seconds",
+    "llm_d_disagg_sidecar_prefill_duration_seconds",
+    "llm_d_disagg_sidecar_decode_duration_seconds",
+    "llm_d_disagg_sidecar_request_errors_total",
 ];
+
+/// pd-sidecar's prefix for its families.
+pub const PD_SIDECAR_PREFIX: &str = "llm_d_disagg_sidecar";
+
+/// pd-sidecar's buckets for its stage histograms (seconds).
+const STAGE_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// pd-sidecar's `api_type` for a route (it counts `/v1/completions` and `/v1/messages` as
+/// `chat_completions`, and so do we, for its dashboards).
+pub fn api_type(api: crate::api::Api) -> &'static str {
+    use crate::api::Api;
+    match api {
+        Api::Completions | Api::ChatCompletions | Api::Messages => "chat_completions",
+        Api::Responses => "responses",
+        Api::Generate => "generate",
+    }
+}
+
+/// The stages pd-sidecar's `request_errors_total` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Prefill,
+    Decode,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stage::Prefill => "prefill",
+            Stage::Decode => "decode",
+        }
+    }
+}
 
 /// Where a request was when its client left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +159,24 @@ impl Outcome {
         }
     }
 }
+
+const OUTCOMES: [&str; 7] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "stream_error",
+    "cancelled",
+];
+const ERROR_KINDS: [&str; 6] = [
+    "unreachable",
+    "http_5xx",
+    "bad_reply",
+    "timeout",
+    "stream_broken",
+    "other",
+];
 
 /// The `kind` label of an upstream error.
 fn error_kind(e: &ProxyError) -> &'static str {
@@ -168,12 +237,95 @@ struct BytesLabels {
     direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiTypeLabels {
+    api_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DisaggLabels {
+    disagg_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
 type Histograms = Family<ConnectorLabels, Histogram, fn() -> Histogram>;
+
+/// pd-sidecar's families, fed by the same guard as ours.
+struct PdSidecar {
+    requests: Family<ApiTypeLabels, Counter>,
+    disagg_requests: Family<DisaggLabels, Counter>,
+    prefill_duration: Histogram,
+    decode_duration: Histogram,
+    errors: Family<StageLabels, Counter>,
+}
 
 /// 5 ms to ~82 s: a cached one-token prefill is milliseconds, a long prompt on a busy
 /// prefiller tens of seconds.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+impl PdSidecar {
+    fn register(registry: &mut Registry) -> Self {
+        let stage_histogram = || Histogram::new(STAGE_BUCKETS);
+        let requests = Family::<ApiTypeLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests on the inference API routes, by API type (pd-sidecar's name)",
+            requests.clone(),
+        );
+        let disagg_requests = Family::<DisaggLabels, Counter>::default();
+        registry.register(
+            "disagg_requests",
+            "Requests routed through disaggregation, by disaggregation type (p/d, e/p/d, e/d)",
+            disagg_requests.clone(),
+        );
+        // No encoder stage is built yet: the family is there, with no samples, for dashboards.
+        registry.register(
+            "encode_duration_seconds",
+            "Encode stage latency in seconds",
+            stage_histogram(),
+        );
+        let prefill_duration = stage_histogram();
+        registry.register(
+            "prefill_duration_seconds",
+            "Prefill stage latency in seconds, retries included, until the prefiller's whole \
+             reply or its failure",
+            prefill_duration.clone(),
+        );
+        let decode_duration = stage_histogram();
+        registry.register(
+            "decode_duration_seconds",
+            "Decode stage latency in seconds, from sending the decode leg to the response's end",
+            decode_duration.clone(),
+        );
+        let errors = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "request_errors",
+            "Stage errors, by stage (encode, prefill, decode)",
+            errors.clone(),
+        );
+        for api_type in ["chat_completions", "responses", "generate"] {
+            let _ = requests.get_or_create(&ApiTypeLabels { api_type });
+        }
+        for disagg_type in ["p/d", "e/p/d", "e/d"] {
+            let _ = disagg_requests.get_or_create(&DisaggLabels { disagg_type });
+        }
+        for stage in ["encode", "prefill", "decode"] {
+            let _ = errors.get_or_create(&StageLabels { stage });
+        }
+        PdSidecar {
+            requests,
+            disagg_requests,
+            prefill_duration,
+            decode_duration,
+            errors,
+        }
+    }
 }
 
 /// The sidecar's metrics and their registry. Cheap to clone: clones share the counters.
@@ -191,6 +343,8 @@ struct Inner {
     relayed_bytes: Family<BytesLabels, Counter>,
     prefill_retries: Family<RetryLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    pd_sidecar: PdSidecar,
 }
 
 impl fmt::Debug for Metrics {
@@ -206,9 +360,33 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every metric registered, and `connector`'s series at zero.
+    pub fn for_connector(connector: Connector) -> Self {
+        let m = Self::new();
+        let connector = connector.name();
+        let inner = &m.0;
+        for route in [Route::Pd, Route::PassThrough] {
+            for outcome in OUTCOMES {
+                let _ = inner.requests.get_or_create(&RequestLabels {
+                    connector,
+                    route: route.as_str(),
+                    outcome,
+                });
+            }
+        }
+        let _ = inner
+            .prefill_duration
+            .get_or_create(&ConnectorLabels { connector });
+        let _ = inner
+            .decode_first_byte
+            .get_or_create(&ConnectorLabels { connector });
+        m
+    }
+
     /// A fresh registry with every metric registered. Each sidecar (and each test) owns one.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix(PREFIX);
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let requests = Family::default();
         registry.register(
             "requests",
@@ -271,16 +449,55 @@ impl Metrics {
              (over twice -max-header-size or -max-header-count: hyper's bare 431)",
             connections_refused.clone(),
         );
-        // Gauges show 0 rather than nothing before the first request.
+        let rejected = Family::default();
+        registry.register(
+            "rejected_requests",
+            "Requests answered 503 without being served, by reason: max_in_flight \
+             (-max-in-flight)",
+            rejected.clone(),
+        );
+        // Series with known label values exist from the start: 0 rather than nothing.
         for route in [Route::Pd, Route::PassThrough] {
-            in_flight
-                .get_or_create(&RouteLabels {
-                    route: route.as_str(),
-                })
-                .set(0);
+            let route = route.as_str();
+            in_flight.get_or_create(&RouteLabels { route }).set(0);
+            for direction in ["request", "response"] {
+                let _ = relayed_bytes.get_or_create(&BytesLabels { route, direction });
+            }
         }
+        for phase in [
+            Phase::Prefill,
+            Phase::Handoff,
+            Phase::Decode,
+            Phase::Streaming,
+        ] {
+            let _ = cancellations.get_or_create(&CancelLabels {
+                route: Route::Pd.as_str(),
+                phase: phase.as_str(),
+            });
+        }
+        for phase in [Phase::Decode, Phase::Streaming] {
+            let _ = cancellations.get_or_create(&CancelLabels {
+                route: Route::PassThrough.as_str(),
+                phase: phase.as_str(),
+            });
+        }
+        for leg in ["prefill", "decode"] {
+            for kind in ERROR_KINDS {
+                let _ = upstream_errors.get_or_create(&UpstreamErrorLabels { leg, kind });
+            }
+        }
+        for reason in ["connect", "http_502", "http_503", "http_504"] {
+            let _ = prefill_retries.get_or_create(&RetryLabels { reason });
+        }
+        for reason in ["over_limit", "no_request_in_time", "head_too_large"] {
+            let _ = connections_refused.get_or_create(&ReasonLabels { reason });
+        }
+        let _ = rejected.get_or_create(&ReasonLabels {
+            reason: "max_in_flight",
+        });
+        let pd_sidecar = PdSidecar::register(root.sub_registry_with_prefix(PD_SIDECAR_PREFIX));
         Self(Arc::new(Inner {
-            registry,
+            registry: root,
             requests,
             in_flight,
             prefill_duration,
@@ -290,6 +507,8 @@ impl Metrics {
             relayed_bytes,
             prefill_retries,
             connections_refused,
+            rejected,
+            pd_sidecar,
         }))
     }
 
@@ -310,6 +529,40 @@ impl Metrics {
             })
             .inc();
         RequestGuard::new(self.clone(), connector, route, span)
+    }
+
+    /// Counts a request on an inference API route in pd-sidecar's `requests_total`, and in its
+    /// `disagg_requests_total` when a prefiller was named and allowed.
+    pub fn inference_request(&self, api: crate::api::Api, disaggregated: bool) {
+        let pd = &self.0.pd_sidecar;
+        pd.requests
+            .get_or_create(&ApiTypeLabels {
+                api_type: api_type(api),
+            })
+            .inc();
+        if disaggregated {
+            pd.disagg_requests
+                .get_or_create(&DisaggLabels { disagg_type: "p/d" })
+                .inc();
+        }
+    }
+
+    /// Counts a request answered 503 unserved; `reason` says why.
+    pub fn rejected(&self, reason: &'static str) {
+        self.0
+            .rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    fn stage_error(&self, stage: Stage) {
+        self.0
+            .pd_sidecar
+            .errors
+            .get_or_create(&StageLabels {
+                stage: stage.as_str(),
+            })
+            .inc();
     }
 
     /// Counts one prefill retry; `reason` is what failed before it.
