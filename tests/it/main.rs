@@ -11,6 +11,7 @@ mod cancel;
 mod cli;
 mod connections;
 mod connectors;
+mod dashboard;
 mod deploy;
 mod errors;
 mod fuzz_corpus;
