@@ -448,10 +448,22 @@ mod tests {
         assert_eq!(exposed, names, "{text}");
     }
 
+    /// pd-sidecar's stage series: prefill and decode durations observed, decode and prefill
+    /// stage errors.
+    fn stages(m: &Metrics) -> [Option<f64>; 4] {
+        let text = m.render();
+        let pd = |series: &str| value(&text, &format!("llm_d_disagg_sidecar_{series}"));
+        [
+            pd("prefill_duration_seconds_count"),
+            pd("decode_duration_seconds_count"),
+            pd("request_errors_total{stage=\"decode\"}"),
+            pd("request_errors_total{stage=\"prefill\"}"),
+        ]
+    }
+
     #[tokio::test]
     async fn pd_sidecar_stages_time_the_prefill_and_the_decode_to_its_end() {
         let m = Metrics::new();
-        let pd = |text: &str, series: &str| value(text, &format!("llm_d_disagg_sidecar_{series}"));
         // A decoder's 503 after a good prefill.
         let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
         t.prefill_started();
@@ -459,24 +471,11 @@ mod tests {
         let mut resp = Response::new(crate::body::full("busy"));
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         t.attach(resp).into_body().collect().await.unwrap();
-        let text = m.render();
         assert_eq!(
-            pd(&text, "prefill_duration_seconds_count"),
-            Some(1.0),
-            "{text}"
-        );
-        assert_eq!(
-            pd(&text, "decode_duration_seconds_count"),
-            Some(1.0),
-            "{text}"
-        );
-        assert_eq!(
-            pd(&text, "request_errors_total{stage=\"decode\"}"),
-            Some(1.0)
-        );
-        assert_eq!(
-            pd(&text, "request_errors_total{stage=\"prefill\"}"),
-            Some(0.0)
+            stages(&m),
+            [Some(1.0), Some(1.0), Some(1.0), Some(0.0)],
+            "{}",
+            m.render()
         );
         // A client leaving during the decode; then a prefill that failed.
         let mut t = m.track(Connector::NixlV2, Route::Pd, Span::none());
@@ -494,24 +493,11 @@ mod tests {
             .collect()
             .await
             .unwrap();
-        let text = m.render();
         assert_eq!(
-            pd(&text, "prefill_duration_seconds_count"),
-            Some(3.0),
-            "{text}"
-        );
-        assert_eq!(
-            pd(&text, "decode_duration_seconds_count"),
-            Some(2.0),
-            "{text}"
-        );
-        assert_eq!(
-            pd(&text, "request_errors_total{stage=\"decode\"}"),
-            Some(2.0)
-        );
-        assert_eq!(
-            pd(&text, "request_errors_total{stage=\"prefill\"}"),
-            Some(1.0)
+            stages(&m),
+            [Some(3.0), Some(2.0), Some(2.0), Some(1.0)],
+            "{}",
+            m.render()
         );
     }
 

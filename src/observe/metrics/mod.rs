@@ -86,7 +86,7 @@ const STAGE_BUCKETS: [f64; 15] = [
 
 /// pd-sidecar's `api_type` for a route (it counts `/v1/completions` and `/v1/messages` as
 /// `chat_completions`, and so do we, for its dashboards).
-pub fn api_type(api: crate::api::Api) -> &'static str {
+fn api_type(api: crate::api::Api) -> &'static str {
     use crate::api::Api;
     match api {
         Api::Completions | Api::ChatCompletions | Api::Messages => "chat_completions",
