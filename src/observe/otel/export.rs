@@ -282,3 +282,81 @@ async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, Default)]
+    struct Recording(Arc<Mutex<Vec<usize>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Recording {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().push(batch.len());
+            Ok(())
+        }
+    }
+
+    fn span(sampled: bool) -> SpanData {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(2),
+                flags,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "s".into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_and_shutdown_exports_the_rest() {
+        let counted = Arc::new(Mutex::new(HashMap::<&'static str, u64>::new()));
+        let c = Arc::clone(&counted);
+        let count: CountSpans = Arc::new(move |outcome, n| {
+            *c.lock().unwrap().entry(outcome).or_default() += n;
+        });
+        let exporter = Recording::default();
+        let batching = Batching {
+            max_queue: 2,
+            max_batch: 2,
+            schedule_delay: Duration::from_secs(3600),
+            export_timeout: Duration::from_secs(5),
+        };
+        let (batcher, handle, task) = Batcher::new(exporter.clone(), batching, count);
+        // The task is not running yet: the queue holds two, the third is dropped.
+        for _ in 0..3 {
+            batcher.on_end(span(true));
+        }
+        batcher.on_end(span(false));
+        let task = tokio::spawn(task);
+        assert!(handle.shutdown(Duration::from_secs(5)).await);
+        task.await.unwrap();
+        assert_eq!(*exporter.0.lock().unwrap(), vec![2]);
+        let counted = counted.lock().unwrap();
+        assert_eq!(counted.get("exported"), Some(&2));
+        assert_eq!(counted.get("dropped"), Some(&1));
+    }
+}
