@@ -351,6 +351,8 @@ mod tests {
             batcher.on_end(span(true));
         }
         batcher.on_end(span(false));
+        // Bounded by the shutdown below.
+        #[allow(clippy::disallowed_methods)]
         let task = tokio::spawn(task);
         assert!(handle.shutdown(Duration::from_secs(5)).await);
         task.await.unwrap();
