@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod otlp;
 pub mod trace_context;
