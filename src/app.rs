@@ -11,6 +11,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::observe::metrics::Metrics;
+use crate::observe::otel::Tracing;
 use crate::pd::PdContext;
 use crate::proxy::{HeadLimits, Proxy};
 use crate::routing::Pick;
@@ -22,6 +23,9 @@ use crate::security::tls::ServerTls;
 use crate::server;
 use crate::upstream::{Decoder, Upstream};
 
+/// How long the last spans may take to export at shutdown.
+const SPAN_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the sidecar could not start. Each message names the flag to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -31,6 +35,9 @@ pub enum StartupError {
     /// A TLS file or setting cannot be used (the message names the flag).
     #[error("{0}")]
     Tls(String),
+    /// The span exporter cannot be built from the tracing settings.
+    #[error("{0}")]
+    Tracing(String),
 }
 
 /// The assembled sidecar, ready to serve on a listener.
@@ -72,6 +79,23 @@ impl App {
             )),
         };
         let (allowlist, pool_watch) = allowlist(&config, kube_api).await?;
+        let tracing = match &config.tracing {
+            None => None,
+            Some(settings) => {
+                // The collector is not an upstream: its client has default TLS settings.
+                let client = Upstream::new(config.connect_timeout);
+                let tracing =
+                    Tracing::start(settings, client, metrics.clone(), server_tls.is_some())
+                        .map_err(StartupError::Tracing)?;
+                info!(
+                    endpoint = %settings.endpoint,
+                    protocol = ?settings.protocol,
+                    sampler = ?settings.sampler,
+                    "tracing on"
+                );
+                Some(tracing)
+            }
+        };
         let decoder = Arc::new(Decoder::new(
             config.decoder.clone(),
             upstream.clone(),
@@ -110,6 +134,7 @@ impl App {
                 )
             }),
             metrics,
+            tracing,
             limits: HeadLimits {
                 max_header_count: config.max_header_count,
                 max_header_size: config.max_header_size,
@@ -134,14 +159,21 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::run(
+        let served = server::run(
             &self.config,
             Arc::clone(&self.proxy),
             self.server_tls.clone(),
             listener,
             shutdown,
         )
-        .await
+        .await;
+        // After the drain every request span has ended: export the last batch, bounded.
+        if let Some(tracing) = &self.proxy.tracing {
+            if !tracing.shutdown(SPAN_FLUSH).await {
+                tracing::warn!("spans still queued after {SPAN_FLUSH:?} were not exported");
+            }
+        }
+        served
     }
 }
 

@@ -4,9 +4,8 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use sidecar::observe::{admin, logging, otlp};
+use sidecar::observe::{admin, logging};
 use sidecar::runtime::alloc;
 use sidecar::{cli, server, App, Config};
 
@@ -20,16 +19,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(2, &e.to_string()),
     };
-    let (otlp, exporter) = match config
-        .otlp_endpoint
-        .as_deref()
-        .map(|e| otlp::pipeline(e, Duration::from_secs(2)))
-    {
-        Some(Ok((layer, exporter))) => (Some(layer), Some(exporter)),
-        Some(Err(e)) => return fail(2, &e),
-        None => (None, None),
-    };
-    logging::init(config.log, otlp);
+    logging::init(config.log);
     for notice in &config.notices {
         tracing::warn!("{notice}");
     }
@@ -51,11 +41,6 @@ fn main() -> ExitCode {
                 .ok(),
             Some(addr) => Some(bind("-metrics-port", addr).await?),
         };
-        if let Some(exporter) = exporter {
-            // Process-long: spans are exported until exit.
-            #[allow(clippy::disallowed_methods)]
-            tokio::spawn(exporter.run());
-        }
         let admin_port = admin
             .as_ref()
             .and_then(|l| l.local_addr().ok())

@@ -10,10 +10,14 @@ use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
 
+use crate::api::Api;
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::observe::metrics::api_type;
 use crate::observe::metrics::{Metrics, RequestGuard};
+use crate::observe::otel::spans::{self, ServerSpan};
+use crate::observe::otel::Tracing;
 use crate::observe::trace_context;
 use crate::pd::{self, PdContext};
 use crate::routing::{self, Pick, Routing};
@@ -21,6 +25,7 @@ use crate::runtime::busy_poll::BusyPoll;
 use crate::security::allowlist::Allowlist;
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Decoder, Target};
+use opentelemetry::KeyValue;
 
 /// The shared per-process state the handler reads, built once by [`crate::App::build`].
 pub struct Proxy {
@@ -35,6 +40,8 @@ pub struct Proxy {
     /// body, so long streams count until they end. `None`: no limit.
     pub(crate) in_flight: Option<(Arc<Semaphore>, usize)>,
     pub(crate) metrics: Metrics,
+    /// Request spans, when tracing is on.
+    pub(crate) tracing: Option<Tracing>,
     pub(crate) limits: HeadLimits,
 }
 
@@ -47,14 +54,27 @@ pub struct HeadLimits {
 
 impl Proxy {
     /// Serves one request. Never fails: errors become vLLM-shaped JSON responses.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
         self.busy_poll.touch();
-        let (path, method) = (req.uri().path(), req.method());
-        if path == "/health" && (method == Method::GET || method == Method::HEAD) {
+        if req.uri().path() == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
             return health();
         }
         let refused = self.refuse_head(&req);
         let routing = routing::decide(&req, self.pick, &self.allowlist);
+        let api = match *req.method() {
+            Method::POST => Api::for_path(req.uri().path()),
+            _ => None,
+        };
+        // Before the log span: it rewrites `traceparent`, whose trace id the logs carry.
+        let server_span = self
+            .tracing
+            .as_ref()
+            .map(|t| self.server_span(t, &mut req, client, &routing, api));
+        let (path, method) = (req.uri().path(), req.method());
         let span = trace_context::request_span(
             routing.route(),
             method,
@@ -66,11 +86,12 @@ impl Proxy {
         let mut guard = self
             .metrics
             .track(self.pd.connector, routing.route(), span.clone());
-        if method == Method::POST {
-            if let Some(api) = crate::api::Api::for_path(path) {
-                let disaggregated = matches!(routing, Routing::Pd(_));
-                self.metrics.inference_request(api, disaggregated);
-            }
+        if let Some(server_span) = server_span {
+            guard.trace(server_span);
+        }
+        if let Some(api) = api {
+            self.metrics
+                .inference_request(api, matches!(routing, Routing::Pd(_)));
         }
         let resp = match refused.map_or_else(|| self.admit(), Err) {
             Err(e) => respond_error(&mut guard, client, e),
@@ -87,6 +108,79 @@ impl Proxy {
             }
         };
         guard.attach(resp)
+    }
+
+    /// Opens the request's SERVER span with what the routing decided (pd-sidecar's attribute
+    /// names), and marks the request so each leg opens its CLIENT span under it.
+    fn server_span(
+        &self,
+        tracing: &Tracing,
+        req: &mut Request<Incoming>,
+        client: SocketAddr,
+        routing: &Routing,
+        api: Option<Api>,
+    ) -> ServerSpan {
+        let connector = self.pd.connector.name();
+        let mut attrs = vec![
+            KeyValue::new("llm_d.pd_proxy.connector", connector),
+            KeyValue::new("llm_d.pd_proxy.kv_connector", connector),
+            KeyValue::new("llm_d.pd_proxy.request_path", req.uri().path().to_string()),
+        ];
+        if let Some(api) = api {
+            attrs.push(KeyValue::new("llm_d.openai.api", api_type(api)));
+        }
+        let disaggregated = matches!(routing, Routing::Pd(_));
+        attrs.push(KeyValue::new(
+            "llm_d.pd_proxy.disaggregation_used",
+            disaggregated,
+        ));
+        match routing {
+            Routing::Pd(pd) => {
+                if let Some(first) = pd.prefillers.first() {
+                    attrs.push(KeyValue::new(
+                        "llm_d.pd_proxy.prefill_target",
+                        first.authority().to_string(),
+                    ));
+                }
+                attrs.push(KeyValue::new(
+                    "llm_d.pd_proxy.prefill_candidates",
+                    pd.prefillers.len() as i64,
+                ));
+                if let Some(source) = &pd.kv_source {
+                    attrs.push(KeyValue::new(
+                        "llm_d.pd_proxy.kv_cache_source",
+                        source.authority().to_string(),
+                    ));
+                }
+            }
+            Routing::KvSource(source) => attrs.push(KeyValue::new(
+                "llm_d.pd_proxy.kv_cache_source",
+                source.authority().to_string(),
+            )),
+            Routing::PassThrough => {
+                attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
+            }
+            Routing::Refused { prefiller, error } => {
+                if let (ProxyError::PrefillerNotAllowed { .. }, Some(denied)) = (error, prefiller) {
+                    attrs.push(KeyValue::new(
+                        "llm_d.pd_proxy.error",
+                        "ssrf_protection_denied",
+                    ));
+                    attrs.push(KeyValue::new(
+                        "llm_d.pd_proxy.denied_target",
+                        denied.authority().to_string(),
+                    ));
+                }
+            }
+        }
+        spans::start_server(
+            tracing.tracer(),
+            tracing.scheme(),
+            req,
+            client,
+            api.map(Api::path),
+            attrs,
+        )
     }
 
     /// A request head this sidecar will not serve: over `-max-header-count` or

@@ -49,7 +49,6 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
         },
         false,
         move || writer.clone(),
-        None,
     ));
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;

@@ -280,9 +280,15 @@ pub struct Args {
     #[arg(long = "metrics-port", value_name = "PORT", help_heading = OBSERVE)]
     pub metrics_port: Option<u16>,
 
-    /// Export spans over OTLP/HTTP (JSON) to this collector, e.g. http://otel-collector:4318
+    /// Trace requests to this OTLP collector, e.g. http://otel-collector:4318 (OTLP/HTTP protobuf
+    /// unless OTEL_EXPORTER_OTLP_PROTOCOL says otherwise)
     #[arg(long = "otlp-endpoint", value_name = "URL", help_heading = OBSERVE)]
     pub otlp_endpoint: Option<String>,
+
+    /// Trace requests over OTLP as the OTEL_* variables say (OTLP/gRPC to localhost:4317 by default)
+    #[arg(long = "tracing", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = OBSERVE)]
+    pub tracing: bool,
 
     /// vLLM data-parallel ranks: rank i served on port+i in front of model-server-port+i
     #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = UNBUILT)]
@@ -300,11 +306,6 @@ pub struct Args {
     #[arg(long = "enable-p2p-pull", default_value = "false", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
     pub enable_p2p_pull: bool,
-
-    /// pd-sidecar's OTLP/gRPC tracing from OTEL_* variables; not built yet (use -otlp-endpoint)
-    #[arg(long = "tracing", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = UNBUILT)]
-    pub tracing: bool,
 
     /// Old name of -model-server-port
     #[arg(long = "vllm-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), help_heading = OLD)]

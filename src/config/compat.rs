@@ -237,12 +237,6 @@ pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
             "chunked decode",
         );
     }
-    if a.tracing {
-        return not_built(
-            "-tracing".into(),
-            "OTLP/gRPC tracing from OTEL_* variables (-otlp-endpoint exports OTLP/HTTP)",
-        );
-    }
     let m = &a.moriio;
     let moriio_set = m.write_mode
         || m.parallel_dispatch
@@ -288,20 +282,6 @@ pub fn notices(parsed: &Parsed) -> Vec<String> {
     }
     if parsed.args.zap_stacktrace_level.is_some() {
         no_effect("-zap-stacktrace-level", "the sidecar logs no stack traces");
-    }
-    // The llm-d chart sets these when tracing is on; pd-sidecar reads them with --tracing.
-    for var in [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_TRACES_EXPORTER",
-    ] {
-        let set = std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "none");
-        if set {
-            no_effect(
-                var,
-                "tracing from OTEL_* variables is not built yet (-otlp-endpoint exports OTLP/HTTP)",
-            );
-        }
     }
     if parsed.args.moriio.local_pod_ip.is_some() {
         no_effect("-moriio-local-pod-ip", "MoRI-IO is not built");

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::cli::Parsed;
 use crate::connector::{Connector, PairingPorts};
 use crate::observe::logging::LogSettings;
+use crate::observe::otel::settings::{self as otel_settings, Settings as TracingSettings};
 pub use crate::pd::{PrefillFailurePolicy, RetryPolicy};
 use crate::security::allowlist::Rule;
 use crate::security::inference_pool::PoolApi;
@@ -83,8 +84,8 @@ pub struct Config {
     pub rewrite_cached_tokens: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
     pub pairing_ports: PairingPorts,
-    /// OTLP/HTTP collector for spans (`-otlp-endpoint`), checked.
-    pub otlp_endpoint: Option<String>,
+    /// Tracing, from the `OTEL_*` environment, `-tracing` and `-otlp-endpoint` (`None`: off).
+    pub tracing: Option<TracingSettings>,
     /// Whose defaults apply, for the startup log line.
     pub defaults: String,
     /// Flags accepted that have no effect here, logged at startup.
@@ -181,6 +182,20 @@ impl TryFrom<Parsed> for Config {
         check_port_range("port", args.port, ranks)?;
         check_port_range(port_flag, model_server_port, ranks)?;
         check_port_range("p2p-connector-port", args.p2p_connector_port, ranks)?;
+        let otlp_endpoint = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty());
+        if let Some(e) = otlp_endpoint {
+            check_otlp_endpoint(e).map_err(ConfigError::BadOtlpEndpoint)?;
+        }
+        // The OpenTelemetry variables are the process's: read once, here.
+        let tracing = otel_settings::resolve(
+            &|name| std::env::var(name).ok(),
+            otel_settings::Flags {
+                tracing: args.tracing,
+                otlp_endpoint,
+            },
+        );
+        let mut notices = compat::notices(&parsed);
+        notices.extend(tracing.notices);
         if args.prefill_max_retries > 0 && args.prefill_retry_backoff.is_zero() {
             return Err(ConfigError::Invalid {
                 flag: "prefill-retry-backoff",
@@ -290,17 +305,23 @@ impl TryFrom<Parsed> for Config {
                 p2p: args.p2p_connector_port,
                 mooncake_bootstrap: args.mooncake_bootstrap_port,
             },
-            otlp_endpoint: match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-                Some(e) => Some(
-                    crate::observe::otlp::traces_uri(e)
-                        .map(|_| e.to_string())
-                        .map_err(ConfigError::BadOtlpEndpoint)?,
-                ),
-                None => None,
-            },
+            tracing: tracing.settings,
             defaults: compat::describe(&parsed.profile),
-            notices: compat::notices(&parsed),
+            notices,
         })
+    }
+}
+
+/// `-otlp-endpoint` is a collector's base URL: `http(s)://host[:port][/path]`.
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("-otlp-endpoint '{endpoint}': {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(format!(
+            "-otlp-endpoint '{endpoint}' must be an http(s):// URL"
+        )),
     }
 }
 

@@ -246,7 +246,6 @@ fn unbuilt_features_are_refused_by_name() {
             &["--decode-chunk-size=256"],
             "-decode-chunk-size=256: chunked decode",
         ),
-        (&["--tracing"], "-tracing: OTLP/gRPC"),
         (&["--moriio-write-mode"], "-moriio-*: AMD MoRI-IO"),
         (&["--moriio-remote-hosts=a,b"], "-moriio-*"),
     ] {
@@ -344,4 +343,25 @@ fn zero_durations_mean_no_limit_or_are_refused() {
         let e = config(&[&format!("-{flag}=0s")]).unwrap_err();
         assert_eq!(e, format!("-{flag}: must be positive"));
     }
+}
+
+#[test]
+fn tracing_is_on_with_its_flags_and_off_without() {
+    use crate::observe::otel::settings::Protocol;
+    assert!(ok(&[]).tracing.is_none());
+    // pd-sidecar's switch: OTLP/gRPC to the default collector.
+    let t = ok(&["--tracing"]).tracing.expect("on");
+    assert_eq!(
+        (t.protocol, t.endpoint.as_str()),
+        (Protocol::Grpc, "http://localhost:4317")
+    );
+    // Our older shortcut: OTLP/HTTP to the collector named.
+    let t = ok(&["-otlp-endpoint=http://c:4318/"]).tracing.expect("on");
+    assert_eq!(
+        (t.protocol, t.endpoint.as_str()),
+        (Protocol::HttpProtobuf, "http://c:4318/v1/traces")
+    );
+    assert!(ok(&["--tracing=false"]).tracing.is_none());
+    let e = config(&["-otlp-endpoint=collector:4318"]).unwrap_err();
+    assert!(e.contains("must be an http(s):// URL"), "{e}");
 }

@@ -6,10 +6,7 @@ use std::str::FromStr;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::EnvFilter;
-
-use crate::observe::otlp::OtlpLayer;
 
 /// How log lines are written (`-log-format`, `--zap-encoder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,11 +97,10 @@ pub struct LogSettings {
 }
 
 /// Installs the global subscriber, writing to stderr. Safe to call more than once.
-pub fn init(settings: LogSettings, otlp: Option<OtlpLayer>) {
+pub fn init(settings: LogSettings) {
     // Colour codes would garble logs collected by Kubernetes or parsed by scripts.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ =
-        tracing::subscriber::set_global_default(subscriber(settings, ansi, std::io::stderr, otlp));
+    let _ = tracing::subscriber::set_global_default(subscriber(settings, ansi, std::io::stderr));
 }
 
 /// The subscriber [`init`] installs, writing to `writer`; tests capture logs with it.
@@ -112,7 +108,6 @@ pub fn subscriber<W>(
     settings: LogSettings,
     ansi: bool,
     writer: W,
-    otlp: Option<OtlpLayer>,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -125,7 +120,7 @@ where
         .with_timer(settings.time)
         .with_target(false);
     match settings.format {
-        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish().with(otlp)),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
         // The span list carries the request span's ids on lines logged inside a leg's span.
         LogFormat::Json => Box::new(
             builder
@@ -133,8 +128,7 @@ where
                 .flatten_event(true)
                 .with_current_span(false)
                 .with_span_list(true)
-                .finish()
-                .with(otlp),
+                .finish(),
         ),
     }
 }

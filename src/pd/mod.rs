@@ -33,9 +33,11 @@ use crate::error::{describe, ProxyError};
 use crate::headers::{self, DATA_PARALLEL_RANK, PREFILL_FALLBACK, REQUEST_ID};
 use crate::json_edit::{JsonObject, ParseError};
 use crate::observe::metrics::{Metrics, RequestGuard};
+use crate::observe::otel::spans::TraceParent;
 use crate::observe::trace_context;
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Decoder, Leg, Upstream};
+use opentelemetry::KeyValue;
 
 use handoff::{Abandoned, LateReplyRelease};
 use prefill::{Attempts, Prefilled};
@@ -110,6 +112,10 @@ pub async fn serve(
     // 1. The client's request, whole, and the head both legs share.
     let (parts, original, request_id) = read_request(cx, req, client, guard).await?;
     let request = parse(&original)?;
+    guard.annotate(|| {
+        let streaming = request.get("stream").is_some_and(|v| v.get() == "true");
+        [KeyValue::new("llm_d.pd_proxy.decode.streaming", streaming)]
+    });
 
     // 2. Prefill, unless the decoder is known to be down: the prefiller would pin KV blocks
     //    for a decode that cannot happen.
@@ -346,6 +352,10 @@ async fn read_request(
     // Both legs clone these headers, so they share the trace id.
     let trace_id = trace_context::ensure_traceparent(&mut parts.headers);
     trace_context::record_ids(guard.span(), &request_id, &trace_id);
+    guard.annotate(|| {
+        let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        [KeyValue::new("llm_d.pd_proxy.request_id", id)]
+    });
     trace!(body = %String::from_utf8_lossy(&original), "client request");
     // Shared with the late-reply release, which needs the head only if the client leaves.
     Ok((Arc::new(parts), original, request_id))
@@ -389,6 +399,10 @@ fn leg_parts(parts: &Parts, uri: http::Uri) -> Parts {
     leg.uri = uri;
     leg.version = Version::HTTP_11;
     leg.headers = parts.headers.clone();
+    // A traced request's legs open their spans under the request's.
+    if let Some(parent) = parts.extensions.get::<TraceParent>() {
+        leg.extensions.insert(parent.clone());
+    }
     leg
 }
 

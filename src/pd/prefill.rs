@@ -115,7 +115,9 @@ async fn once(
     abandoned.head_arrived();
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
-    let body = body::collect_limited(resp.into_body(), PREFILL_REPLY_LIMIT)
+    // The head is kept until the reply is read: the leg's trace span ends with it.
+    let (head, reply) = resp.into_parts();
+    let body = body::collect_limited(reply, PREFILL_REPLY_LIMIT)
         .await
         .map_err(|e| {
             let detail = match e {
@@ -130,6 +132,7 @@ async fn once(
                 retry_reason: None,
             }
         })?;
+    drop(head);
     tracing::debug!(status = status.as_u16(), bytes = body.len(), "prefill done");
     tracing::trace!(body = %String::from_utf8_lossy(&body), "prefill reply");
     if status.is_success() {

@@ -15,6 +15,7 @@ use crate::body::coalesce::Coalesce;
 use crate::body::{self, ProxyBody};
 use crate::error::{describe, ProxyError};
 use crate::headers::{self, Framing};
+use crate::observe::otel::spans::LegSpan;
 
 /// Why a decode leg got no response head.
 pub enum LegFailure {
@@ -131,5 +132,10 @@ impl Decoder {
 pub fn from_upstream(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body::boxed(Coalesce::new(body)))
+    // A traced leg's span ends with the body it relays, not with the head.
+    let body = match parts.extensions.remove::<LegSpan>() {
+        None => body::boxed(Coalesce::new(body)),
+        Some(span) => body::boxed(span.over(Coalesce::new(body))),
+    };
+    Response::from_parts(parts, body)
 }

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
+use crate::observe::otel::spans;
 use crate::runtime::busy_poll::BusyPoll;
 use crate::security::tls::ClientTls;
 use half_close::TrackingConnector;
@@ -82,17 +83,34 @@ impl Upstream {
 
     /// Sends `req` on `leg`'s client and resolves with the response head; the body streams
     /// afterwards.
+    ///
+    /// A traced request's leg gets its CLIENT span here, which every leg passes through; the
+    /// span rides the response (see [`spans::LegSpan`]) until its body ends.
     pub async fn send(
         &self,
         leg: Leg,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let span = spans::start_leg(&mut req, leg);
         // The answer is awaited from now: keep polling for it if busy polling is on.
         self.busy_poll.touch();
-        match leg {
+        let sent = match leg {
             Leg::Prefill => self.prefill.request(req).await,
             Leg::Decode => self.decode.request(req).await,
+        };
+        if let Some(span) = span {
+            match &sent {
+                Ok(_) => {}
+                Err(e) if e.is_connect() => span.failed("connect"),
+                Err(_) => span.failed("upstream"),
+            }
+            return sent.map(|mut resp| {
+                span.responded(resp.status());
+                resp.extensions_mut().insert(span);
+                resp
+            });
         }
+        sent
     }
 }
 

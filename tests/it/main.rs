@@ -1,6 +1,6 @@
 //! The sidecar's integration tests: one binary (one link of the dependency graph instead of
-//! one per file), one support module. `logs.rs` and `otlp.rs` stay separate binaries because
-//! they install a global subscriber, and tracing caches callsite interest per process.
+//! one per file), one support module. `logs.rs` stays a separate binary because it installs a
+//! global subscriber, and tracing caches callsite interest per process.
 
 // Test code: a failed expectation is the test failing, and its servers are bounded by the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
@@ -17,6 +17,7 @@ mod errors;
 mod fuzz_corpus;
 mod manifests;
 mod metrics;
+mod otel;
 mod passthrough;
 mod pd_flow;
 mod policy;

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use hyper::Request;
 use sidecar::upstream::Leg;
 
+use crate::support::otlp::{Receiver, Wire};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-d-routing-sidecar");
@@ -43,6 +44,9 @@ const CHART: &[&str] = &[
     "--secure-proxy=false",
 ];
 
+/// The OTLP/gRPC receiver a case's `OTEL_EXPORTER_OTLP_ENDPOINT` may name.
+const COLLECTOR: &str = "http://127.0.0.1:4317";
+
 const CASES: &[Case] = &[
     // llm-d-incubation/llm-d-modelservice 3051935e, charts/llm-d-modelservice/examples/
     // output-{cpu,pd,heterogeneous-pd,pd-mnnvl,pvc,pvc-hf,requester,xpu-pd}.yaml: all eight.
@@ -56,13 +60,14 @@ const CASES: &[Case] = &[
         defaults: "pd-sidecar (because --zap-encoder)",
         logs: None,
     },
-    // The same chart with tracing.enabled: templates/_helpers.tpl routingProxy's env.
+    // The same chart with tracing.enabled: templates/_helpers.tpl routingProxy's env, its
+    // collector (http://otel-collector:4317) swapped for a gRPC receiver in the namespace.
     Case {
         name: "modelservice_chart_with_tracing",
         args: CHART,
         env: &[
             ("OTEL_SERVICE_NAME", "routing-proxy"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", COLLECTOR),
             ("OTEL_TRACES_EXPORTER", "otlp"),
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "1.0"),
@@ -71,7 +76,7 @@ const CASES: &[Case] = &[
         vllm: 8200,
         tls: false,
         defaults: "pd-sidecar",
-        logs: Some("OTEL_EXPORTER_OTLP_ENDPOINT has no effect"),
+        logs: Some("tracing on"),
     },
     // llm-d/llm-d 55541149 guides/pd-disaggregation/modelserver/gpu/vllm/base/
     // disaggregatedset.yaml, decode role: no vLLM port flag, vLLM on 8200.
@@ -378,6 +383,13 @@ async fn in_namespace() {
     } else {
         None
     };
+    let traced = case
+        .env
+        .contains(&("OTEL_EXPORTER_OTLP_ENDPOINT", COLLECTOR));
+    let mut collector = match traced {
+        true => Some(Receiver::start_on("127.0.0.1:4317".parse().expect("addr"), Wire::Grpc).await),
+        false => None,
+    };
     let mut child = Command::new(BIN)
         .args(case.args)
         .envs(case.env.iter().copied())
@@ -419,6 +431,25 @@ async fn in_namespace() {
     );
     if let Some(wanted) = case.logs {
         assert!(logs.contains(wanted), "no '{wanted}' in {logs}");
+    }
+    // With no flag, the chart's environment alone traced the request; SIGTERM flushed it.
+    if let Some(collector) = &mut collector {
+        let spans = collector.received();
+        let mut names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "POST /v1/completions",
+                "llm_d.pd_proxy.decode",
+                "llm_d.pd_proxy.prefill"
+            ],
+            "{spans:#?}"
+        );
+        assert!(
+            spans.iter().all(|s| s.service == "routing-proxy"),
+            "{spans:#?}"
+        );
     }
 }
 

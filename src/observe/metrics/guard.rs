@@ -17,7 +17,9 @@ use super::{
 use crate::body::{BoxError, ProxyBody};
 use crate::connector::Connector;
 use crate::error::ProxyError;
+use crate::observe::otel::spans::ServerSpan;
 use crate::upstream::Leg;
+use opentelemetry::KeyValue;
 
 /// One request's metrics guard. See the module documentation.
 pub struct RequestGuard {
@@ -36,6 +38,8 @@ pub struct RequestGuard {
     /// The request's `-max-in-flight` slot, freed when the guard (and so the response body)
     /// is dropped.
     slot: Option<OwnedSemaphorePermit>,
+    /// The request's trace span, when tracing is on (boxed: one pointer when it is off).
+    server_span: Option<Box<ServerSpan>>,
 }
 
 impl RequestGuard {
@@ -55,6 +59,19 @@ impl RequestGuard {
             done: false,
             span,
             slot: None,
+            server_span: None,
+        }
+    }
+
+    /// Keeps the request's trace span, ended with the response.
+    pub fn trace(&mut self, span: ServerSpan) {
+        self.server_span = Some(Box::new(span));
+    }
+
+    /// Adds what `attributes` says to the request's trace span, if it is traced.
+    pub fn annotate<const N: usize>(&mut self, attributes: impl FnOnce() -> [KeyValue; N]) {
+        if let Some(span) = &mut self.server_span {
+            span.set(attributes());
         }
     }
 
@@ -86,6 +103,12 @@ impl RequestGuard {
                 })
                 .observe(seconds);
             self.metrics.0.pd_sidecar.prefill_duration.observe(seconds);
+            self.annotate(|| {
+                [KeyValue::new(
+                    "llm_d.pd_proxy.prefill.duration_ms",
+                    seconds * 1e3,
+                )]
+            });
         }
         self.phase = Phase::Handoff;
         self.decode_sent = Some(now);
@@ -202,6 +225,20 @@ impl RequestGuard {
             let _enter = self.span.enter();
             debug!(phase = self.phase.as_str(), "client left");
         }
+        if let Some(mut span) = self.server_span.take() {
+            let (status, failure) = match outcome {
+                Outcome::Status(s) => (Some(s), None),
+                Outcome::StreamError => (None, Some("stream_error")),
+                Outcome::Cancelled => {
+                    span.set([KeyValue::new(
+                        "llm_d.sidecar.cancelled_phase",
+                        self.phase.as_str(),
+                    )]);
+                    (None, Some("cancelled"))
+                }
+            };
+            span.end(status, failure);
+        }
     }
 }
 
@@ -235,6 +272,10 @@ impl Tracked {
                     connector: t.connector,
                 })
                 .observe(sent.elapsed().as_secs_f64());
+            if let Some(span) = &mut t.server_span {
+                let ttft = span.elapsed_ms();
+                span.set([KeyValue::new("llm_d.pd_proxy.true_ttft_ms", ttft)]);
+            }
         }
         t.phase = Phase::Streaming;
         t.metrics.bytes(t.route, "response", data.len());

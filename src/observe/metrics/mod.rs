@@ -14,6 +14,7 @@
 //! | `prefill_retries_total` | counter | `reason` |
 //! | `connections_refused_total` | counter | `reason` |
 //! | `rejected_requests_total` | counter | `reason` |
+//! | `trace_spans_total` | counter | `outcome` |
 //!
 //! pd-sidecar's families (llm-d-router#1677), under their own prefix `llm_d_disagg_sidecar_`, so
 //! dashboards built for it work unchanged: `requests_total{api_type}`,
@@ -57,7 +58,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -68,6 +69,7 @@ pub const NAMES: [&str; 16] = [
     "llm_d_sidecar_prefill_retries_total",
     "llm_d_sidecar_connections_refused_total",
     "llm_d_sidecar_rejected_requests_total",
+    "llm_d_sidecar_trace_spans_total",
     "llm_d_disagg_sidecar_requests_total",
     "llm_d_disagg_sidecar_disagg_requests_total",
     "llm_d_disagg_sidecar_encode_duration_seconds",
@@ -75,6 +77,9 @@ pub const NAMES: [&str; 16] = [
     "llm_d_disagg_sidecar_decode_duration_seconds",
     "llm_d_disagg_sidecar_request_errors_total",
 ];
+
+/// What became of a sampled span (`trace_spans_total`'s `outcome`).
+pub const SPAN_OUTCOMES: [&str; 3] = ["exported", "dropped", "failed"];
 
 /// pd-sidecar's prefix for its families.
 pub const PD_SIDECAR_PREFIX: &str = "llm_d_disagg_sidecar";
@@ -86,7 +91,7 @@ const STAGE_BUCKETS: [f64; 15] = [
 
 /// pd-sidecar's `api_type` for a route (it counts `/v1/completions` and `/v1/messages` as
 /// `chat_completions`, and so do we, for its dashboards).
-fn api_type(api: crate::api::Api) -> &'static str {
+pub(crate) fn api_type(api: crate::api::Api) -> &'static str {
     use crate::api::Api;
     match api {
         Api::Completions | Api::ChatCompletions | Api::Messages => "chat_completions",
@@ -227,6 +232,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabels {
     reason: &'static str,
 }
@@ -344,6 +354,7 @@ struct Inner {
     prefill_retries: Family<RetryLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    trace_spans: Family<OutcomeLabels, Counter>,
     pd_sidecar: PdSidecar,
 }
 
@@ -456,6 +467,13 @@ impl Metrics {
              (-max-in-flight)",
             rejected.clone(),
         );
+        let trace_spans = Family::default();
+        registry.register(
+            "trace_spans",
+            "Sampled trace spans, by outcome: exported, dropped (the export queue was full), \
+             failed (the collector refused them or did not answer in time)",
+            trace_spans.clone(),
+        );
         // Series with known label values exist from the start: 0 rather than nothing.
         for route in [Route::Pd, Route::PassThrough] {
             let route = route.as_str();
@@ -495,6 +513,9 @@ impl Metrics {
         let _ = rejected.get_or_create(&ReasonLabels {
             reason: "max_in_flight",
         });
+        for outcome in SPAN_OUTCOMES {
+            let _ = trace_spans.get_or_create(&OutcomeLabels { outcome });
+        }
         let pd_sidecar = PdSidecar::register(root.sub_registry_with_prefix(PD_SIDECAR_PREFIX));
         Self(Arc::new(Inner {
             registry: root,
@@ -508,6 +529,7 @@ impl Metrics {
             prefill_retries,
             connections_refused,
             rejected,
+            trace_spans,
             pd_sidecar,
         }))
     }
@@ -553,6 +575,14 @@ impl Metrics {
             .rejected
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts `n` sampled spans that were `outcome` (one of [`SPAN_OUTCOMES`]).
+    pub fn trace_spans(&self, outcome: &'static str, n: u64) {
+        self.0
+            .trace_spans
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n);
     }
 
     fn stage_error(&self, stage: Stage) {

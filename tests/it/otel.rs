@@ -1,0 +1,300 @@
+//! OpenTelemetry tracing end to end: a sidecar exporting to a real OTLP receiver for each
+//! protocol, the trace tree it exports (ids, parents, kinds, attributes), and the
+//! `traceparent` each simulated vLLM received naming the exported leg span.
+
+use sidecar::observe::metrics::Metrics;
+use sidecar::observe::otel::settings::{self, Flags};
+use sidecar::App;
+
+use crate::support::otlp::{Exported, Receiver, Wire};
+use crate::support::*;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// A sidecar in front of `decoder` with tracing settings resolved from `env`, as the process
+/// environment would give them, and its metrics.
+async fn traced_sidecar(
+    decoder: std::net::SocketAddr,
+    env: &[(&str, String)],
+) -> (Sidecar, Metrics) {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let resolved = settings::resolve(
+        &move |name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+        Flags {
+            tracing: true,
+            otlp_endpoint: None,
+        },
+    );
+    let mut config = config(decoder);
+    config.tracing = Some(resolved.settings.expect("tracing on"));
+    let app = App::build(config).await.expect("the sidecar assembles");
+    let metrics = app.metrics().clone();
+    (Sidecar::serve(app).await, metrics)
+}
+
+/// Stops `sidecar` and waits for its end, which includes the flush of the last spans.
+async fn stop(mut sidecar: Sidecar) {
+    let task = sidecar.begin_shutdown();
+    tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("stopped in time")
+        .expect("join")
+        .expect("served");
+}
+
+fn env_for(receiver: &Receiver, wire: Wire, sampler: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", wire.protocol().to_string()),
+        ("OTEL_SERVICE_NAME", "decode-sidecar".to_string()),
+        ("OTEL_TRACES_SAMPLER", sampler.to_string()),
+        // Export within milliseconds rather than the default 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_string()),
+    ]
+}
+
+fn traced_post(
+    prefiller: std::net::SocketAddr,
+    flags: &str,
+) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = post(
+        "/v1/completions",
+        Some(prefiller),
+        r#"{"prompt":"a b c","max_tokens":2}"#,
+    );
+    let traceparent = format!("00-{TRACE}-{CLIENT_SPAN}-{flags}");
+    req.headers_mut()
+        .insert("traceparent", traceparent.parse().expect("header"));
+    req.headers_mut()
+        .insert("tracestate", "congo=t61rcWkgMzE".parse().expect("header"));
+    req.headers_mut()
+        .insert("user-agent", "tracing-test/1".parse().expect("header"));
+    req
+}
+
+fn named<'a>(spans: &'a [Exported], name: &str) -> &'a Exported {
+    let found: Vec<&Exported> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(found.len(), 1, "one {name} span in {spans:#?}");
+    found[0]
+}
+
+/// The one request `sim` received, and its `traceparent`.
+async fn traceparent_at(sim: &vllm_sim::SimServer) -> String {
+    let requests = sim_requests(sim).await;
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    record_header(&requests[0], "traceparent")
+        .expect("a traceparent")
+        .to_string()
+}
+
+/// A P/D request traced over `wire`: the server span under the client's, the prefill and
+/// decode CLIENT spans under it, and each vLLM told its own leg's span.
+async fn the_tree_over(wire: Wire) {
+    let mut receiver = Receiver::start(wire).await;
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = traced_sidecar(
+        d.api_addr(),
+        &env_for(&receiver, wire, "parentbased_always_on"),
+    )
+    .await;
+    // Not traced: the sidecar's own health answer.
+    let (health, _) = call(sidecar.addr, get("/health")).await;
+    assert_eq!(health.status(), 200);
+    let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), "01")).await;
+    assert_eq!(resp.status(), 200);
+
+    let spans = receiver.until(|spans| spans.len() >= 3).await;
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    let server = named(&spans, "POST /v1/completions");
+    let prefill = named(&spans, "llm_d.pd_proxy.prefill");
+    let decode = named(&spans, "llm_d.pd_proxy.decode");
+    for span in [server, prefill, decode] {
+        assert_eq!(span.trace_id, TRACE, "{span:#?}");
+        assert_eq!(span.service, "decode-sidecar");
+        assert_eq!(span.status, 0, "{span:#?}");
+    }
+    // SERVER under the client's span; both legs CLIENT spans under the server span.
+    assert_eq!(
+        (server.kind, server.parent_span_id.as_str()),
+        (2, CLIENT_SPAN)
+    );
+    for leg in [prefill, decode] {
+        assert_eq!(leg.kind, 3);
+        assert_eq!(leg.parent_span_id, server.span_id);
+        assert_eq!(leg.attr("http.request.method"), Some("POST"));
+        assert_eq!(leg.attr("http.response.status_code"), Some("200"));
+        assert_eq!(leg.attr("server.address"), Some("127.0.0.1"));
+    }
+    assert_eq!(
+        prefill.attr("server.port"),
+        Some(p.api_addr().port().to_string().as_str())
+    );
+    assert_eq!(
+        decode.attr("url.full"),
+        Some(format!("http://{}/v1/completions", d.api_addr()).as_str())
+    );
+    // Each vLLM got its own leg's span as the parent, with the client's sampling and state.
+    assert_eq!(
+        traceparent_at(&p).await,
+        format!("00-{TRACE}-{}-01", prefill.span_id)
+    );
+    assert_eq!(
+        traceparent_at(&d).await,
+        format!("00-{TRACE}-{}-01", decode.span_id)
+    );
+    for (key, value) in [
+        ("http.request.method", "POST".to_string()),
+        ("http.route", "/v1/completions".to_string()),
+        ("url.path", "/v1/completions".to_string()),
+        ("url.scheme", "http".to_string()),
+        ("http.response.status_code", "200".to_string()),
+        ("user_agent.original", "tracing-test/1".to_string()),
+        ("llm_d.pd_proxy.connector", "nixlv2".to_string()),
+        ("llm_d.pd_proxy.disaggregation_used", "true".to_string()),
+        ("llm_d.pd_proxy.prefill_target", p.api_addr().to_string()),
+        ("llm_d.pd_proxy.prefill_candidates", "1".to_string()),
+        ("llm_d.pd_proxy.decode.streaming", "false".to_string()),
+        ("llm_d.openai.api", "chat_completions".to_string()),
+    ] {
+        assert_eq!(
+            server.attr(key),
+            Some(value.as_str()),
+            "{key} in {server:#?}"
+        );
+    }
+    for key in [
+        "llm_d.pd_proxy.request_id",
+        "llm_d.pd_proxy.prefill.duration_ms",
+        "llm_d.pd_proxy.true_ttft_ms",
+        "llm_d.pd_proxy.total_duration_ms",
+        "client.address",
+    ] {
+        assert!(server.attr(key).is_some(), "{key} in {server:#?}");
+    }
+    if wire != Wire::Grpc {
+        assert_eq!(receiver.paths.try_recv().as_deref(), Ok("/v1/traces"));
+    }
+    stop(sidecar).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "llm_d_sidecar_trace_spans_total{outcome=\"exported\"}"
+        ),
+        3
+    );
+    assert!(receiver.received().is_empty());
+}
+
+#[tokio::test]
+async fn grpc_receives_the_requests_tree() {
+    the_tree_over(Wire::Grpc).await;
+}
+
+#[tokio::test]
+async fn http_protobuf_receives_the_requests_tree() {
+    the_tree_over(Wire::HttpProtobuf).await;
+}
+
+#[tokio::test]
+async fn http_json_receives_the_requests_tree() {
+    the_tree_over(Wire::HttpJson).await;
+}
+
+#[tokio::test]
+async fn sampling_off_exports_nothing_and_vllm_is_told_not_to_sample() {
+    let mut receiver = Receiver::start(Wire::Grpc).await;
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) =
+        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_off")).await;
+    let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), "01")).await;
+    assert_eq!(resp.status(), 200);
+    // The legs still name spans of their own, unsampled, in the client's trace.
+    let (prefill, decode) = (traceparent_at(&p).await, traceparent_at(&d).await);
+    for tp in [&prefill, &decode] {
+        let fields: Vec<&str> = tp.split('-').collect();
+        assert_eq!((fields[1], fields[3]), (TRACE, "00"), "{tp}");
+        assert_ne!(fields[2], CLIENT_SPAN, "{tp}");
+    }
+    assert_ne!(prefill, decode);
+    // The stop flushes whatever was queued: nothing was.
+    stop(sidecar).await;
+    assert!(receiver.received().is_empty());
+    for outcome in ["exported", "dropped", "failed"] {
+        let series = format!("llm_d_sidecar_trace_spans_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&metrics, &series), 0, "{series}");
+    }
+}
+
+#[tokio::test]
+async fn the_default_sampler_follows_an_unsampled_client() {
+    let mut receiver = Receiver::start(Wire::Grpc).await;
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    // No sampler named: pd-sidecar's parentbased_traceidratio; the client said "not sampled".
+    let mut env = env_for(&receiver, Wire::Grpc, "");
+    env.retain(|(k, _)| *k != "OTEL_TRACES_SAMPLER");
+    let (sidecar, _) = traced_sidecar(d.api_addr(), &env).await;
+    let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), "00")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(traceparent_at(&d).await.ends_with("-00"));
+    stop(sidecar).await;
+    assert!(receiver.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_without_traceparent_is_a_root_and_pass_through_is_traced() {
+    let mut receiver = Receiver::start(Wire::HttpProtobuf).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _) = traced_sidecar(
+        d.api_addr(),
+        &env_for(&receiver, Wire::HttpProtobuf, "always_on"),
+    )
+    .await;
+    let (resp, _) = call(sidecar.addr, get("/v1/models")).await;
+    assert_eq!(resp.status(), 200);
+    let spans = receiver.until(|spans| spans.len() >= 2).await;
+    let server = named(&spans, "GET");
+    let leg = named(&spans, "llm_d.pd_proxy.decode");
+    assert_eq!((server.kind, server.parent_span_id.as_str()), (2, ""));
+    assert_eq!(leg.parent_span_id, server.span_id);
+    assert_eq!(leg.trace_id, server.trace_id);
+    assert_eq!(
+        server.attr("llm_d.pd_proxy.disaggregation_used"),
+        Some("false")
+    );
+    assert_eq!(
+        server.attr("llm_d.pd_proxy.reason"),
+        Some("no_prefill_header")
+    );
+    assert_eq!(server.attr("http.route"), None);
+    assert_eq!(
+        traceparent_at(&d).await,
+        format!("00-{}-{}-01", server.trace_id, leg.span_id)
+    );
+}
+
+#[tokio::test]
+async fn a_failed_prefill_marks_its_leg_and_the_request_as_errors() {
+    let mut receiver = Receiver::start(Wire::Grpc).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _) =
+        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let (resp, _) = call(sidecar.addr, traced_post(dead_addr().await, "01")).await;
+    assert_eq!(resp.status(), 502);
+    let spans = receiver.until(|spans| spans.len() >= 2).await;
+    let server = named(&spans, "POST /v1/completions");
+    let prefill = named(&spans, "llm_d.pd_proxy.prefill");
+    assert_eq!(prefill.parent_span_id, server.span_id);
+    assert_eq!(
+        (prefill.status, prefill.attr("error.type")),
+        (2, Some("connect"))
+    );
+    assert_eq!((server.status, server.attr("error.type")), (2, Some("502")));
+    assert_eq!(server.attr("http.response.status_code"), Some("502"));
+}
