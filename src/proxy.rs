@@ -120,66 +120,69 @@ impl Proxy {
         routing: &Routing,
         api: Option<Api>,
     ) -> ServerSpan {
-        let connector = self.pd.connector.name();
-        let mut attrs = vec![
-            KeyValue::new("llm_d.pd_proxy.connector", connector),
-            KeyValue::new("llm_d.pd_proxy.kv_connector", connector),
-            KeyValue::new("llm_d.pd_proxy.request_path", req.uri().path().to_string()),
-        ];
-        if let Some(api) = api {
-            attrs.push(KeyValue::new("llm_d.openai.api", api_type(api)));
-        }
-        let disaggregated = matches!(routing, Routing::Pd(_));
-        attrs.push(KeyValue::new(
-            "llm_d.pd_proxy.disaggregation_used",
-            disaggregated,
-        ));
-        match routing {
-            Routing::Pd(pd) => {
-                if let Some(first) = pd.prefillers.first() {
-                    attrs.push(KeyValue::new(
-                        "llm_d.pd_proxy.prefill_target",
-                        first.authority().to_string(),
-                    ));
-                }
-                attrs.push(KeyValue::new(
-                    "llm_d.pd_proxy.prefill_candidates",
-                    pd.prefillers.len() as i64,
-                ));
-                if let Some(source) = &pd.kv_source {
-                    attrs.push(KeyValue::new(
-                        "llm_d.pd_proxy.kv_cache_source",
-                        source.authority().to_string(),
-                    ));
-                }
-            }
-            Routing::KvSource(source) => attrs.push(KeyValue::new(
-                "llm_d.pd_proxy.kv_cache_source",
-                source.authority().to_string(),
-            )),
-            Routing::PassThrough => {
-                attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
-            }
-            Routing::Refused { prefiller, error } => {
-                if let (ProxyError::PrefillerNotAllowed { .. }, Some(denied)) = (error, prefiller) {
-                    attrs.push(KeyValue::new(
-                        "llm_d.pd_proxy.error",
-                        "ssrf_protection_denied",
-                    ));
-                    attrs.push(KeyValue::new(
-                        "llm_d.pd_proxy.denied_target",
-                        denied.authority().to_string(),
-                    ));
-                }
-            }
-        }
         spans::start_server(
             tracing.tracer(),
             tracing.scheme(),
             req,
             client,
             api.map(Api::path),
-            attrs,
+            || {
+                let connector = self.pd.connector.name();
+                let mut attrs = vec![
+                    KeyValue::new("llm_d.pd_proxy.connector", connector),
+                    KeyValue::new("llm_d.pd_proxy.kv_connector", connector),
+                ];
+                if let Some(api) = api {
+                    attrs.push(KeyValue::new("llm_d.openai.api", api_type(api)));
+                }
+                let disaggregated = matches!(routing, Routing::Pd(_));
+                attrs.push(KeyValue::new(
+                    "llm_d.pd_proxy.disaggregation_used",
+                    disaggregated,
+                ));
+                match routing {
+                    Routing::Pd(pd) => {
+                        if let Some(first) = pd.prefillers.first() {
+                            attrs.push(KeyValue::new(
+                                "llm_d.pd_proxy.prefill_target",
+                                first.authority().to_string(),
+                            ));
+                        }
+                        attrs.push(KeyValue::new(
+                            "llm_d.pd_proxy.prefill_candidates",
+                            pd.prefillers.len() as i64,
+                        ));
+                        if let Some(source) = &pd.kv_source {
+                            attrs.push(KeyValue::new(
+                                "llm_d.pd_proxy.kv_cache_source",
+                                source.authority().to_string(),
+                            ));
+                        }
+                    }
+                    Routing::KvSource(source) => attrs.push(KeyValue::new(
+                        "llm_d.pd_proxy.kv_cache_source",
+                        source.authority().to_string(),
+                    )),
+                    Routing::PassThrough => {
+                        attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
+                    }
+                    Routing::Refused { prefiller, error } => {
+                        if let (ProxyError::PrefillerNotAllowed { .. }, Some(denied)) =
+                            (error, prefiller)
+                        {
+                            attrs.push(KeyValue::new(
+                                "llm_d.pd_proxy.error",
+                                "ssrf_protection_denied",
+                            ));
+                            attrs.push(KeyValue::new(
+                                "llm_d.pd_proxy.denied_target",
+                                denied.authority().to_string(),
+                            ));
+                        }
+                    }
+                }
+                attrs
+            },
         )
     }
 

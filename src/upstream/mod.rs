@@ -99,10 +99,9 @@ impl Upstream {
             Leg::Decode => self.decode.request(req).await,
         };
         if let Some(span) = span {
-            match &sent {
-                Ok(_) => {}
-                Err(e) if e.is_connect() => span.failed("connect"),
-                Err(_) => span.failed("upstream"),
+            if sent.is_err() {
+                // The kind `upstream_errors_total` gives any failure to get a response head.
+                span.failed("unreachable");
             }
             return sent.map(|mut resp| {
                 span.responded(resp.status());

@@ -293,7 +293,7 @@ async fn a_failed_prefill_marks_its_leg_and_the_request_as_errors() {
     assert_eq!(prefill.parent_span_id, server.span_id);
     assert_eq!(
         (prefill.status, prefill.attr("error.type")),
-        (2, Some("connect"))
+        (2, Some("unreachable"))
     );
     assert_eq!((server.status, server.attr("error.type")), (2, Some("502")));
     assert_eq!(server.attr("http.response.status_code"), Some("502"));

@@ -70,7 +70,7 @@ impl RequestGuard {
 
     /// Adds what `attributes` says to the request's trace span, if it is traced.
     pub fn annotate<const N: usize>(&mut self, attributes: impl FnOnce() -> [KeyValue; N]) {
-        if let Some(span) = &mut self.server_span {
+        if let Some(span) = self.server_span.as_mut().filter(|s| s.recording()) {
             span.set(attributes());
         }
     }
@@ -272,7 +272,7 @@ impl Tracked {
                     connector: t.connector,
                 })
                 .observe(sent.elapsed().as_secs_f64());
-            if let Some(span) = &mut t.server_span {
+            if let Some(span) = t.server_span.as_mut().filter(|s| s.recording()) {
                 let ttft = span.elapsed_ms();
                 span.set([KeyValue::new("llm_d.pd_proxy.true_ttft_ms", ttft)]);
             }
@@ -376,6 +376,51 @@ where
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// The series created at zero are the ones requests report: a label added to one list
+    /// and not the other would leave a series missing until first used, or one never used.
+    #[test]
+    fn preset_label_values_are_the_reported_ones() {
+        let reported: Vec<&str> = [
+            Outcome::Status(StatusCode::CONTINUE),
+            Outcome::Status(StatusCode::OK),
+            Outcome::Status(StatusCode::FOUND),
+            Outcome::Status(StatusCode::NOT_FOUND),
+            Outcome::Status(StatusCode::BAD_GATEWAY),
+            Outcome::StreamError,
+            Outcome::Cancelled,
+        ]
+        .iter()
+        .map(|o| o.as_str())
+        .collect();
+        assert_eq!(reported, super::super::OUTCOMES);
+        let kinds = [
+            ProxyError::PrefillUnreachable {
+                prefiller: String::new(),
+                detail: String::new(),
+            },
+            ProxyError::PrefillFailed {
+                prefiller: String::new(),
+                status: StatusCode::BAD_GATEWAY,
+                detail: String::new(),
+            },
+            ProxyError::PrefillBadReply {
+                prefiller: String::new(),
+                detail: String::new(),
+            },
+            ProxyError::Timeout {
+                leg: Leg::Prefill,
+                target: String::new(),
+                after: std::time::Duration::ZERO,
+            },
+            ProxyError::Internal(String::new()),
+        ];
+        for e in &kinds {
+            assert!(super::super::ERROR_KINDS.contains(&error_kind(e)), "{e:?}");
+        }
+        // Reported by the response body, not by an error: see `Tracked`.
+        assert!(super::super::ERROR_KINDS.contains(&"stream_broken"));
+    }
 
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines()

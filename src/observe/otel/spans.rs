@@ -73,7 +73,7 @@ pub fn start_server<B>(
     req: &mut Request<B>,
     client: SocketAddr,
     route: Option<&'static str>,
-    attributes: Vec<KeyValue>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> ServerSpan {
     let parent = propagator().extract(&HeaderExtractor(req.headers()));
     let method = req.method().as_str();
@@ -82,26 +82,30 @@ pub fn start_server<B>(
         Some(route) => format!("{method} {route}"),
         None => method.to_string(),
     };
-    let mut attrs = Vec::with_capacity(attributes.len() + 8);
-    attrs.extend([
-        KeyValue::new("http.request.method", method.to_string()),
-        KeyValue::new("url.path", req.uri().path().to_string()),
-        KeyValue::new("url.scheme", scheme),
-        KeyValue::new("network.protocol.version", protocol_version(req.version())),
-        KeyValue::new("client.address", client.ip().to_string()),
-        KeyValue::new("client.port", i64::from(client.port())),
-    ]);
-    if let Some(route) = route {
-        attrs.push(KeyValue::new("http.route", route));
+    // Sampled first: an unsampled span (most, at the default ratio) never builds its attributes.
+    let builder = SpanBuilder::from_name(name).with_kind(SpanKind::Server);
+    let mut span = tracer.build_with_context(builder, &parent);
+    if span.is_recording() {
+        let mut attrs = attributes();
+        attrs.reserve(8);
+        attrs.extend([
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("llm_d.pd_proxy.request_path", req.uri().path().to_string()),
+            KeyValue::new("url.scheme", scheme),
+            KeyValue::new("network.protocol.version", protocol_version(req.version())),
+            KeyValue::new("client.address", client.ip().to_string()),
+            KeyValue::new("client.port", i64::from(client.port())),
+        ]);
+        if let Some(route) = route {
+            attrs.push(KeyValue::new("http.route", route));
+        }
+        if let Some(agent) = req.headers().get(USER_AGENT).and_then(|v| v.to_str().ok()) {
+            attrs.push(KeyValue::new("user_agent.original", agent.to_string()));
+        }
+
+        span.set_attributes(attrs);
     }
-    if let Some(agent) = req.headers().get(USER_AGENT).and_then(|v| v.to_str().ok()) {
-        attrs.push(KeyValue::new("user_agent.original", agent.to_string()));
-    }
-    attrs.extend(attributes);
-    let builder = SpanBuilder::from_name(name)
-        .with_kind(SpanKind::Server)
-        .with_attributes(attrs);
-    let span = tracer.build_with_context(builder, &parent);
     let context = span.span_context().clone();
     inject(
         &Context::new().with_remote_span_context(context.clone()),
@@ -130,6 +134,11 @@ fn protocol_version(v: Version) -> &'static str {
 impl ServerSpan {
     pub fn set(&mut self, attributes: impl IntoIterator<Item = KeyValue>) {
         self.span.set_attributes(attributes);
+    }
+
+    /// False for an unsampled request: its attributes need not be built.
+    pub fn recording(&self) -> bool {
+        self.span.is_recording()
     }
 
     /// Milliseconds since the request arrived, as pd-sidecar's `*_ms` attributes are.
@@ -167,26 +176,27 @@ impl ServerSpan {
 /// the leg's `traceparent` at the new span.
 pub fn start_leg<B>(req: &mut Request<B>, leg: Leg) -> Option<LegSpan> {
     let parent = req.extensions_mut().remove::<TraceParent>()?;
-    let uri = req.uri();
-    let mut attrs = vec![
-        KeyValue::new("http.request.method", req.method().to_string()),
-        KeyValue::new("url.full", uri.to_string()),
-    ];
-    if let Some(host) = uri.host() {
-        attrs.push(KeyValue::new("server.address", host.to_string()));
-    }
-    if let Some(port) = uri.port_u16() {
-        attrs.push(KeyValue::new("server.port", i64::from(port)));
-    }
     let name = match leg {
         Leg::Prefill => PREFILL_SPAN,
         Leg::Decode => DECODE_SPAN,
     };
-    let builder = SpanBuilder::from_name(name)
-        .with_kind(SpanKind::Client)
-        .with_attributes(attrs);
+    let builder = SpanBuilder::from_name(name).with_kind(SpanKind::Client);
     let under = Context::new().with_remote_span_context(parent.parent);
-    let span = parent.tracer.build_with_context(builder, &under);
+    let mut span = parent.tracer.build_with_context(builder, &under);
+    if span.is_recording() {
+        let uri = req.uri();
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.full", uri.to_string()),
+        ];
+        if let Some(host) = uri.host() {
+            attrs.push(KeyValue::new("server.address", host.to_string()));
+        }
+        if let Some(port) = uri.port_u16() {
+            attrs.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        span.set_attributes(attrs);
+    }
     inject(
         &Context::new().with_remote_span_context(span.span_context().clone()),
         req.headers_mut(),
