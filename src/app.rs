@@ -23,8 +23,10 @@ use crate::security::tls::ServerTls;
 use crate::server;
 use crate::upstream::{Decoder, Upstream};
 
-/// How long the last spans may take to export at shutdown.
+/// How long the last spans may take to export at shutdown: at most, and at least (when the
+/// drain used up its time).
 const SPAN_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+const SPAN_FLUSH_MIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Why the sidecar could not start. Each message names the flag to fix.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +37,6 @@ pub enum StartupError {
     /// A TLS file or setting cannot be used (the message names the flag).
     #[error("{0}")]
     Tls(String),
-    /// The span exporter cannot be built from the tracing settings.
-    #[error("{0}")]
-    Tracing(String),
 }
 
 /// The assembled sidecar, ready to serve on a listener.
@@ -79,23 +78,27 @@ impl App {
             )),
         };
         let (allowlist, pool_watch) = allowlist(&config, kube_api).await?;
-        let tracing = match &config.tracing {
-            None => None,
-            Some(settings) => {
-                // The collector is not an upstream: its client has default TLS settings.
-                let client = Upstream::new(config.connect_timeout);
-                let tracing =
-                    Tracing::start(settings, client, metrics.clone(), server_tls.is_some())
-                        .map_err(StartupError::Tracing)?;
-                info!(
-                    endpoint = %settings.endpoint,
-                    protocol = ?settings.protocol,
-                    sampler = ?settings.sampler,
-                    "tracing on"
-                );
-                Some(tracing)
+        let tracing = config.tracing.as_ref().and_then(|settings| {
+            // The collector is not an upstream: its client has default TLS settings.
+            let client = Upstream::new(config.connect_timeout);
+            match Tracing::start(settings, client, metrics.clone(), server_tls.is_some()) {
+                Ok(tracing) => {
+                    info!(
+                        endpoint = %settings.endpoint,
+                        protocol = ?settings.protocol,
+                        sampler = ?settings.sampler,
+                        "tracing on"
+                    );
+                    Some(tracing)
+                }
+                // An observability setting must not take the data path down (the flag's URL
+                // was checked already; this is the environment's).
+                Err(e) => {
+                    tracing::warn!(endpoint = %settings.endpoint, "{e}; tracing is off");
+                    None
+                }
             }
-        };
+        });
         let decoder = Arc::new(Decoder::new(
             config.decoder.clone(),
             upstream.clone(),
@@ -159,6 +162,12 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        let drain_began = Arc::new(std::sync::OnceLock::new());
+        let began = Arc::clone(&drain_began);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began.set(tokio::time::Instant::now());
+        };
         let served = server::run(
             &self.config,
             Arc::clone(&self.proxy),
@@ -167,10 +176,16 @@ impl App {
             shutdown,
         )
         .await;
-        // After the drain every request span has ended: export the last batch, bounded.
+        // After the drain every request span has ended: export the last batch in what is left
+        // of the drain's time (Kubernetes' grace period is sized for it), at least a moment.
         if let Some(tracing) = &self.proxy.tracing {
-            if !tracing.shutdown(SPAN_FLUSH).await {
-                tracing::warn!("spans still queued after {SPAN_FLUSH:?} were not exported");
+            let left = drain_began.get().map_or(SPAN_FLUSH, |began| {
+                (*began + self.config.drain_timeout)
+                    .saturating_duration_since(tokio::time::Instant::now())
+            });
+            let within = left.clamp(SPAN_FLUSH_MIN, SPAN_FLUSH);
+            if !tracing.shutdown(within).await {
+                tracing::warn!("spans still queued after {within:?} were not exported");
             }
         }
         served

@@ -113,6 +113,9 @@ pub(crate) async fn run(
                 "drain timeout reached; closing remaining connections"
             );
             connections.abort_all();
+            // Their requests end (and are counted, and their spans queued) as they unwind.
+            let unwound = async { while connections.join_next().await.is_some() {} };
+            let _ = crate::runtime::within(std::time::Duration::from_secs(1), unwound).await;
         }
     }
     Ok(())

@@ -340,7 +340,9 @@ impl OnAbandon<UpstreamResult> for CloseWhenAdmitted {
                 let admitted = async {
                     if let Ok(Ok(resp)) = (&mut pending).await {
                         if is_event_stream(&resp) {
-                            let _ = resp.into_body().frame().await;
+                            // The head is kept: a traced leg's span ends with this wait.
+                            let (_head, mut body) = resp.into_parts();
+                            let _ = body.frame().await;
                         }
                     }
                 };

@@ -111,10 +111,15 @@ impl Decoder {
                 resp.headers_mut().remove(CONTENT_LENGTH);
                 Ok(resp)
             }
-            Framing::Other(codings) => Err(ProxyError::DecoderBadFraming {
-                decoder: self.target.authority().to_string(),
-                detail: format!("Transfer-Encoding '{codings}'"),
-            }),
+            Framing::Other(codings) => {
+                if let Some(span) = resp.extensions().get::<LegSpan>() {
+                    span.failed("bad_reply");
+                }
+                Err(ProxyError::DecoderBadFraming {
+                    decoder: self.target.authority().to_string(),
+                    detail: format!("Transfer-Encoding '{codings}'"),
+                })
+            }
         }
     }
 

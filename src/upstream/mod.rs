@@ -91,14 +91,14 @@ impl Upstream {
         leg: Leg,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let span = spans::start_leg(&mut req, leg);
+        let pending = spans::start_leg(&mut req, leg).map(spans::Pending::new);
         // The answer is awaited from now: keep polling for it if busy polling is on.
         self.busy_poll.touch();
         let sent = match leg {
             Leg::Prefill => self.prefill.request(req).await,
             Leg::Decode => self.decode.request(req).await,
         };
-        if let Some(span) = span {
+        if let Some(span) = pending.and_then(spans::Pending::settle) {
             if sent.is_err() {
                 // The kind `upstream_errors_total` gives any failure to get a response head.
                 span.failed("unreachable");

@@ -139,14 +139,24 @@ async fn the_tree_over(wire: Wire) {
         Some(format!("http://{}/v1/completions", d.api_addr()).as_str())
     );
     // Each vLLM got its own leg's span as the parent, with the client's sampling and state.
-    assert_eq!(
-        traceparent_at(&p).await,
-        format!("00-{TRACE}-{}-01", prefill.span_id)
+    for (sim, leg) in [(&p, prefill), (&d, decode)] {
+        let requests = sim_requests(sim).await;
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(
+            record_header(&requests[0], "traceparent"),
+            Some(format!("00-{TRACE}-{}-01", leg.span_id).as_str())
+        );
+        assert_eq!(
+            record_header(&requests[0], "tracestate"),
+            Some("congo=t61rcWkgMzE")
+        );
+    }
+    // The legs in order, inside the request's span.
+    assert!(
+        server.start <= prefill.start && prefill.end <= decode.start,
+        "{spans:#?}"
     );
-    assert_eq!(
-        traceparent_at(&d).await,
-        format!("00-{TRACE}-{}-01", decode.span_id)
-    );
+    assert!(decode.end <= server.end, "{spans:#?}");
     for (key, value) in [
         ("http.request.method", "POST".to_string()),
         ("http.route", "/v1/completions".to_string()),
@@ -297,4 +307,87 @@ async fn a_failed_prefill_marks_its_leg_and_the_request_as_errors() {
     );
     assert_eq!((server.status, server.attr("error.type")), (2, Some("502")));
     assert_eq!(server.attr("http.response.status_code"), Some("502"));
+}
+
+#[tokio::test]
+async fn parent_based_samplers_follow_the_clients_flag() {
+    for (sampler, flags, exported) in [
+        ("parentbased_always_on", "00", false),
+        ("parentbased_always_off", "01", true),
+    ] {
+        let mut receiver = Receiver::start(Wire::Grpc).await;
+        let p = sim(|_| {}).await;
+        let d = sim(|_| {}).await;
+        let (sidecar, _) =
+            traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, sampler)).await;
+        let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), flags)).await;
+        assert_eq!(resp.status(), 200);
+        let tp = traceparent_at(&d).await;
+        assert!(
+            tp.starts_with(&format!("00-{TRACE}-")) && tp.ends_with(flags),
+            "{tp}"
+        );
+        stop(sidecar).await;
+        let spans = receiver.received();
+        assert_eq!(
+            spans.len(),
+            if exported { 3 } else { 0 },
+            "{sampler}: {spans:#?}"
+        );
+        assert!(spans.iter().all(|s| s.trace_id == TRACE));
+    }
+}
+
+#[tokio::test]
+async fn a_decode_span_lasts_as_long_as_its_stream() {
+    let mut receiver = Receiver::start(Wire::Grpc).await;
+    let p = sim(|_| {}).await;
+    let d = sim(|c| c.itl_ms = 20).await;
+    let (sidecar, _) =
+        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let (resp, body) = call(
+        sidecar.addr,
+        post(
+            "/v1/completions",
+            Some(p.api_addr()),
+            r#"{"prompt":"a b c","max_tokens":5,"stream":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
+    let spans = receiver.until(|spans| spans.len() >= 3).await;
+    let decode = named(&spans, "llm_d.pd_proxy.decode");
+    let server = named(&spans, "POST /v1/completions");
+    // Five tokens 20 ms apart: the span ended with the stream, not with its head.
+    assert!(decode.end - decode.start >= 4 * 20_000_000, "{decode:#?}");
+    assert_eq!(server.attr("llm_d.pd_proxy.decode.streaming"), Some("true"));
+}
+
+#[tokio::test]
+async fn two_traceparent_headers_are_no_parent() {
+    let mut receiver = Receiver::start(Wire::Grpc).await;
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _) =
+        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let mut req = traced_post(p.api_addr(), "01");
+    req.headers_mut().append(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .expect("header"),
+    );
+    let (resp, _) = call(sidecar.addr, req).await;
+    assert_eq!(resp.status(), 200);
+    let spans = receiver.until(|spans| spans.len() >= 3).await;
+    let server = named(&spans, "POST /v1/completions");
+    assert_eq!(server.parent_span_id, "", "{server:#?}");
+    assert_ne!(server.trace_id, TRACE);
+    // Restarting the trace drops the client's tracestate (W3C Trace Context §3.3).
+    let requests = sim_requests(&d).await;
+    assert_eq!(record_header(&requests[0], "tracestate"), None);
+    assert!(
+        record_header(&requests[0], "traceparent").is_some_and(|tp| tp.contains(&server.trace_id))
+    );
 }

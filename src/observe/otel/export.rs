@@ -5,7 +5,6 @@
 //! our HTTP client (which spawns connection tasks on tokio) cannot run; it does not expose how
 //! many spans it dropped; and it shuts down synchronously, where we flush within the drain.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,17 +30,18 @@ pub fn exporter(
     settings: &Settings,
     client: Upstream,
 ) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    // Already percent-decoded: the crate's `with_headers` would decode them a second time.
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &settings.headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            headers.insert(k, v);
+        }
+    }
     let built = match settings.protocol {
         Protocol::Grpc => {
-            let mut headers = http::HeaderMap::new();
-            for (k, v) in &settings.headers {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
-                    http::HeaderValue::from_str(v),
-                ) {
-                    headers.insert(k, v);
-                }
-            }
             let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_protocol(opentelemetry_otlp::Protocol::Grpc)
@@ -70,10 +70,10 @@ pub fn exporter(
                 .with_protocol(protocol)
                 .with_endpoint(settings.endpoint.clone())
                 .with_timeout(settings.timeout)
-                .with_headers(settings.headers.iter().cloned().collect::<HashMap<_, _>>())
                 .with_http_client(Client {
                     upstream: client,
                     timeout: settings.timeout,
+                    headers,
                 })
                 .build()
         }
@@ -88,6 +88,8 @@ const REPLY_LIMIT: usize = 1 << 20;
 struct Client {
     upstream: Upstream,
     timeout: Duration,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, sent with every export.
+    headers: http::HeaderMap,
 }
 
 impl std::fmt::Debug for Client {
@@ -100,8 +102,11 @@ impl std::fmt::Debug for Client {
 impl opentelemetry_http::HttpClient for Client {
     async fn send_bytes(
         &self,
-        request: Request<Bytes>,
+        mut request: Request<Bytes>,
     ) -> Result<Response<Bytes>, opentelemetry_http::HttpError> {
+        for (k, v) in &self.headers {
+            request.headers_mut().insert(k, v.clone());
+        }
         let sending = async {
             let resp = self
                 .upstream
@@ -214,16 +219,30 @@ async fn run<E: opentelemetry_sdk::trace::SpanExporter>(
     batching: Batching,
     count: CountSpans,
 ) {
-    let mut batch = Vec::with_capacity(batching.max_batch);
-    let mut deadline = Instant::now() + batching.schedule_delay;
+    let mut batch = Vec::new();
+    // A zero delay would make the timer always ready: the loop would spin.
+    let delay = batching.schedule_delay.max(Duration::from_millis(1));
+    let mut deadline = Instant::now() + delay;
     loop {
         tokio::select! {
             biased;
             ctl = control.recv() => {
-                while let Ok(span) = spans.try_recv() {
-                    batch.push(span);
-                    if batch.len() >= batching.max_batch {
-                        export(&exporter, &mut batch, &batching, &count).await;
+                let stopping = !matches!(ctl, Some(Control::Flush(_)));
+                if stopping {
+                    // Spans ended from now on are counted as dropped; the queue is drained whole.
+                    spans.close();
+                    while let Some(span) = spans.recv().await {
+                        batch.push(span);
+                        if batch.len() >= batching.max_batch {
+                            export(&exporter, &mut batch, &batching, &count).await;
+                        }
+                    }
+                } else {
+                    while let Ok(span) = spans.try_recv() {
+                        batch.push(span);
+                        if batch.len() >= batching.max_batch {
+                            export(&exporter, &mut batch, &batching, &count).await;
+                        }
                     }
                 }
                 export(&exporter, &mut batch, &batching, &count).await;
@@ -253,7 +272,7 @@ async fn run<E: opentelemetry_sdk::trace::SpanExporter>(
             },
             () = tokio::time::sleep_until(deadline) => {
                 export(&exporter, &mut batch, &batching, &count).await;
-                deadline = Instant::now() + batching.schedule_delay;
+                deadline = Instant::now() + delay;
             }
         }
     }
@@ -268,7 +287,7 @@ async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
     if batch.is_empty() {
         return;
     }
-    let spans = std::mem::replace(batch, Vec::with_capacity(batching.max_batch));
+    let spans = std::mem::take(batch);
     let n = spans.len() as u64;
     match tokio::time::timeout(batching.export_timeout, exporter.export(spans)).await {
         Ok(Ok(())) => count("exported", n),
@@ -290,6 +309,7 @@ mod tests {
         SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
     };
     use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use std::collections::HashMap;
     use std::sync::Mutex;
 
     #[derive(Debug, Clone, Default)]

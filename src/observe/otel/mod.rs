@@ -40,7 +40,9 @@ impl Tracing {
         metrics: Metrics,
         tls: bool,
     ) -> Result<Tracing, String> {
+        // The version first, so `OTEL_RESOURCE_ATTRIBUTES` can say otherwise.
         let resource = Resource::builder_empty()
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .with_service_name(settings.service_name.clone())
             .with_attributes(
                 settings
@@ -48,7 +50,6 @@ impl Tracing {
                     .iter()
                     .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
             )
-            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
         let mut exporter = export::exporter(settings, client)?;
         // The SDK hands the resource to its own processors; ours gives it to the exporter.

@@ -149,7 +149,8 @@ pub fn resolve(env: &dyn Fn(&str) -> Option<String>, flags: Flags<'_>) -> Resolv
             // pd-sidecar's, and the llm-d chart's collector port 4317.
             Protocol::Grpc
         });
-    let insecure = signal_var(&var, "INSECURE").is_some_and(|(_, v)| v.trim() == "true");
+    let insecure =
+        signal_var(&var, "INSECURE").is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
     let endpoint = endpoint(&var, flags.otlp_endpoint, protocol, insecure);
     let mut headers = Vec::new();
     for name in [
@@ -263,10 +264,13 @@ fn pairs(list: &str) -> Vec<(String, String)> {
 }
 
 fn millis(name: &str, value: &str, notices: &mut Vec<String>) -> Option<Duration> {
+    // A day at most: a deadline further out would overflow the clock's arithmetic.
     match value.trim().parse::<u64>() {
-        Ok(ms) => Some(Duration::from_millis(ms)),
-        Err(_) => {
-            notices.push(format!("{name}={value} is not milliseconds; ignored"));
+        Ok(ms) if ms <= 86_400_000 => Some(Duration::from_millis(ms)),
+        _ => {
+            notices.push(format!(
+                "{name}={value} is not milliseconds (up to a day); ignored"
+            ));
             None
         }
     }
@@ -302,14 +306,18 @@ fn sampler(var: &dyn Fn(&str) -> Option<String>, notices: &mut Vec<String>) -> S
     }
 }
 
+/// The largest queue or batch taken from the environment: beyond it a typo would allocate
+/// (or overflow) instead of tracing.
+const MAX_COUNT: usize = 1 << 20;
+
 fn batching(var: &dyn Fn(&str) -> Option<String>, notices: &mut Vec<String>) -> Batching {
     let count = |name: &str, default: usize, notices: &mut Vec<String>| match var(name) {
         None => default,
         Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
+            Ok(n) if n > 0 && n <= MAX_COUNT => n,
             _ => {
                 notices.push(format!(
-                    "{name}={v} is not a positive count; using {default}"
+                    "{name}={v} is not a count from 1 to {MAX_COUNT}; using {default}"
                 ));
                 default
             }
@@ -537,5 +545,36 @@ mod tests {
         assert_eq!(b.schedule_delay, Duration::from_millis(20));
         assert_eq!((b.max_queue, b.max_batch), (100, 100));
         assert_eq!(b.export_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn values_that_would_overflow_or_allocate_without_bound_are_ignored() {
+        let flag = Flags {
+            tracing: true,
+            ..Flags::default()
+        };
+        let r = with(
+            &[
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "18446744073709551615"),
+                ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "99999999999"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "18446744073709551615"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "18446744073709551615"),
+            ],
+            flag,
+        );
+        let s = r.settings.expect("on");
+        assert_eq!((s.batching.max_queue, s.batching.max_batch), (2048, 512));
+        assert_eq!(s.batching.schedule_delay, Duration::from_secs(5));
+        assert_eq!(s.timeout, Duration::from_secs(10));
+        assert_eq!(r.notices.len(), 4, "{:?}", r.notices);
+        // The specification's booleans ignore case.
+        let s = on(
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ("OTEL_EXPORTER_OTLP_INSECURE", "TRUE"),
+            ],
+            Flags::default(),
+        );
+        assert_eq!(s.endpoint, "http://collector:4317");
     }
 }

@@ -20,11 +20,12 @@ use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderInjector;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
-use crate::headers::TRACESTATE;
+use crate::headers::{TRACEPARENT, TRACESTATE};
+use crate::observe::trace_context;
 use crate::upstream::Leg;
 
 /// pd-sidecar's span names for its legs.
@@ -75,12 +76,13 @@ pub fn start_server<B>(
     route: Option<&'static str>,
     attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> ServerSpan {
-    let parent = propagator().extract(&HeaderExtractor(req.headers()));
-    let method = req.method().as_str();
+    let parent = propagator().extract(&ClientContext::of(req.headers()));
+    let method = known_method(req.method());
     // The semconv name: `{method} {http.route}`, or the method alone off the known routes.
-    let name = match route {
-        Some(route) => format!("{method} {route}"),
-        None => method.to_string(),
+    let name = match (method, route) {
+        ("_OTHER", _) => "HTTP".to_string(),
+        (method, Some(route)) => format!("{method} {route}"),
+        (method, None) => method.to_string(),
     };
     // Sampled first: an unsampled span (most, at the default ratio) never builds its attributes.
     let builder = SpanBuilder::from_name(name).with_kind(SpanKind::Server);
@@ -89,7 +91,7 @@ pub fn start_server<B>(
         let mut attrs = attributes();
         attrs.reserve(8);
         attrs.extend([
-            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("http.request.method", method),
             KeyValue::new("url.path", req.uri().path().to_string()),
             KeyValue::new("llm_d.pd_proxy.request_path", req.uri().path().to_string()),
             KeyValue::new("url.scheme", scheme),
@@ -118,6 +120,65 @@ pub fn start_server<B>(
     ServerSpan {
         span,
         started: Instant::now(),
+    }
+}
+
+/// The semconv's method: the known ones as they are, any other as `_OTHER` (a client's made-up
+/// method must not become a span name of its own).
+fn known_method(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+/// The client's trace context as W3C Trace Context reads it: a parent only from exactly one
+/// `traceparent` that [`trace_context::trace_id`] accepts (the SDK's parser is laxer), and every
+/// `tracestate` header joined, as the specification allows a list to be split.
+struct ClientContext<'a> {
+    traceparent: Option<&'a str>,
+    tracestate: Option<String>,
+}
+
+impl<'a> ClientContext<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut values = headers.get_all(TRACEPARENT).iter();
+        let traceparent = match (values.next(), values.next()) {
+            (Some(one), None) if trace_context::trace_id(one).is_some() => one.to_str().ok(),
+            _ => None,
+        };
+        let states: Vec<&str> = headers
+            .get_all(TRACESTATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        ClientContext {
+            traceparent,
+            tracestate: (!states.is_empty()).then(|| states.join(",")),
+        }
+    }
+}
+
+impl opentelemetry::propagation::Extractor for ClientContext<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent,
+            "tracestate" if self.traceparent.is_some() => self.tracestate.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
     }
 }
 
@@ -186,7 +247,7 @@ pub fn start_leg<B>(req: &mut Request<B>, leg: Leg) -> Option<LegSpan> {
     if span.is_recording() {
         let uri = req.uri();
         let mut attrs = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("http.request.method", known_method(req.method())),
             KeyValue::new("url.full", uri.to_string()),
         ];
         if let Some(host) = uri.host() {
@@ -202,6 +263,29 @@ pub fn start_leg<B>(req: &mut Request<B>, leg: Leg) -> Option<LegSpan> {
         req.headers_mut(),
     );
     Some(LegSpan(Arc::new(Mutex::new(span))))
+}
+
+/// A leg span until its response head arrives: dropped before that (a deadline passed, or
+/// the request was dropped), it ends as an error rather than looking like a success.
+pub struct Pending(Option<LegSpan>);
+
+impl Pending {
+    pub fn new(span: LegSpan) -> Self {
+        Pending(Some(span))
+    }
+
+    /// The head arrived (or the send failed): the span goes on with the caller.
+    pub fn settle(mut self) -> Option<LegSpan> {
+        self.0.take()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(span) = self.0.take() {
+            span.failed("cancelled");
+        }
+    }
 }
 
 impl LegSpan {

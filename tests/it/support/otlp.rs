@@ -56,6 +56,9 @@ pub struct Exported {
     pub kind: i32,
     /// OTLP's status code: 0 unset, 1 ok, 2 error.
     pub status: i32,
+    /// Unix nanoseconds.
+    pub start: u64,
+    pub end: u64,
     pub attributes: BTreeMap<String, String>,
 }
 
@@ -240,6 +243,8 @@ fn spans(request: ExportTraceServiceRequest) -> Vec<Exported> {
                     name: span.name,
                     kind: span.kind,
                     status: span.status.map_or(0, |s| s.code),
+                    start: span.start_time_unix_nano,
+                    end: span.end_time_unix_nano,
                     attributes: attributes(&span.attributes),
                 });
             }
