@@ -254,6 +254,10 @@ pub struct SimArgs {
     /// (vLLM's `_LOAD_TIMEOUT_S`).
     #[arg(long, default_value_t = 30_000)]
     pub p2p_load_timeout_ms: u64,
+    /// Data-parallel ranks: N instances, rank i on port+i (and side-channel and bootstrap
+    /// ports +i when fixed), as `vllm serve --data-parallel-size N` behind llm-d's DP manifests.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_parallel_size: u16,
 }
 
 impl SimArgs {

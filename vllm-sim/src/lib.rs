@@ -38,4 +38,4 @@ pub use config::{
     Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, Role,
     SimArgs, SimConfig,
 };
-pub use server::{spawn, SimServer};
+pub use server::{rank_config, spawn, spawn_ranks, SimServer};

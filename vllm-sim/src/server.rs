@@ -83,6 +83,42 @@ pub async fn spawn(cfg: SimConfig) -> std::io::Result<SimServer> {
     Ok(SimServer { shared })
 }
 
+/// The configuration of data-parallel rank `rank` of `base`: fixed ports move up by the rank
+/// (as vLLM's per-rank API servers and llm-d's DP manifests number them), ephemeral ones stay
+/// ephemeral, and a given engine id gets the rank as a suffix (ranks are distinct engines).
+pub fn rank_config(base: &SimConfig, rank: u16) -> std::io::Result<SimConfig> {
+    let shift = |port: u16, what: &str| -> std::io::Result<u16> {
+        if port == 0 {
+            return Ok(0);
+        }
+        port.checked_add(rank).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{what} {port} + rank {rank} is past 65535"),
+            )
+        })
+    };
+    let mut cfg = base.clone();
+    cfg.port = shift(base.port, "port")?;
+    cfg.side_channel_port = shift(base.side_channel_port, "side channel port")?;
+    cfg.bootstrap_port = shift(base.bootstrap_port, "bootstrap port")?;
+    if rank > 0 {
+        cfg.engine_id = base.engine_id.as_ref().map(|e| format!("{e}_dp{rank}"));
+    }
+    Ok(cfg)
+}
+
+/// `ranks` data-parallel ranks of `base`, each a whole instance on its own ports (see
+/// [`rank_config`]); all bound when this returns, or none.
+pub async fn spawn_ranks(base: SimConfig, ranks: u16) -> std::io::Result<Vec<SimServer>> {
+    let mut servers = Vec::with_capacity(usize::from(ranks));
+    for rank in 0..ranks.max(1) {
+        // A failure drops (and so stops) the ranks already started.
+        servers.push(spawn(rank_config(&base, rank)?).await?);
+    }
+    Ok(servers)
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, which: Listener) {
     loop {
         let (stream, peer) = match listener.accept().await {

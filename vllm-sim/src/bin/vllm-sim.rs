@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use std::io::Write;
-use vllm_sim::{spawn, SimArgs};
+use vllm_sim::{spawn_ranks, SimArgs};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -15,27 +15,45 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cfg = SimArgs::parse().into_config();
-    let server = match spawn(cfg).await {
+    let args = SimArgs::parse();
+    let ranks = args.data_parallel_size;
+    let servers = match spawn_ranks(args.into_config(), ranks).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "failed to bind");
             return std::process::ExitCode::FAILURE;
         }
     };
-    // Machine-readable readiness line for harnesses using ephemeral ports (spec §7.2).
-    let line = serde_json::json!({
+    let Some(first) = servers.first() else {
+        return std::process::ExitCode::FAILURE;
+    };
+    // Machine-readable readiness line for harnesses using ephemeral ports (spec §7.2); rank 0's
+    // ports at the top level, every rank's under `ranks` when there are several.
+    let mut line = serde_json::json!({
         "event": "listening",
-        "port": server.api_addr().port(),
-        "side_channel_port": server.side_channel_addr().port(),
+        "port": first.api_addr().port(),
+        "side_channel_port": first.side_channel_addr().port(),
     });
+    if servers.len() > 1 {
+        line["ranks"] = servers
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "port": s.api_addr().port(),
+                    "side_channel_port": s.side_channel_addr().port(),
+                })
+            })
+            .collect();
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
     drop(out);
     wait_for_signal().await;
     tracing::info!("shutting down");
-    server.shutdown().await;
+    for server in servers {
+        server.shutdown().await;
+    }
     std::process::ExitCode::SUCCESS
 }
 

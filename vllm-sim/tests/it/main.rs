@@ -7,6 +7,7 @@ mod support;
 
 mod abort;
 mod decode_first;
+mod dp;
 mod http;
 mod mooncake;
 mod offloading;
