@@ -219,7 +219,12 @@ async fn run<E: opentelemetry_sdk::trace::SpanExporter>(
     batching: Batching,
     count: CountSpans,
 ) {
-    let mut batch = Vec::new();
+    let mut out = Outgoing {
+        exporter,
+        batch: Vec::new(),
+        batching,
+        count,
+    };
     // A zero delay would make the timer always ready: the loop would spin.
     let delay = batching.schedule_delay.max(Duration::from_millis(1));
     let mut deadline = Instant::now() + delay;
@@ -227,31 +232,24 @@ async fn run<E: opentelemetry_sdk::trace::SpanExporter>(
         tokio::select! {
             biased;
             ctl = control.recv() => {
-                let stopping = !matches!(ctl, Some(Control::Flush(_)));
-                if stopping {
+                if let Some(Control::Flush(_)) = ctl {
+                    while let Ok(span) = spans.try_recv() {
+                        out.add(span).await;
+                    }
+                } else {
                     // Spans ended from now on are counted as dropped; the queue is drained whole.
                     spans.close();
                     while let Some(span) = spans.recv().await {
-                        batch.push(span);
-                        if batch.len() >= batching.max_batch {
-                            export(&exporter, &mut batch, &batching, &count).await;
-                        }
-                    }
-                } else {
-                    while let Ok(span) = spans.try_recv() {
-                        batch.push(span);
-                        if batch.len() >= batching.max_batch {
-                            export(&exporter, &mut batch, &batching, &count).await;
-                        }
+                        out.add(span).await;
                     }
                 }
-                export(&exporter, &mut batch, &batching, &count).await;
+                out.flush().await;
                 match ctl {
                     Some(Control::Flush(done)) => {
                         let _ = done.send(());
                     }
                     Some(Control::Shutdown(done)) => {
-                        let _ = exporter.shutdown();
+                        let _ = out.exporter.shutdown();
                         let _ = done.send(());
                         return;
                     }
@@ -259,45 +257,56 @@ async fn run<E: opentelemetry_sdk::trace::SpanExporter>(
                 }
             }
             span = spans.recv() => match span {
-                Some(span) => {
-                    batch.push(span);
-                    if batch.len() >= batching.max_batch {
-                        export(&exporter, &mut batch, &batching, &count).await;
-                    }
-                }
+                Some(span) => out.add(span).await,
                 None => {
-                    export(&exporter, &mut batch, &batching, &count).await;
+                    out.flush().await;
                     return;
                 }
             },
             () = tokio::time::sleep_until(deadline) => {
-                export(&exporter, &mut batch, &batching, &count).await;
+                out.flush().await;
                 deadline = Instant::now() + delay;
             }
         }
     }
 }
 
-async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
-    exporter: &E,
-    batch: &mut Vec<SpanData>,
-    batching: &Batching,
-    count: &CountSpans,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let spans = std::mem::take(batch);
-    let n = spans.len() as u64;
-    match tokio::time::timeout(batching.export_timeout, exporter.export(spans)).await {
-        Ok(Ok(())) => count("exported", n),
-        Ok(Err(e)) => {
-            count("failed", n);
-            tracing::warn!(spans = n, error = %e, "span export failed");
+/// The batch being filled, and where it goes.
+struct Outgoing<E> {
+    exporter: E,
+    batch: Vec<SpanData>,
+    batching: Batching,
+    count: CountSpans,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> Outgoing<E> {
+    /// Adds `span`, exporting the batch once it is full.
+    async fn add(&mut self, span: SpanData) {
+        self.batch.push(span);
+        if self.batch.len() >= self.batching.max_batch {
+            self.flush().await;
         }
-        Err(_) => {
-            count("failed", n);
-            tracing::warn!(spans = n, "span export timed out");
+    }
+
+    /// Exports what the batch holds, within the export timeout, and counts how it went.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::take(&mut self.batch);
+        let n = spans.len() as u64;
+        let exported =
+            tokio::time::timeout(self.batching.export_timeout, self.exporter.export(spans)).await;
+        match exported {
+            Ok(Ok(())) => (self.count)("exported", n),
+            Ok(Err(e)) => {
+                (self.count)("failed", n);
+                tracing::warn!(spans = n, error = %e, "span export failed");
+            }
+            Err(_) => {
+                (self.count)("failed", n);
+                tracing::warn!(spans = n, "span export timed out");
+            }
         }
     }
 }
