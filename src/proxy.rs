@@ -110,8 +110,8 @@ impl Proxy {
         guard.attach(resp)
     }
 
-    /// Opens the request's SERVER span with what the routing decided (pd-sidecar's attribute
-    /// names), and marks the request so each leg opens its CLIENT span under it.
+    /// Opens the request's SERVER span with what the routing decided, and marks the request
+    /// so each leg opens its CLIENT span under it.
     fn server_span(
         &self,
         tracing: &Tracing,
@@ -126,63 +126,7 @@ impl Proxy {
             req,
             client,
             api.map(Api::path),
-            || {
-                let connector = self.pd.connector.name();
-                let mut attrs = vec![
-                    KeyValue::new("llm_d.pd_proxy.connector", connector),
-                    KeyValue::new("llm_d.pd_proxy.kv_connector", connector),
-                ];
-                if let Some(api) = api {
-                    attrs.push(KeyValue::new("llm_d.openai.api", api_type(api)));
-                }
-                let disaggregated = matches!(routing, Routing::Pd(_));
-                attrs.push(KeyValue::new(
-                    "llm_d.pd_proxy.disaggregation_used",
-                    disaggregated,
-                ));
-                match routing {
-                    Routing::Pd(pd) => {
-                        if let Some(first) = pd.prefillers.first() {
-                            attrs.push(KeyValue::new(
-                                "llm_d.pd_proxy.prefill_target",
-                                first.authority().to_string(),
-                            ));
-                        }
-                        attrs.push(KeyValue::new(
-                            "llm_d.pd_proxy.prefill_candidates",
-                            pd.prefillers.len() as i64,
-                        ));
-                        if let Some(source) = &pd.kv_source {
-                            attrs.push(KeyValue::new(
-                                "llm_d.pd_proxy.kv_cache_source",
-                                source.authority().to_string(),
-                            ));
-                        }
-                    }
-                    Routing::KvSource(source) => attrs.push(KeyValue::new(
-                        "llm_d.pd_proxy.kv_cache_source",
-                        source.authority().to_string(),
-                    )),
-                    Routing::PassThrough => {
-                        attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
-                    }
-                    Routing::Refused { prefiller, error } => {
-                        if let (ProxyError::PrefillerNotAllowed { .. }, Some(denied)) =
-                            (error, prefiller)
-                        {
-                            attrs.push(KeyValue::new(
-                                "llm_d.pd_proxy.error",
-                                "ssrf_protection_denied",
-                            ));
-                            attrs.push(KeyValue::new(
-                                "llm_d.pd_proxy.denied_target",
-                                denied.authority().to_string(),
-                            ));
-                        }
-                    }
-                }
-                attrs
-            },
+            || routing_attributes(self.pd.connector.name(), routing, api),
         )
     }
 
@@ -265,6 +209,61 @@ impl Proxy {
         let req = Request::from_parts(parts, body::boxed(guard.count_request(body)));
         Ok(from_upstream(self.decoder.send(req).await?))
     }
+}
+
+/// What the routing decided, under pd-sidecar's attribute names.
+fn routing_attributes(
+    connector: &'static str,
+    routing: &Routing,
+    api: Option<Api>,
+) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("llm_d.pd_proxy.connector", connector),
+        KeyValue::new("llm_d.pd_proxy.kv_connector", connector),
+        KeyValue::new(
+            "llm_d.pd_proxy.disaggregation_used",
+            matches!(routing, Routing::Pd(_)),
+        ),
+    ];
+    if let Some(api) = api {
+        attrs.push(KeyValue::new("llm_d.openai.api", api_type(api)));
+    }
+    let address =
+        |key: &'static str, target: &Target| KeyValue::new(key, target.authority().to_string());
+    match routing {
+        Routing::Pd(pd) => {
+            attrs.extend(
+                pd.prefillers
+                    .first()
+                    .map(|first| address("llm_d.pd_proxy.prefill_target", first)),
+            );
+            attrs.push(KeyValue::new(
+                "llm_d.pd_proxy.prefill_candidates",
+                pd.prefillers.len() as i64,
+            ));
+            attrs.extend(
+                pd.kv_source
+                    .as_ref()
+                    .map(|source| address("llm_d.pd_proxy.kv_cache_source", source)),
+            );
+        }
+        Routing::KvSource(source) => attrs.push(address("llm_d.pd_proxy.kv_cache_source", source)),
+        Routing::PassThrough => {
+            attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
+        }
+        Routing::Refused {
+            prefiller: Some(denied),
+            error: ProxyError::PrefillerNotAllowed { .. },
+        } => {
+            attrs.push(KeyValue::new(
+                "llm_d.pd_proxy.error",
+                "ssrf_protection_denied",
+            ));
+            attrs.push(address("llm_d.pd_proxy.denied_target", denied));
+        }
+        Routing::Refused { .. } => {}
+    }
+    attrs
 }
 
 /// The length of `uri` as written in the request line, without formatting it (per request).

@@ -1,9 +1,10 @@
 //! Per-request tracing: the request span every log line of a request is written in, and W3C
 //! Trace Context (`traceparent`) so both P/D legs belong to one trace.
 //!
-//! The sidecar forwards the client's `traceparent` unchanged, keeping the client's span the
-//! parent of vLLM's; when the client sent none, it starts a trace so the prefill and decode
-//! legs share one trace id. `otlp.rs` exports the spans with `-otlp-endpoint`.
+//! With tracing off, the sidecar forwards the client's `traceparent` unchanged, keeping the
+//! client's span the parent of vLLM's; when the client sent none, it starts a trace so the
+//! prefill and decode legs share one trace id. With tracing on, `otel::spans` has already
+//! pointed the request's `traceparent` at the sidecar's own span, and each leg at its own.
 
 use http::header::{HeaderMap, HeaderValue};
 use tracing::field::Empty;

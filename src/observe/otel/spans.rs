@@ -55,10 +55,11 @@ fn propagator() -> TraceContextPropagator {
     TraceContextPropagator::new()
 }
 
-/// Writes `context`'s span into `headers` as `traceparent` (keeping its `tracestate`, absent
-/// when empty).
-fn inject(context: &Context, headers: &mut HeaderMap) {
-    propagator().inject_context(context, &mut HeaderInjector(headers));
+/// Writes `span` into `headers` as `traceparent` (keeping its `tracestate`, absent when
+/// empty).
+fn inject(span: &SpanContext, headers: &mut HeaderMap) {
+    let context = Context::new().with_remote_span_context(span.clone());
+    propagator().inject_context(&context, &mut HeaderInjector(headers));
     if headers.get(TRACESTATE).is_some_and(|v| v.is_empty()) {
         headers.remove(TRACESTATE);
     }
@@ -109,10 +110,7 @@ pub fn start_server<B>(
         span.set_attributes(attrs);
     }
     let context = span.span_context().clone();
-    inject(
-        &Context::new().with_remote_span_context(context.clone()),
-        req.headers_mut(),
-    );
+    inject(&context, req.headers_mut());
     req.extensions_mut().insert(TraceParent {
         tracer: tracer.clone(),
         parent: context,
@@ -258,10 +256,7 @@ pub fn start_leg<B>(req: &mut Request<B>, leg: Leg) -> Option<LegSpan> {
         }
         span.set_attributes(attrs);
     }
-    inject(
-        &Context::new().with_remote_span_context(span.span_context().clone()),
-        req.headers_mut(),
-    );
+    inject(span.span_context(), req.headers_mut());
     Some(LegSpan(Arc::new(Mutex::new(span))))
 }
 
