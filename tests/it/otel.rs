@@ -12,28 +12,57 @@ use crate::support::*;
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
-/// A sidecar in front of `decoder` with tracing settings resolved from `env`, as the process
-/// environment would give them, and its metrics.
-async fn traced_sidecar(
-    decoder: std::net::SocketAddr,
-    env: &[(&str, String)],
-) -> (Sidecar, Metrics) {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    let resolved = settings::resolve(
-        &move |name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
-        Flags {
-            tracing: true,
-            otlp_endpoint: None,
-        },
-    );
-    let mut config = config(decoder);
-    config.tracing = Some(resolved.settings.expect("tracing on"));
-    let app = App::build(config).await.expect("the sidecar assembles");
-    let metrics = app.metrics().clone();
-    (Sidecar::serve(app).await, metrics)
+/// The cast of a traced test: an OTLP receiver for `wire`, a prefiller, a decoder and a
+/// sidecar in front of it whose tracing settings are resolved from the environment a user
+/// would set (the sampler named, or pd-sidecar's default when `None`), and its metrics.
+struct Traced {
+    receiver: Receiver,
+    p: vllm_sim::SimServer,
+    d: vllm_sim::SimServer,
+    sidecar: Sidecar,
+    metrics: Metrics,
+}
+
+impl Traced {
+    async fn start(wire: Wire, sampler: Option<&str>) -> Traced {
+        Traced::with_decoder(wire, sampler, |_| {}).await
+    }
+
+    async fn with_decoder(
+        wire: Wire,
+        sampler: Option<&str>,
+        decoder: impl FnOnce(&mut vllm_sim::SimConfig),
+    ) -> Traced {
+        let receiver = Receiver::start(wire).await;
+        let p = sim(|_| {}).await;
+        let d = sim(decoder).await;
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", wire.protocol().to_string()),
+            ("OTEL_SERVICE_NAME", "decode-sidecar".to_string()),
+            // Export within milliseconds rather than the default 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "10".to_string()),
+        ];
+        env.extend(sampler.map(|s| ("OTEL_TRACES_SAMPLER", s.to_string())));
+        let resolved = settings::resolve(
+            &move |name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone()),
+            Flags {
+                tracing: true,
+                otlp_endpoint: None,
+            },
+        );
+        let mut config = config(d.api_addr());
+        config.tracing = Some(resolved.settings.expect("tracing on"));
+        let app = App::build(config).await.expect("the sidecar assembles");
+        let metrics = app.metrics().clone();
+        Traced {
+            receiver,
+            p,
+            d,
+            sidecar: Sidecar::serve(app).await,
+            metrics,
+        }
+    }
 }
 
 /// Stops `sidecar` and waits for its end, which includes the flush of the last spans.
@@ -44,17 +73,6 @@ async fn stop(mut sidecar: Sidecar) {
         .expect("stopped in time")
         .expect("join")
         .expect("served");
-}
-
-fn env_for(receiver: &Receiver, wire: Wire, sampler: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", wire.protocol().to_string()),
-        ("OTEL_SERVICE_NAME", "decode-sidecar".to_string()),
-        ("OTEL_TRACES_SAMPLER", sampler.to_string()),
-        // Export within milliseconds rather than the default 5 s.
-        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_string()),
-    ]
 }
 
 fn traced_post(
@@ -94,14 +112,13 @@ async fn traceparent_at(sim: &vllm_sim::SimServer) -> String {
 /// A P/D request traced over `wire`: the server span under the client's, the prefill and
 /// decode CLIENT spans under it, and each vLLM told its own leg's span.
 async fn the_tree_over(wire: Wire) {
-    let mut receiver = Receiver::start(wire).await;
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let (sidecar, metrics) = traced_sidecar(
-        d.api_addr(),
-        &env_for(&receiver, wire, "parentbased_always_on"),
-    )
-    .await;
+    let Traced {
+        mut receiver,
+        p,
+        d,
+        sidecar,
+        metrics,
+    } = Traced::start(wire, Some("parentbased_always_on")).await;
     // Not traced: the sidecar's own health answer.
     let (health, _) = call(sidecar.addr, get("/health")).await;
     assert_eq!(health.status(), 200);
@@ -217,11 +234,13 @@ async fn http_json_receives_the_requests_tree() {
 
 #[tokio::test]
 async fn sampling_off_exports_nothing_and_vllm_is_told_not_to_sample() {
-    let mut receiver = Receiver::start(Wire::Grpc).await;
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let (sidecar, metrics) =
-        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_off")).await;
+    let Traced {
+        mut receiver,
+        p,
+        d,
+        sidecar,
+        metrics,
+    } = Traced::start(Wire::Grpc, Some("always_off")).await;
     let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), "01")).await;
     assert_eq!(resp.status(), 200);
     // The legs still name spans of their own, unsampled, in the client's trace.
@@ -243,13 +262,14 @@ async fn sampling_off_exports_nothing_and_vllm_is_told_not_to_sample() {
 
 #[tokio::test]
 async fn the_default_sampler_follows_an_unsampled_client() {
-    let mut receiver = Receiver::start(Wire::Grpc).await;
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
     // No sampler named: pd-sidecar's parentbased_traceidratio; the client said "not sampled".
-    let mut env = env_for(&receiver, Wire::Grpc, "");
-    env.retain(|(k, _)| *k != "OTEL_TRACES_SAMPLER");
-    let (sidecar, _) = traced_sidecar(d.api_addr(), &env).await;
+    let Traced {
+        mut receiver,
+        p,
+        d,
+        sidecar,
+        metrics: _metrics,
+    } = Traced::start(Wire::Grpc, None).await;
     let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), "00")).await;
     assert_eq!(resp.status(), 200);
     assert!(traceparent_at(&d).await.ends_with("-00"));
@@ -259,13 +279,13 @@ async fn the_default_sampler_follows_an_unsampled_client() {
 
 #[tokio::test]
 async fn a_request_without_traceparent_is_a_root_and_pass_through_is_traced() {
-    let mut receiver = Receiver::start(Wire::HttpProtobuf).await;
-    let d = sim(|_| {}).await;
-    let (sidecar, _) = traced_sidecar(
-        d.api_addr(),
-        &env_for(&receiver, Wire::HttpProtobuf, "always_on"),
-    )
-    .await;
+    let Traced {
+        mut receiver,
+        d,
+        sidecar,
+        p: _p,
+        metrics: _metrics,
+    } = Traced::start(Wire::HttpProtobuf, Some("always_on")).await;
     let (resp, _) = call(sidecar.addr, get("/v1/models")).await;
     assert_eq!(resp.status(), 200);
     let spans = receiver.until(|spans| spans.len() >= 2).await;
@@ -291,10 +311,13 @@ async fn a_request_without_traceparent_is_a_root_and_pass_through_is_traced() {
 
 #[tokio::test]
 async fn a_failed_prefill_marks_its_leg_and_the_request_as_errors() {
-    let mut receiver = Receiver::start(Wire::Grpc).await;
-    let d = sim(|_| {}).await;
-    let (sidecar, _) =
-        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let Traced {
+        mut receiver,
+        sidecar,
+        p: _p,
+        d: _d,
+        metrics: _metrics,
+    } = Traced::start(Wire::Grpc, Some("always_on")).await;
     let (resp, _) = call(sidecar.addr, traced_post(dead_addr().await, "01")).await;
     assert_eq!(resp.status(), 502);
     let spans = receiver.until(|spans| spans.len() >= 2).await;
@@ -315,11 +338,13 @@ async fn parent_based_samplers_follow_the_clients_flag() {
         ("parentbased_always_on", "00", false),
         ("parentbased_always_off", "01", true),
     ] {
-        let mut receiver = Receiver::start(Wire::Grpc).await;
-        let p = sim(|_| {}).await;
-        let d = sim(|_| {}).await;
-        let (sidecar, _) =
-            traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, sampler)).await;
+        let Traced {
+            mut receiver,
+            p,
+            d,
+            sidecar,
+            metrics: _metrics,
+        } = Traced::start(Wire::Grpc, Some(sampler)).await;
         let (resp, _) = call(sidecar.addr, traced_post(p.api_addr(), flags)).await;
         assert_eq!(resp.status(), 200);
         let tp = traceparent_at(&d).await;
@@ -340,11 +365,13 @@ async fn parent_based_samplers_follow_the_clients_flag() {
 
 #[tokio::test]
 async fn a_decode_span_lasts_as_long_as_its_stream() {
-    let mut receiver = Receiver::start(Wire::Grpc).await;
-    let p = sim(|_| {}).await;
-    let d = sim(|c| c.itl_ms = 20).await;
-    let (sidecar, _) =
-        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let Traced {
+        mut receiver,
+        p,
+        sidecar,
+        d: _d,
+        metrics: _metrics,
+    } = Traced::with_decoder(Wire::Grpc, Some("always_on"), |c| c.itl_ms = 20).await;
     let (resp, body) = call(
         sidecar.addr,
         post(
@@ -366,11 +393,13 @@ async fn a_decode_span_lasts_as_long_as_its_stream() {
 
 #[tokio::test]
 async fn two_traceparent_headers_are_no_parent() {
-    let mut receiver = Receiver::start(Wire::Grpc).await;
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let (sidecar, _) =
-        traced_sidecar(d.api_addr(), &env_for(&receiver, Wire::Grpc, "always_on")).await;
+    let Traced {
+        mut receiver,
+        p,
+        d,
+        sidecar,
+        metrics: _metrics,
+    } = Traced::start(Wire::Grpc, Some("always_on")).await;
     let mut req = traced_post(p.api_addr(), "01");
     req.headers_mut().append(
         "traceparent",

@@ -343,6 +343,12 @@ fn batching(var: &dyn Fn(&str) -> Option<String>, notices: &mut Vec<String>) -> 
 mod tests {
     use super::*;
 
+    /// `--tracing`, and no `-otlp-endpoint`.
+    const TRACING: Flags<'static> = Flags {
+        tracing: true,
+        otlp_endpoint: None,
+    };
+
     fn with(vars: &[(&str, &str)], flags: Flags<'_>) -> Resolved {
         let vars: Vec<(String, String)> = vars
             .iter()
@@ -373,17 +379,13 @@ mod tests {
         )
         .settings
         .is_some());
-        let flag = Flags {
-            tracing: true,
-            ..Flags::default()
-        };
-        assert!(with(&[], flag).settings.is_some());
+        assert!(with(&[], TRACING).settings.is_some());
         for off in [
             ("OTEL_SDK_DISABLED", "true"),
             ("OTEL_TRACES_EXPORTER", "none"),
             ("OTEL_TRACES_EXPORTER", "console"),
         ] {
-            let r = with(&[off], flag);
+            let r = with(&[off], TRACING);
             assert!(r.settings.is_none(), "{off:?}");
             assert!(
                 r.notices.iter().any(|n| n.contains("tracing is off")),
@@ -417,12 +419,8 @@ mod tests {
 
     #[test]
     fn protocol_and_endpoint_follow_the_specification() {
-        let flag = Flags {
-            tracing: true,
-            ..Flags::default()
-        };
-        assert_eq!(on(&[], flag).endpoint, "http://localhost:4317");
-        let http = on(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")], flag);
+        assert_eq!(on(&[], TRACING).endpoint, "http://localhost:4317");
+        let http = on(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")], TRACING);
         assert_eq!(http.protocol, Protocol::HttpProtobuf);
         assert_eq!(http.endpoint, "http://localhost:4318/v1/traces");
         let s = on(
@@ -431,7 +429,7 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/"),
             ],
-            flag,
+            TRACING,
         );
         assert_eq!(s.protocol, Protocol::HttpJson);
         assert_eq!(s.endpoint, "http://c:4318/v1/traces");
@@ -442,7 +440,7 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
                 ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/custom"),
             ],
-            flag,
+            TRACING,
         );
         assert_eq!(s.endpoint, "http://t:9/custom");
         // -otlp-endpoint: OTLP/HTTP under /v1/traces, and it beats the environment.
@@ -456,17 +454,17 @@ mod tests {
         assert_eq!(s.protocol, Protocol::HttpProtobuf);
         assert_eq!(s.endpoint, "http://flag:4318/v1/traces");
         // No scheme: https unless insecure.
-        let s = on(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317")], flag);
+        let s = on(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317")], TRACING);
         assert_eq!(s.endpoint, "https://c:4317");
         let s = on(
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317"),
                 ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
             ],
-            flag,
+            TRACING,
         );
         assert_eq!(s.endpoint, "http://c:4317");
-        let r = with(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")], flag);
+        let r = with(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")], TRACING);
         assert_eq!(r.settings.expect("on").protocol, Protocol::Grpc);
         assert!(
             r.notices.iter().any(|n| n.contains("thrift")),
@@ -477,10 +475,6 @@ mod tests {
 
     #[test]
     fn headers_timeout_and_resource() {
-        let flag = Flags {
-            tracing: true,
-            ..Flags::default()
-        };
         let s = on(
             &[
                 ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b,x=1"),
@@ -491,7 +485,7 @@ mod tests {
                     "service.name=from-resource,k8s.pod.name=decode-0,bad",
                 ),
             ],
-            flag,
+            TRACING,
         );
         assert_eq!(
             s.headers,
@@ -506,16 +500,12 @@ mod tests {
             s.resource,
             vec![("k8s.pod.name".to_string(), "decode-0".to_string())]
         );
-        assert_eq!(on(&[], flag).service_name, DEFAULT_SERVICE_NAME);
+        assert_eq!(on(&[], TRACING).service_name, DEFAULT_SERVICE_NAME);
     }
 
     #[test]
     fn samplers_and_batching() {
-        let flag = Flags {
-            tracing: true,
-            ..Flags::default()
-        };
-        let sampler = |vars: &[(&str, &str)]| on(vars, flag).sampler;
+        let sampler = |vars: &[(&str, &str)]| on(vars, TRACING).sampler;
         assert_eq!(sampler(&[]), SamplerSetting::ParentBasedRatio(0.1));
         assert_eq!(
             sampler(&[("OTEL_TRACES_SAMPLER", "always_off")]),
@@ -528,7 +518,7 @@ mod tests {
             ]),
             SamplerSetting::Ratio(0.5)
         );
-        let r = with(&[("OTEL_TRACES_SAMPLER_ARG", "2")], flag);
+        let r = with(&[("OTEL_TRACES_SAMPLER_ARG", "2")], TRACING);
         assert_eq!(
             r.settings.expect("on").sampler,
             SamplerSetting::ParentBasedRatio(0.1)
@@ -539,7 +529,7 @@ mod tests {
                 ("OTEL_BSP_SCHEDULE_DELAY", "20"),
                 ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
             ],
-            flag,
+            TRACING,
         )
         .batching;
         assert_eq!(b.schedule_delay, Duration::from_millis(20));
@@ -549,10 +539,6 @@ mod tests {
 
     #[test]
     fn values_that_would_overflow_or_allocate_without_bound_are_ignored() {
-        let flag = Flags {
-            tracing: true,
-            ..Flags::default()
-        };
         let r = with(
             &[
                 ("OTEL_BSP_MAX_QUEUE_SIZE", "18446744073709551615"),
@@ -560,7 +546,7 @@ mod tests {
                 ("OTEL_BSP_SCHEDULE_DELAY", "18446744073709551615"),
                 ("OTEL_EXPORTER_OTLP_TIMEOUT", "18446744073709551615"),
             ],
-            flag,
+            TRACING,
         );
         let s = r.settings.expect("on");
         assert_eq!((s.batching.max_queue, s.batching.max_batch), (2048, 512));
