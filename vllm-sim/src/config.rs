@@ -104,6 +104,8 @@ pub struct SimConfig {
     pub bootstrap_port: u16,
     pub bootstrap_timeout_ms: u64,
     pub p2p_load_timeout_ms: u64,
+    pub mm_encoder_only: bool,
+    pub encode_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -254,6 +256,14 @@ pub struct SimArgs {
     /// (vLLM's `_LOAD_TIMEOUT_S`).
     #[arg(long, default_value_t = 30_000)]
     pub p2p_load_timeout_ms: u64,
+    /// Encoder-only instance, the E of E/PD (vLLM's flag of that name): a chat completion
+    /// answers one token and `ec_transfer_params` naming its multimodal items (§7.23).
+    #[arg(long)]
+    pub mm_encoder_only: bool,
+    /// Milliseconds an encoder-only instance works on each request before it answers
+    /// (`/sim/config` key `encode_delay_ms`).
+    #[arg(long, default_value_t = 0)]
+    pub encode_delay_ms: u64,
     /// Data-parallel ranks: N instances, rank i on port+i (and side-channel and bootstrap
     /// ports +i when fixed), as `vllm serve --data-parallel-size N` behind llm-d's DP manifests.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -300,6 +310,8 @@ impl SimArgs {
             bootstrap_port: self.bootstrap_port,
             bootstrap_timeout_ms: self.bootstrap_timeout_ms,
             p2p_load_timeout_ms: self.p2p_load_timeout_ms,
+            mm_encoder_only: self.mm_encoder_only,
+            encode_delay_ms: self.encode_delay_ms,
         }
     }
 }

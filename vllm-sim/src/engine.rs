@@ -149,6 +149,7 @@ impl Job {
         let injected = match self.class {
             Class::Prefill => self.faults.prefill_http,
             Class::Decode => self.faults.decode_http,
+            Class::Plain if self.encoding() => self.faults.encode_http,
             Class::Plain => None,
         };
         if let Some(code) = injected {
@@ -165,6 +166,9 @@ impl Job {
         match self.abortable(self.admit()).await {
             Some(blocks) => self.set_admitted(blocks),
             None => return self.on_abort().await,
+        }
+        if self.encoding() {
+            return self.encode().await;
         }
         if let Some(o) = self.first_token_wait().await {
             return o;
@@ -242,9 +246,11 @@ impl Job {
             self.disconnect_at_ms,
         );
         let (prompt, tokens, reason) = (self.parsed.prompt_tokens, self.tokens, self.finish_reason);
-        // A `cache_threshold` answer computed nothing, so it cannot serve as a KV source.
-        let computed =
-            matches!(o, Outcome::Completed) && reason != super::engine_work::CACHE_THRESHOLD;
+        // A `cache_threshold` answer computed nothing, and an encoder no KV, so neither can
+        // serve as a KV source.
+        let computed = matches!(o, Outcome::Completed)
+            && reason != super::engine_work::CACHE_THRESHOLD
+            && !self.encoding();
         let hash = &self.parsed.prompt_hash;
         let blocks = std::mem::take(&mut self.blocks);
         let failed_key = match o {

@@ -228,7 +228,10 @@ impl Job {
         Outcome::Failed
     }
 
+    /// Output token i's text; a continuation resumes the sequence where the final assistant
+    /// message ends, so chunks of a reply add up to the uncut one.
     pub(super) fn token_text(&self, i: u64) -> String {
+        let i = i + self.parsed.continue_from.unwrap_or(0);
         match self.cfg.mode {
             OutputMode::Echo if !self.parsed.words.is_empty() => {
                 let w = &self.parsed.words[(i as usize) % self.parsed.words.len()];
@@ -244,8 +247,20 @@ impl Job {
             .max_tokens
             .unwrap_or(self.parsed.endpoint.default_max_tokens(&self.cfg));
         self.limit = max;
-        let natural = self.cfg.eos_after.map_or(max, |e| e.min(max));
-        let k = self.overrides.tokens.unwrap_or(natural).max(1);
+        let start = self.parsed.continue_from;
+        // `--eos-after` counts the whole assistant message, so a continued one stops where
+        // the uncut reply would.
+        let natural = self
+            .cfg
+            .eos_after
+            .map_or(max, |e| e.saturating_sub(start.unwrap_or(0)).min(max));
+        let k = match self.overrides.tokens {
+            Some(t) => t.max(1),
+            // The message already reaches the stop (a chunk ended right on it): stopping
+            // with no token keeps the chunks' sum equal to the uncut reply.
+            None if start.is_some() && natural == 0 => 0,
+            None => natural.max(1),
+        };
         self.tokens = k;
         self.finish_reason = if k == max { "length" } else { "stop" };
         let itl = self.overrides.itl_ms.unwrap_or(self.cfg.itl_ms) as f64;
@@ -253,6 +268,14 @@ impl Job {
             if self.faults.drop_after_tokens == Some(0) {
                 let _ = self.tx.send(StreamItem::Abort).await;
                 return Outcome::Failed;
+            }
+            if k == 0 {
+                let end = finish_chunk(&self.head_view(), self.finish_reason);
+                for c in self.stream_start().into_iter().chain([end]) {
+                    if !self.event(c).await {
+                        return self.on_abort().await;
+                    }
+                }
             }
             for i in 0..k {
                 if i > 0 {
@@ -279,7 +302,7 @@ impl Job {
                 }
             }
         } else {
-            let d = self.jittered(itl * (k - 1) as f64);
+            let d = self.jittered(itl * k.saturating_sub(1) as f64);
             if self.abortable(tokio::time::sleep(d)).await.is_none() {
                 return self.on_abort().await;
             }

@@ -7,6 +7,9 @@ use serde_json::{json, Map, Value};
 pub struct Faults {
     pub prefill_http: Option<u16>,
     pub decode_http: Option<u16>,
+    /// An encoder-only instance's answer to its chat requests (§7.23), which are plain
+    /// requests with no `x-sim-*` header, so this is mostly set through `/sim/config`.
+    pub encode_http: Option<u16>,
     pub omit_kv_params: bool,
     pub null_kv_params: bool,
     pub drop_before_headers: bool,
@@ -30,6 +33,10 @@ impl Faults {
         }
         if let Some(c) = code("decode_http_") {
             self.decode_http = on.then_some(c);
+            return Ok(());
+        }
+        if let Some(c) = code("encode_http_") {
+            self.encode_http = on.then_some(c);
             return Ok(());
         }
         let need_arg = || arg.ok_or_else(|| format!("fault {name} needs a numeric argument"));
@@ -102,6 +109,7 @@ impl Faults {
         Faults {
             prefill_http: other.prefill_http.or(self.prefill_http),
             decode_http: other.decode_http.or(self.decode_http),
+            encode_http: other.encode_http.or(self.encode_http),
             omit_kv_params: self.omit_kv_params || other.omit_kv_params,
             null_kv_params: self.null_kv_params || other.null_kv_params,
             drop_before_headers: self.drop_before_headers || other.drop_before_headers,
@@ -119,6 +127,9 @@ impl Faults {
         }
         if let Some(c) = self.decode_http {
             m.insert(format!("decode_http_{c}"), json!(true));
+        }
+        if let Some(c) = self.encode_http {
+            m.insert(format!("encode_http_{c}"), json!(true));
         }
         for (name, on) in [
             ("omit_kv_params", self.omit_kv_params),
@@ -153,6 +164,9 @@ mod tests {
         assert_eq!(f.prefill_http, Some(503));
         assert_eq!(f.drop_after_tokens, Some(2));
         assert_eq!(f.stall_ms, Some(10));
+        f.parse_list("encode_http_503").expect("valid list");
+        assert_eq!(f.encode_http, Some(503));
+        assert_eq!(f.to_json()["encode_http_503"], true);
         assert!(Faults::default().parse_list("bogus").is_err());
         assert!(Faults::default().parse_list("stall_ms").is_err());
     }

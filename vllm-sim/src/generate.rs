@@ -182,12 +182,19 @@ pub async fn handle(
     }
     let faults = inst_faults.merged(&hdr_faults);
 
-    let parsed = match validate::parse(endpoint, header_str(h, "content-type"), &raw, &cfg) {
+    let mut parsed = match validate::parse(endpoint, header_str(h, "content-type"), &raw, &cfg) {
         Ok(p) => p,
         Err(rej) => {
             return Ok(reject(&shared, seq, rej.error, endpoint, h, rej.body.as_ref()).await)
         }
     };
+    // An encoder's chat request (§7.23) is neither leg of a P/D pair, and is answered in one
+    // body: the sidecar's encoder calls are never streamed.
+    let encoder = cfg.mm_encoder_only && endpoint == Endpoint::Chat;
+    if encoder {
+        parsed.stream = false;
+        parsed.include_usage = false;
+    }
 
     let base =
         base_id(h, Some(&parsed.body)).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
@@ -201,6 +208,7 @@ pub async fn handle(
     let mut handoff_target: Option<handoff::Target> = None;
     let mut handoff_key: Option<String> = None;
     match cfg.protocol {
+        _ if encoder => {}
         _ if cfg.keyed_handoff() => match handoff::classify(&cfg, &parsed.body) {
             Ok(Leg::Plain) => {}
             Ok(Leg::Prefill { key }) => {
@@ -275,7 +283,10 @@ pub async fn handle(
     // A KV source (§7.22) is read where vLLM's P2P tier runs beside the handoff; a decode
     // loads from its prefiller instead (vLLM prefers `remote_prefiller` too).
     let mut source = None;
-    if matches!(cfg.protocol, Protocol::Nixlv2 | Protocol::Offloading) && class != Class::Decode {
+    if matches!(cfg.protocol, Protocol::Nixlv2 | Protocol::Offloading)
+        && class != Class::Decode
+        && !encoder
+    {
         match p2p_source::parse(&parsed.body) {
             Ok(s) => source = s,
             Err(reason) => {

@@ -14,6 +14,7 @@ mod config;
 mod control;
 mod counters;
 mod decode;
+mod encoder;
 mod engine;
 mod engine_work;
 mod faults;
@@ -38,4 +39,5 @@ pub use config::{
     Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, Role,
     SimArgs, SimConfig,
 };
+pub use prompt::MM_ITEM_TOKENS;
 pub use server::{rank_config, spawn, spawn_ranks, SimServer};

@@ -80,6 +80,88 @@ pub(super) fn prompt_tokens(
     }
 }
 
+/// Prompt tokens of one multimodal item (image, audio or video), whatever its size: the
+/// sim decodes no media, and a fixed count keeps P, D and the encoder agreeing (§7.4 step 5).
+pub const MM_ITEM_TOKENS: u64 = 16;
+
+/// One chat content part: text, or a multimodal item's source (§7.4 step 3).
+enum Part<'a> {
+    Text(&'a str),
+    /// The item's url, or `input_audio`'s inline data: what its mm hash is taken over.
+    Media(&'a str),
+}
+
+/// Reads one content part. Only borrows, so a data URL of many MiB costs one pass of the
+/// JSON parser and nothing here.
+fn content_part(p: &Value) -> Result<Part<'_>, String> {
+    fn nonempty(v: Option<&Value>) -> Option<&str> {
+        v.and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+    match p.get("type").and_then(Value::as_str) {
+        Some("text") => p
+            .get("text")
+            .and_then(Value::as_str)
+            .map(Part::Text)
+            .ok_or_else(|| "Text parts must be {type: text, text: <string>}".into()),
+        Some(t @ ("image_url" | "audio_url" | "video_url")) => {
+            nonempty(p.get(t).and_then(|o| o.get("url")))
+                .map(Part::Media)
+                .ok_or_else(|| format!("Parts of type {t} need {t}.url, a non-empty string"))
+        }
+        Some("input_audio") => {
+            let audio = p.get("input_audio");
+            let format_ok = match audio.and_then(|a| a.get("format")) {
+                None | Some(Value::Null) | Some(Value::String(_)) => true,
+                Some(_) => false,
+            };
+            match nonempty(audio.and_then(|a| a.get("data"))) {
+                Some(d) if format_ok => Ok(Part::Media(d)),
+                _ => Err(
+                    "Parts of type input_audio need input_audio.data, a non-empty \
+                    base64 string (and input_audio.format, if given, a string)"
+                        .into(),
+                ),
+            }
+        }
+        _ => Err(
+            "Content parts must be of type text, image_url, audio_url, video_url or input_audio"
+                .into(),
+        ),
+    }
+}
+
+/// Tokens of one message's content (without the per-message 4) and its echo words: text
+/// tokens, plus [`MM_ITEM_TOKENS`] per multimodal item, which gives no words.
+pub(super) fn message_tokens(fmt: ErrorFormat, m: &Value) -> Result<(u64, Vec<String>), ApiError> {
+    let err = |m: &str| bad(fmt, "messages", m);
+    let Some(obj) = m.as_object() else {
+        return Err(err("Each message must be an object"));
+    };
+    if !obj.get("role").is_some_and(Value::is_string) {
+        return Err(err("Each message needs a string role"));
+    }
+    let mut text = String::new();
+    let mut media = 0u64;
+    match obj.get("content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => text.push_str(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match content_part(p).map_err(|m| err(&m))? {
+                    Part::Text(t) => {
+                        text.push_str(t);
+                        text.push('\n');
+                    }
+                    Part::Media(_) => media += 1,
+                }
+            }
+        }
+        Some(_) => return Err(err("Content must be a string or a list of parts")),
+    }
+    let w = tokenize(&text);
+    Ok((w.len() as u64 + media * MM_ITEM_TOKENS, w))
+}
+
 /// Chat tokens: Σ(4 + tokens(content)) + 3 (§7.4 step 5).
 pub(super) fn chat_tokens(
     fmt: ErrorFormat,
@@ -94,37 +176,41 @@ pub(super) fn chat_tokens(
     }
     let (mut n, mut words) = (3u64, Vec::new());
     for m in msgs {
-        let Some(obj) = m.as_object() else {
-            return Err(err("Each message must be an object"));
-        };
-        if !obj.get("role").is_some_and(Value::is_string) {
-            return Err(err("Each message needs a string role"));
-        }
-        let mut text = String::new();
-        match obj.get("content") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => text.push_str(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    match (
-                        p.get("type").and_then(Value::as_str),
-                        p.get("text").and_then(Value::as_str),
-                    ) {
-                        (Some("text"), Some(t)) => {
-                            text.push_str(t);
-                            text.push('\n');
-                        }
-                        _ => return Err(err("Content parts must be {type: text, text}")),
-                    }
-                }
-            }
-            Some(_) => return Err(err("Content must be a string or a list of parts")),
-        }
-        let w = tokenize(&text);
-        n += 4 + w.len() as u64;
+        let (t, w) = message_tokens(fmt, m)?;
+        n += 4 + t;
         words.extend(w);
     }
     Ok((n, words))
+}
+
+/// The multimodal items' sources (url or inline audio data) of validated chat messages, in
+/// order, as the sidecar's E/PD fan-out finds them.
+pub(super) fn mm_sources(messages: Option<&Value>) -> Vec<&str> {
+    let parts = messages
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("content")?.as_array())
+        .flatten();
+    parts
+        .filter_map(|p| match content_part(p) {
+            Ok(Part::Media(src)) => Some(src),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An item's mm hash as the encoder reports it: hex SHA-256 of its url or inline data.
+pub fn mm_hash(src: &str) -> String {
+    hex(&Sha256::digest(src.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Hex SHA-256 over the endpoint name and the canonical JSON (sorted keys, compact) of the
@@ -135,5 +221,5 @@ pub fn prompt_hash(endpoint: Endpoint, v: &Value) -> String {
     h.update(endpoint.name().as_bytes());
     h.update(b":");
     h.update(v.to_string().as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
 }

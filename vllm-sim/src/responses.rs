@@ -136,7 +136,8 @@ pub fn usage(prompt: u64, completion: u64, details: bool) -> String {
     .finish()
 }
 
-/// The full non-streaming body (§1.3 example shape).
+/// The full non-streaming body (§1.3 example shape); an encoder's `ec_transfer_params`
+/// (JSON, §7.23) comes last when given.
 pub fn full_response(
     h: &Head,
     text: &str,
@@ -144,6 +145,7 @@ pub fn full_response(
     prompt: u64,
     completion: u64,
     kv: &KvOut,
+    ec: Option<&str>,
 ) -> String {
     let choice = match h.endpoint {
         Endpoint::Completions => Obj::new()
@@ -183,7 +185,11 @@ pub fn full_response(
     if h.endpoint == Endpoint::Chat {
         o = o.null("prompt_logprobs");
     }
-    kv_fields(o, kv, true).finish()
+    o = kv_fields(o, kv, true);
+    if let Some(ec) = ec {
+        o = o.raw("ec_transfer_params", ec);
+    }
+    o.finish()
 }
 
 /// Appends `kv_transfer_params` (§7.7 step 4) as the last keys of a body. `keep_null`

@@ -79,7 +79,8 @@ pub async fn spawn(cfg: SimConfig) -> std::io::Result<SimServer> {
     shared.spawn(accept_loop(boot, shared.clone(), Listener::Bootstrap));
     shared.spawn(side_channel::sweep_loop(shared.clone()));
     shared.spawn(decode::heartbeat_loop(shared.clone()));
-    tracing::info!(api = %shared.api_addr, side_channel = %shared.side_addr, bootstrap = %shared.bootstrap_addr, engine_id = %shared.engine_id(), "vllm-sim listening");
+    let encoder = shared.read(|i| i.cfg.mm_encoder_only);
+    tracing::info!(api = %shared.api_addr, side_channel = %shared.side_addr, bootstrap = %shared.bootstrap_addr, engine_id = %shared.engine_id(), mm_encoder_only = encoder, "vllm-sim listening");
     Ok(SimServer { shared })
 }
 

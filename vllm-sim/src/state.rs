@@ -284,6 +284,7 @@ impl Shared {
                     "side_channel": format!("{}:{}", self.advertised_host, self.side_addr.port()),
                     "bootstrap": format!("{}:{}", self.advertised_host, self.bootstrap_addr.port()),
                     "role": cfg.role.as_str(),
+                    "mm_encoder_only": cfg.mm_encoder_only,
                     "era": cfg.kv_params_era.as_str(),
                     "protocol": cfg.protocol.as_str(),
                     "lease_mode": cfg.effective_lease_mode().as_str(),

@@ -1,8 +1,9 @@
 //! Request parsing and validation in vLLM's order (§7.4), token accounting and prompt hash.
 
 use super::config::{ErrorFormat, Protocol, SimConfig};
+use super::decode::truthy;
 use super::http_util::ApiError;
-use super::prompt::{bad, chat_tokens, prompt_hash, prompt_tokens};
+use super::prompt::{bad, chat_tokens, message_tokens, prompt_hash, prompt_tokens};
 use serde_json::{Map, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +90,11 @@ pub struct Parsed {
     pub model: String,
     pub prompt_tokens: u64,
     pub prompt_hash: String,
-    /// Prompt "tokens" as text, for `--mode echo`.
+    /// Prompt "tokens" as text, for `--mode echo` (a continued final message's excluded).
     pub words: Vec<String>,
+    /// Chat's `continue_final_message`: the tokens already in the final assistant message,
+    /// where generation resumes (§7.11).
+    pub continue_from: Option<u64>,
     /// Explicit output limit from the body, if any.
     pub max_tokens: Option<u64>,
     pub stream: bool,
@@ -248,11 +252,11 @@ pub fn parse(
         }
     };
     let b = Some(&body);
-    let spec = match endpoint {
+    let (spec, continue_from) = match endpoint {
         Endpoint::Completions | Endpoint::Chat => openai_prompt(endpoint, fmt, &body),
-        Endpoint::Responses => super::api_responses::parse(fmt, &body),
-        Endpoint::Messages => super::api_messages::parse(fmt, &body),
-        Endpoint::Generate => super::api_generate::parse(fmt, &body),
+        Endpoint::Responses => super::api_responses::parse(fmt, &body).map(|s| (s, None)),
+        Endpoint::Messages => super::api_messages::parse(fmt, &body).map(|s| (s, None)),
+        Endpoint::Generate => super::api_generate::parse(fmt, &body).map(|s| (s, None)),
     }
     .map_err(|e| reject(e, b))?;
     let (prompt_tokens, max_tokens) = (spec.tokens, spec.max_tokens);
@@ -400,6 +404,7 @@ pub fn parse(
         prompt_tokens,
         prompt_hash: spec.hash,
         words: spec.words,
+        continue_from,
         max_tokens,
         stream,
         include_usage,
@@ -466,16 +471,67 @@ pub fn check_min_tokens(
     }
 }
 
-/// Completions' `prompt` or chat's `messages` (§7.4 steps 3 and 5).
+/// vLLM's message for both generation-prompt flags set.
+const BOTH_PROMPT_FLAGS: &str =
+    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.";
+
+/// Chat's `continue_final_message` and `add_generation_prompt`: whether the final message is
+/// continued. The conflict check is vLLM's before-validator, so it runs on the raw values
+/// (Python truthiness) ahead of every field check.
+fn continues_final_message(fmt: ErrorFormat, body: &Map<String, Value>) -> Result<bool, ApiError> {
+    const CONTINUE: &str = "continue_final_message";
+    const GENERATION: &str = "add_generation_prompt";
+    if truthy(body.get(CONTINUE)) && truthy(body.get(GENERATION)) {
+        let msg = format!(
+            "[{{'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, {BOTH_PROMPT_FLAGS}'}}]"
+        );
+        return Err(ApiError::validation(fmt, msg));
+    }
+    for key in [CONTINUE, GENERATION] {
+        if !matches!(body.get(key), None | Some(Value::Null | Value::Bool(_))) {
+            return Err(bad(fmt, key, "Input should be a valid boolean"));
+        }
+    }
+    Ok(body.get(CONTINUE) == Some(&Value::Bool(true)))
+}
+
+/// Where a continued final message resumes: its tokens, after dropping its echo words from
+/// `words`, so the output cycles over the same words as the uncut reply would.
+fn continuation(
+    fmt: ErrorFormat,
+    body: &Map<String, Value>,
+    words: &mut Vec<String>,
+) -> Result<u64, ApiError> {
+    let last = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last());
+    let Some(last) = last.filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    else {
+        return Err(ApiError::new(
+            400,
+            "BadRequestError",
+            "Cannot set `continue_final_message` to True when the last message is not from the assistant.",
+        )
+        .param("continue_final_message"));
+    };
+    let (tokens, own) = message_tokens(fmt, last)?;
+    words.truncate(words.len().saturating_sub(own.len()));
+    Ok(tokens)
+}
+
+/// Completions' `prompt` or chat's `messages` (§7.4 steps 3 and 5), and chat's continuation.
 fn openai_prompt(
     endpoint: Endpoint,
     fmt: ErrorFormat,
     body: &Map<String, Value>,
-) -> Result<PromptSpec, ApiError> {
-    let (key, (tokens, words)) = if endpoint == Endpoint::Completions {
-        ("prompt", prompt_tokens(fmt, body.get("prompt"))?)
-    } else {
+) -> Result<(PromptSpec, Option<u64>), ApiError> {
+    let chat = endpoint == Endpoint::Chat;
+    let continues = chat && continues_final_message(fmt, body)?;
+    let (key, (tokens, mut words)) = if chat {
         ("messages", chat_tokens(fmt, body.get("messages"))?)
+    } else {
+        ("prompt", prompt_tokens(fmt, body.get("prompt"))?)
     };
     let hash = prompt_hash(endpoint, body.get(key).unwrap_or(&Value::Null));
     let mut max_tokens = opt_pos_int(fmt, body, "max_tokens")?;
@@ -490,13 +546,20 @@ fn openai_prompt(
         _ => max_tokens,
     };
     check_min_tokens(fmt, body, limit)?;
-    Ok(PromptSpec {
+    // Not a schema check: a final message that is not the assistant's is refused after them.
+    let continue_from = if continues {
+        Some(continuation(fmt, body, &mut words)?)
+    } else {
+        None
+    };
+    let spec = PromptSpec {
         tokens,
         words,
         hash,
         max_tokens,
         ignored: vec![],
-    })
+    };
+    Ok((spec, continue_from))
 }
 
 #[cfg(test)]

@@ -110,7 +110,8 @@ impl Job {
         let h = self.head_view();
         match self.parsed.endpoint {
             Endpoint::Completions | Endpoint::Chat => {
-                r::full_response(&h, &self.full_text(), finish, prompt, k, kv)
+                let ec = self.encoding().then(|| self.ec_transfer_params());
+                r::full_response(&h, &self.full_text(), finish, prompt, k, kv, ec.as_deref())
             }
             Endpoint::Responses => {
                 self.responses_view()

@@ -17,6 +17,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let args = SimArgs::parse();
     let ranks = args.data_parallel_size;
+    let encoder = args.mm_encoder_only;
     let servers = match spawn_ranks(args.into_config(), ranks).await {
         Ok(s) => s,
         Err(e) => {
@@ -28,12 +29,16 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     };
     // Machine-readable readiness line for harnesses using ephemeral ports (spec §7.2); rank 0's
-    // ports at the top level, every rank's under `ranks` when there are several.
+    // ports at the top level, every rank's under `ranks` when there are several, and
+    // `mm_encoder_only` on an encoder (§7.23) so a harness can tell E from P/D instances.
     let mut line = serde_json::json!({
         "event": "listening",
         "port": first.api_addr().port(),
         "side_channel_port": first.side_channel_addr().port(),
     });
+    if encoder {
+        line["mm_encoder_only"] = true.into();
+    }
     if servers.len() > 1 {
         line["ranks"] = servers
             .iter()

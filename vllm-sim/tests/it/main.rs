@@ -6,10 +6,13 @@
 mod support;
 
 mod abort;
+mod continuation;
 mod decode_first;
 mod dp;
+mod encoder;
 mod http;
 mod mooncake;
+mod multimodal;
 mod offloading;
 mod p2p_source;
 mod pd;
