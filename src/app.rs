@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use tracing::info;
 
 use crate::config::Config;
+use crate::data_parallel::Ranks;
 use crate::observe::metrics::Metrics;
 use crate::observe::otel::Tracing;
 use crate::pd::PdContext;
@@ -42,7 +43,9 @@ pub enum StartupError {
 /// The assembled sidecar, ready to serve on a listener.
 pub struct App {
     config: Config,
-    proxy: Arc<Proxy>,
+    /// One per data-parallel rank (index = rank); one without data parallelism.
+    proxies: Vec<Proxy>,
+    metrics: Metrics,
     server_tls: Option<Arc<ServerTls>>,
     /// The InferencePool watch; it stops when the App is dropped (after serving ends).
     _pool_watch: Option<AbortOnDrop>,
@@ -99,53 +102,65 @@ impl App {
                 }
             }
         });
-        let decoder = Arc::new(Decoder::new(
-            config.decoder.clone(),
-            upstream.clone(),
-            config.decode_first_byte_timeout,
-            config.connect_timeout,
-        ));
-        let proxy = Proxy {
-            pd: PdContext {
-                connector: config.connector,
-                decoder: Arc::clone(&decoder),
-                upstream,
-                max_body_bytes: config.max_body_bytes,
-                prefill_timeout: config.prefill_timeout,
-                prefill_failure_policy: config.prefill_failure_policy,
-                prefill_retry: config.prefill_retry,
-                decode_admission_grace: config.decode_admission_grace,
-                late_reply_window: config.prefill_abandon_grace,
+        let in_flight = (config.max_in_flight > 0).then(|| {
+            (
+                Arc::new(Semaphore::new(config.max_in_flight)),
+                config.max_in_flight,
+            )
+        });
+        let bootstraps = Arc::<crate::pd::Bootstraps>::default();
+        // One proxy per data-parallel rank: its own decoder, everything else shared (the
+        // upstream client, so one pool per upstream; the metrics; the admission limit).
+        let rank = |target: &crate::upstream::Target| {
+            let decoder = Arc::new(Decoder::new(
+                target.clone(),
+                upstream.clone(),
+                config.decode_first_byte_timeout,
+                config.connect_timeout,
+            ));
+            Proxy {
+                pd: PdContext {
+                    connector: config.connector,
+                    decoder: Arc::clone(&decoder),
+                    upstream: upstream.clone(),
+                    max_body_bytes: config.max_body_bytes,
+                    prefill_timeout: config.prefill_timeout,
+                    prefill_failure_policy: config.prefill_failure_policy,
+                    prefill_retry: config.prefill_retry,
+                    decode_admission_grace: config.decode_admission_grace,
+                    late_reply_window: config.prefill_abandon_grace,
+                    metrics: metrics.clone(),
+                    pairing_ports: config.pairing_ports,
+                    bootstraps: Arc::clone(&bootstraps),
+                    rewrite_cached_tokens: config.rewrite_cached_tokens,
+                },
+                decoder,
+                pick: Pick {
+                    tls: config.prefiller_use_tls,
+                    sampling: config.prefiller_sampling,
+                    p2p_pull: config.p2p_pull,
+                    // Set to the listener's port by `serve_ranks`.
+                    own: None,
+                },
+                allowlist: allowlist.clone(),
+                busy_poll: busy_poll.clone(),
+                in_flight: in_flight.clone(),
                 metrics: metrics.clone(),
-                pairing_ports: config.pairing_ports,
-                bootstraps: Default::default(),
-                rewrite_cached_tokens: config.rewrite_cached_tokens,
-            },
-            decoder,
-            pick: Pick {
-                tls: config.prefiller_use_tls,
-                sampling: config.prefiller_sampling,
-                p2p_pull: config.p2p_pull,
-                own: config.own_endpoint,
-            },
-            allowlist,
-            busy_poll,
-            in_flight: (config.max_in_flight > 0).then(|| {
-                (
-                    Arc::new(Semaphore::new(config.max_in_flight)),
-                    config.max_in_flight,
-                )
-            }),
-            metrics,
-            tracing,
-            limits: HeadLimits {
-                max_header_count: config.max_header_count,
-                max_header_size: config.max_header_size,
-            },
+                tracing: tracing.clone(),
+                limits: HeadLimits {
+                    max_header_count: config.max_header_count,
+                    max_header_size: config.max_header_size,
+                },
+            }
         };
+        let proxies = std::iter::once(&config.decoder)
+            .chain(&config.rank_decoders)
+            .map(rank)
+            .collect();
         Ok(App {
             config,
-            proxy: Arc::new(proxy),
+            proxies,
+            metrics,
             server_tls,
             _pool_watch: pool_watch,
         })
@@ -153,7 +168,12 @@ impl App {
 
     /// The metrics this sidecar reports to (served by `observe::admin`).
     pub fn metrics(&self) -> &Metrics {
-        &self.proxy.metrics
+        &self.metrics
+    }
+
+    /// How many listeners [`App::serve_ranks`] takes: `-data-parallel-size`.
+    pub fn ranks(&self) -> usize {
+        self.proxies.len()
     }
 
     /// Serves `listener` until `shutdown` resolves, then drains (see `server.rs`).
@@ -162,6 +182,39 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        self.serve_ranks(vec![listener], shutdown).await
+    }
+
+    /// Serves data-parallel rank i on `listeners[i]` (one per rank) until `shutdown`
+    /// resolves, then drains them together.
+    pub async fn serve_ranks(
+        mut self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        if listeners.len() != self.proxies.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listeners for {} data-parallel ranks",
+                    listeners.len(),
+                    self.proxies.len()
+                ),
+            ));
+        }
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let pod_ip = self.config.pod_ip;
+        for (proxy, port) in self.proxies.iter_mut().zip(&ports) {
+            proxy.pick.own = pod_ip.map(|ip| std::net::SocketAddr::new(ip, *port));
+        }
+        let ranks = Arc::new(Ranks::new(
+            std::mem::take(&mut self.proxies),
+            &ports,
+            pod_ip,
+        ));
         let drain_began = Arc::new(std::sync::OnceLock::new());
         let began = Arc::clone(&drain_began);
         let shutdown = async move {
@@ -170,15 +223,15 @@ impl App {
         };
         let served = server::run(
             &self.config,
-            Arc::clone(&self.proxy),
+            Arc::clone(&ranks),
             self.server_tls.clone(),
-            listener,
+            listeners,
             shutdown,
         )
         .await;
         // After the drain every request span has ended: export the last batch in what is left
         // of the drain's time (Kubernetes' grace period is sized for it), at least a moment.
-        if let Some(tracing) = &self.proxy.tracing {
+        if let Some(tracing) = &ranks.primary().tracing {
             let left = drain_began.get().map_or(SPAN_FLUSH, |began| {
                 (*began + self.config.drain_timeout)
                     .saturating_duration_since(tokio::time::Instant::now())

@@ -29,6 +29,9 @@ pub enum ProxyError {
     /// The prefiller header names no usable address.
     #[error("Invalid prefiller address: {0}")]
     BadPrefillerHeader(String),
+    /// `x-data-parallel-host-port` names none of this sidecar's data-parallel ranks.
+    #[error("x-data-parallel-host-port '{0}' is not one of this sidecar's data-parallel ranks")]
+    UnknownDataParallelRank(String),
     /// The prefiller could not be reached.
     #[error("Prefiller {prefiller} is unreachable: {detail}")]
     PrefillUnreachable { prefiller: String, detail: String },
@@ -82,7 +85,8 @@ impl ProxyError {
             ProxyError::InvalidJson(_)
             | ProxyError::NotAnObject
             | ProxyError::BodyRead(_)
-            | ProxyError::BadPrefillerHeader(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::BadPrefillerHeader(_)
+            | ProxyError::UnknownDataParallelRank(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,6 +127,7 @@ impl ProxyError {
             ProxyError::BadPrefillerHeader(_) | ProxyError::PrefillerNotAllowed { .. } => {
                 Some("x-prefiller-host-port")
             }
+            ProxyError::UnknownDataParallelRank(_) => Some("x-data-parallel-host-port"),
             _ => None,
         };
         let unread_body = matches!(

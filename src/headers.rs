@@ -10,6 +10,9 @@ pub const PREFILLER_URL: HeaderName = HeaderName::from_static("x-prefiller-url")
 /// of E/PD and the source of a P2P prefix pull (llm-d-router#999, #1937).
 pub const ENCODER_HOSTS_PORTS: HeaderName = HeaderName::from_static("x-encoder-hosts-ports");
 pub const KV_CACHE_SOURCE: HeaderName = HeaderName::from_static("x-kv-cache-source-host-port");
+/// The data-parallel rank's sidecar (`POD_IP:port`) a request is for, set by the llm-d scheduler.
+pub const DATA_PARALLEL_HOST_PORT: HeaderName =
+    HeaderName::from_static("x-data-parallel-host-port");
 /// The data-parallel rank vLLM serves a request on (Mooncake's prefill leg).
 pub const DATA_PARALLEL_RANK: HeaderName = HeaderName::from_static("x-data-parallel-rank");
 /// The request id both legs share; vLLM reads it as its own request id.
@@ -88,6 +91,7 @@ pub fn for_upstream(headers: &mut HeaderMap) {
         PREFILLER_URL,
         ENCODER_HOSTS_PORTS,
         KV_CACHE_SOURCE,
+        DATA_PARALLEL_HOST_PORT,
     ] {
         headers.remove(name);
     }

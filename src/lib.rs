@@ -3,7 +3,8 @@
 //! This is the one module map (the docs link here).
 //! - [`cli`] flags (Go-style spellings accepted) and [`config`] their validated form;
 //!   [`app`] assembles everything fallible from a [`Config`] before any port is bound.
-//! - [`server`] the listener, signals and graceful drain; [`proxy`] the request handler:
+//! - [`server`] the listeners, signals and graceful drain; [`data_parallel`] one proxy per vLLM
+//!   rank and `x-data-parallel-host-port`; [`proxy`] the request handler:
 //!   `/health`, admission, the [`routing`] decision made once, pass-through, and the one place
 //!   an error becomes a logged, counted response.
 //! - [`pd`] the P/D request path (stages in `pd/mod.rs`, the prefill leg in `pd/prefill.rs`,
@@ -24,6 +25,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod connector;
+pub mod data_parallel;
 pub mod error;
 pub mod headers;
 pub mod json_edit;

@@ -31,7 +31,12 @@ fn main() -> ExitCode {
         let (listen, metrics_listen) = (config.listen, config.metrics_listen);
         let metrics_defaulted = config.metrics_port_defaulted;
         let app = App::build(config).await.map_err(|e| e.to_string())?;
-        let listener = bind("-port", listen).await?;
+        // Data-parallel rank i on -port + i (the range was checked with the flags).
+        let mut listeners = Vec::with_capacity(app.ranks());
+        for rank in 0..app.ranks() {
+            let addr = SocketAddr::new(listen.ip(), listen.port() + rank as u16);
+            listeners.push(bind("-port", addr).await?);
+        }
         let admin = match metrics_listen {
             None => None,
             // The default port may be another container's in the pod: serving matters more.
@@ -50,8 +55,8 @@ fn main() -> ExitCode {
             #[allow(clippy::disallowed_methods)]
             tokio::spawn(admin::serve(admin, app.metrics().clone()));
         }
-        announce(&listener, admin_port);
-        app.serve(listener, server::shutdown_signal())
+        announce(&listeners, admin_port);
+        app.serve_ranks(listeners, server::shutdown_signal())
             .await
             .map_err(|e| e.to_string())
     });
@@ -68,12 +73,17 @@ async fn bind(flag: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, S
 }
 
 /// The machine-readable readiness line on stdout, as `vllm-sim` prints: scripts and tests
-/// wait for it (and read the ports from it) instead of parsing log text.
-fn announce(listener: &tokio::net::TcpListener, metrics_port: Option<u16>) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+/// wait for it (and read the ports from it) instead of parsing log text. `ports` lists every
+/// data-parallel rank's (`port` is rank 0's).
+fn announce(listeners: &[tokio::net::TcpListener], metrics_port: Option<u16>) {
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or_default())
+        .collect();
     let line = serde_json::json!({
         "event": "listening",
-        "port": port,
+        "port": ports.first(),
+        "ports": ports,
         "metrics_port": metrics_port,
     });
     let mut out = std::io::stdout().lock();

@@ -54,16 +54,32 @@ pub struct HeadLimits {
 
 impl Proxy {
     /// Serves one request. Never fails: errors become vLLM-shaped JSON responses.
-    pub async fn handle(
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        self.serve(req, client, None).await
+    }
+
+    /// Answers `error` to a request refused before routing (logged, counted and traced as
+    /// any other request).
+    pub(crate) async fn refuse(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        error: ProxyError,
+    ) -> Response<ProxyBody> {
+        self.serve(req, client, Some(error)).await
+    }
+
+    async fn serve(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        refused: Option<ProxyError>,
     ) -> Response<ProxyBody> {
         self.busy_poll.touch();
         if req.uri().path() == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
             return health();
         }
-        let refused = self.refuse_head(&req);
+        let refused = refused.or_else(|| self.refuse_head(&req));
         let routing = routing::decide(&req, self.pick, &self.allowlist);
         let api = match *req.method() {
             Method::POST => Api::for_path(req.uri().path()),

@@ -19,17 +19,18 @@ use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
-use crate::proxy::Proxy;
+use crate::data_parallel::Ranks;
 use crate::runtime::AbortOnDrop;
 use crate::security::tls::ServerTls;
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight
-/// requests and streams finish for up to `config.drain_timeout`. Built by [`crate::App`].
+/// Serves rank i on `listeners[i]` until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests and streams finish for up to `config.drain_timeout`. Built by
+/// [`crate::App`].
 pub(crate) async fn run(
     config: &Config,
-    proxy: Arc<Proxy>,
+    ranks: Arc<Ranks>,
     tls: Option<Arc<ServerTls>>,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.config.clone()));
@@ -51,19 +52,28 @@ pub(crate) async fn run(
     // ends, in a process that goes on (an embedder, a test) as in one that exits.
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
-    info!(
-        addr = %listener.local_addr()?,
-        decoder = config.decoder.authority(),
-        connector = config.connector.name(),
-        tls = config.server_tls.is_some(),
-        defaults = config.defaults,
-        "listening"
-    );
+    for (rank, listener) in listeners.iter().enumerate() {
+        let decoder = match rank {
+            0 => &config.decoder,
+            i => &config.rank_decoders[i - 1],
+        };
+        info!(
+            addr = %listener.local_addr()?,
+            decoder = decoder.authority(),
+            rank = (ranks.len() > 1).then_some(rank),
+            connector = config.connector.name(),
+            tls = config.server_tls.is_some(),
+            defaults = config.defaults,
+            "listening"
+        );
+    }
+    let metrics = ranks.primary().metrics.clone();
+    let mut next = 0;
     loop {
-        let (stream, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
+        let (rank, stream, remote) = tokio::select! {
+            accepted = accept_any(&listeners, &mut next) => match accepted {
+                (rank, Ok((stream, remote))) => (rank, stream, remote),
+                (_, Err(e)) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -77,7 +87,7 @@ pub(crate) async fn run(
         let slot = match slots.as_ref().map(|s| s.clone().try_acquire_owned()) {
             Some(Err(_)) => {
                 // Closed at once: the client sees a reset and may retry elsewhere.
-                proxy.metrics.connection_refused("over_limit");
+                metrics.connection_refused("over_limit");
                 debug!(client = %remote, limit = config.max_connections, "connection refused: -max-connections");
                 continue;
             }
@@ -86,7 +96,8 @@ pub(crate) async fn run(
         };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
-            proxy: proxy.clone(),
+            ranks: ranks.clone(),
+            rank,
             builder: builder.clone(),
             acceptor: acceptor.clone(),
             watcher: graceful.watcher(),
@@ -101,7 +112,7 @@ pub(crate) async fn run(
             conn.serve(stream, remote).await;
         });
     }
-    drop(listener);
+    drop(listeners);
     drop(reloader);
     info!("shutting down: draining in-flight requests");
     let _ = draining_tx.send(true);
@@ -119,6 +130,25 @@ pub(crate) async fn run(
         }
     }
     Ok(())
+}
+
+/// The next connection on any of `listeners`, with the index of the one it came to. The scan
+/// starts after the last listener served, so a busy rank cannot starve the others.
+async fn accept_any(
+    listeners: &[TcpListener],
+    next: &mut usize,
+) -> (usize, std::io::Result<(TcpStream, SocketAddr)>) {
+    std::future::poll_fn(|cx| {
+        for k in 0..listeners.len() {
+            let i = (*next + k) % listeners.len();
+            if let std::task::Poll::Ready(accepted) = listeners[i].poll_accept(cx) {
+                *next = i + 1;
+                return std::task::Poll::Ready((i, accepted));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// HTTP/1.1 and h2c, with the request-head limits. hyper's own limits sit at twice ours, so a
@@ -143,7 +173,9 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 
 /// What one accepted connection needs.
 struct Connection {
-    proxy: Arc<Proxy>,
+    ranks: Arc<Ranks>,
+    /// The data-parallel rank whose listener accepted it.
+    rank: usize,
     builder: auto::Builder<TokioExecutor>,
     acceptor: Option<TlsAcceptor>,
     watcher: Watcher,
@@ -241,7 +273,8 @@ impl hyper::body::Body for Active {
 impl Connection {
     async fn serve(self, stream: TcpStream, remote: SocketAddr) {
         let Connection {
-            proxy,
+            ranks,
+            rank,
             builder,
             acceptor,
             watcher,
@@ -253,18 +286,18 @@ impl Connection {
         let first_request = Arc::new(Notify::new());
         let activity = Arc::new(Activity::new());
         let service = {
-            let (proxy, started, activity) = (proxy.clone(), started.clone(), activity.clone());
+            let (ranks, started, activity) = (ranks.clone(), started.clone(), activity.clone());
             let first_request = first_request.clone();
             service_fn(move |req| {
                 if !started.swap(true, Ordering::Relaxed) {
                     first_request.notify_one();
                 }
-                let proxy = proxy.clone();
+                let ranks = ranks.clone();
                 // Counted from here, so a long prefill or generation before the response head
                 // is in progress too; ends with the response body (or the dropped handler).
                 let guard = InProgress::begin(activity.clone());
                 async move {
-                    let resp = proxy.handle(req, remote).await;
+                    let resp = ranks.handle(req, remote, rank).await;
                     Ok::<_, Infallible>(resp.map(|body| {
                         body::boxed(Active {
                             body,
@@ -332,7 +365,7 @@ impl Connection {
             result = &mut served => result,
             reason = watch => {
                 if reason == "no_request_in_time" {
-                    proxy.metrics.connection_refused(reason);
+                    ranks.primary().metrics.connection_refused(reason);
                 }
                 return debug!(client = %remote, reason, "connection closed");
             }
@@ -341,7 +374,7 @@ impl Connection {
             if e.downcast_ref::<hyper::Error>()
                 .is_some_and(hyper::Error::is_parse_too_large)
             {
-                proxy.metrics.connection_refused("head_too_large");
+                ranks.primary().metrics.connection_refused("head_too_large");
             }
             debug!(error = %e, client = %remote, "connection ended with an error");
         }

@@ -291,7 +291,7 @@ pub struct Args {
     pub tracing: bool,
 
     /// vLLM data-parallel ranks: rank i served on port+i in front of model-server-port+i
-    #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = UNBUILT)]
+    #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = LISTEN)]
     pub data_parallel_size: u32,
 
     /// Encoder connector for E/PD (ec-example, ec-nixl); not built yet

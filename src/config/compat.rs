@@ -216,12 +216,6 @@ pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
             })
         }
     }
-    if a.data_parallel_size > 1 {
-        return not_built(
-            format!("-data-parallel-size={}", a.data_parallel_size),
-            "data parallelism (one listener per vLLM rank)",
-        );
-    }
     if a.decode_chunk_size < 0 {
         return Err(ConfigError::Invalid {
             flag: "decode-chunk-size",

@@ -28,8 +28,11 @@ pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 256;
 pub struct Config {
     /// Where the sidecar listens.
     pub listen: SocketAddr,
-    /// The local vLLM decode server.
+    /// The local vLLM decode server (with data parallelism, rank 0).
     pub decoder: Target,
+    /// `-data-parallel-size` > 1: the decoders of ranks 1.. (rank i on the model-server port
+    /// plus i), each served on the listener port plus i. Empty without data parallelism.
+    pub rank_decoders: Vec<Target>,
     pub connector: Connector,
     /// Request bodies on P/D routes larger than this get 413.
     pub max_body_bytes: usize,
@@ -78,8 +81,9 @@ pub struct Config {
     /// A request's `x-kv-cache-source-host-port` peer is pulled from: always with the
     /// offloading connector, with `-enable-p2p-pull` for nixlv2 (vLLM's MultiConnector).
     pub p2p_pull: bool,
-    /// `POD_IP:port`: a KV cache source naming it is this sidecar's own decoder.
-    pub own_endpoint: Option<SocketAddr>,
+    /// `POD_IP` (`-pod-ip`): `POD_IP:<a listener's port>` names this sidecar, as a KV cache
+    /// source or in `x-data-parallel-host-port`.
+    pub pod_ip: Option<IpAddr>,
     /// `-rewrite-cached-tokens`.
     pub rewrite_cached_tokens: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
@@ -285,6 +289,16 @@ impl TryFrom<Parsed> for Config {
                 ca_file,
             },
             listen: SocketAddr::new(args.bind_address, args.port),
+            rank_decoders: (1..ranks)
+                .map(|i| {
+                    // The port range was checked above.
+                    let port = model_server_port + i as u16;
+                    let authority = format!("{host}:{port}")
+                        .parse()
+                        .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
+                    Ok(Target::new(authority, tls.decoder))
+                })
+                .collect::<Result<_, ConfigError>>()?,
             decoder: Target::new(authority, tls.decoder),
             connector,
             max_body_bytes: args.max_request_body_size,
@@ -298,7 +312,7 @@ impl TryFrom<Parsed> for Config {
             metrics_port_defaulted: !parsed.is_set("metrics-port"),
             p2p_pull: connector == Connector::Offloading
                 || (args.enable_p2p_pull && connector == Connector::NixlV2),
-            own_endpoint: args.pod_ip.map(|ip| SocketAddr::new(ip, args.port)),
+            pod_ip: args.pod_ip,
             rewrite_cached_tokens: args.rewrite_cached_tokens,
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,

@@ -239,10 +239,6 @@ fn unbuilt_features_are_refused_by_name() {
             "-ec-connector=ec-example: encoder",
         ),
         (
-            &["--data-parallel-size=2"],
-            "-data-parallel-size=2: data parallelism",
-        ),
-        (
             &["--decode-chunk-size=256"],
             "-decode-chunk-size=256: chunked decode",
         ),
@@ -283,6 +279,15 @@ fn port_ranges_cover_every_rank() {
     assert_eq!(e, "-vllm-port: port range 65535-65536 exceeds 65535");
     let e = config(&["--port=0", "--data-parallel-size=2"]).unwrap_err();
     assert!(e.starts_with("-port: 0"), "{e}");
+}
+
+#[test]
+fn each_data_parallel_rank_has_its_decoder() {
+    let c = ok(&["--port=8000", "--vllm-port=8200", "--data-parallel-size=3"]);
+    assert_eq!(c.decoder.authority(), "localhost:8200");
+    let ranks: Vec<_> = c.rank_decoders.iter().map(|t| t.authority()).collect();
+    assert_eq!(ranks, ["localhost:8201", "localhost:8202"]);
+    assert!(ok(&[]).rank_decoders.is_empty());
 }
 
 #[test]

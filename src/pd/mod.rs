@@ -13,6 +13,7 @@ mod kv_source;
 mod prefill;
 mod retry;
 
+pub use bootstrap::Bootstraps;
 pub use kv_source::serve as serve_with_kv_source;
 pub use retry::RetryPolicy;
 
@@ -84,8 +85,8 @@ pub struct PdContext {
     pub metrics: Metrics,
     /// The prefill pod's ports a connector's pairing names (SGLang, P2P, Mooncake).
     pub pairing_ports: PairingPorts,
-    /// The prefillers' Mooncake engines.
-    pub bootstraps: bootstrap::Bootstraps,
+    /// The prefillers' Mooncake engines (shared by the data-parallel ranks).
+    pub bootstraps: Arc<bootstrap::Bootstraps>,
     /// `-rewrite-cached-tokens`: nixlv2 decodes report the prefiller's cached tokens.
     pub rewrite_cached_tokens: bool,
 }

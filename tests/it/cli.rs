@@ -105,18 +105,6 @@ fn manifests_that_ask_for_unbuilt_features_exit_2_naming_the_flag() {
             ][..],
             "-ec-connector=ec-example: encoder disaggregation",
         ),
-        // llm-d/llm-d guides/wide-ep-lws/.../vllm-deepseek-r1-0528 disaggregatedset.yaml.
-        (
-            &[
-                "--port=8000",
-                "--data-parallel-size=8",
-                "--kv-connector=nixlv2",
-                "--zap-log-level=1",
-                "--secure-proxy=false",
-                "--enable-prefiller-sampling",
-            ],
-            "-data-parallel-size=8: data parallelism",
-        ),
         // llm-d/llm-d guides/pd-disaggregation/modelserver/amd/vllm/moriio.
         (
             &[

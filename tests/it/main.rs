@@ -12,6 +12,7 @@ mod cli;
 mod connections;
 mod connectors;
 mod dashboard;
+mod data_parallel;
 mod deploy;
 mod errors;
 mod fuzz_corpus;

@@ -164,6 +164,21 @@ const CASES: &[Case] = &[
         defaults: "pd-sidecar (because --data-parallel-size)",
         logs: None,
     },
+    // The same with VLLM_DATA_PARALLEL_SIZE=2: sidecar ports 8000-8001 before vLLM's 8200-8201.
+    Case {
+        name: "pd_sidecar_deploy_vllm_decode_dp2",
+        args: &[
+            "--port=8000",
+            "--secure-proxy=false",
+            "--data-parallel-size=2",
+        ],
+        env: &[("POD_IP", "127.0.0.1")],
+        listen: 8000,
+        vllm: 8200,
+        tls: false,
+        defaults: "pd-sidecar (because --data-parallel-size)",
+        logs: None,
+    },
     // llm-d-router ebab6879 deploy/environments/dev/p-d/patch-decode.yaml (CONNECTOR_TYPE=nixlv2).
     Case {
         name: "pd_sidecar_deploy_dev_p_d",
@@ -321,6 +336,11 @@ fn pd_sidecar_deploy_vllm_decode() {
 }
 
 #[test]
+fn pd_sidecar_deploy_vllm_decode_dp2() {
+    run("pd_sidecar_deploy_vllm_decode_dp2");
+}
+
+#[test]
 fn pd_sidecar_deploy_dev_p_d() {
     run("pd_sidecar_deploy_dev_p_d");
 }
@@ -372,11 +392,23 @@ async fn in_namespace() {
         c.bootstrap_port = if mooncake { 8998 } else { 0 };
     })
     .await;
-    let d = sim(|c| {
-        protocol(c);
-        c.port = case.vllm;
-    })
-    .await;
+    let ranks: u16 = case
+        .args
+        .iter()
+        .find_map(|a| a.strip_prefix("--data-parallel-size="))
+        .map_or(1, |n| n.parse().expect("a number"));
+    let mut base = vllm_sim::SimConfig {
+        ttft_ms: 5,
+        itl_ms: 1,
+        kv_transfer_ms: 1,
+        port: case.vllm,
+        ..vllm_sim::SimConfig::default()
+    };
+    protocol(&mut base);
+    // vLLM rank i on the manifest's port + i.
+    let d = vllm_sim::spawn_ranks(base, ranks)
+        .await
+        .expect("decoders start");
     // Another container's listener on the sidecar's default metrics port.
     let _squatter = if case.name == "metrics_default_port_taken" {
         Some(std::net::TcpListener::bind("0.0.0.0:9090").expect("bind 9090"))
@@ -404,10 +436,19 @@ async fn in_namespace() {
     assert_eq!(event["event"], "listening", "{event}");
     assert_eq!(event["port"], case.listen, "{event}");
 
-    let (status, body) = pd_request(case, &p).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(counter(&sim_state(&p).await, "leases_pulled"), 1);
-    assert_eq!(counter(&sim_state(&d).await, "requests_total"), 1);
+    // P/D on every rank's port, each decoded by its own vLLM rank.
+    for rank in 0..ranks {
+        let (status, body) = pd_request(case, case.listen + rank, &p).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            counter(&sim_state(&p).await, "leases_pulled"),
+            i64::from(rank) + 1
+        );
+        assert_eq!(
+            counter(&sim_state(&d[usize::from(rank)]).await, "requests_total"),
+            1
+        );
+    }
 
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -453,17 +494,14 @@ async fn in_namespace() {
     }
 }
 
-/// A P/D completion to the case's sidecar, over TLS when it serves TLS.
-async fn pd_request(case: &Case, p: &vllm_sim::SimServer) -> (u16, bytes::Bytes) {
+/// A P/D completion to the case's sidecar on `port`, over TLS when it serves TLS.
+async fn pd_request(case: &Case, port: u16, p: &vllm_sim::SimServer) -> (u16, bytes::Bytes) {
     let scheme = if case.tls { "https" } else { "http" };
-    let req = Request::post(format!(
-        "{scheme}://127.0.0.1:{}/v1/completions",
-        case.listen
-    ))
-    .header("content-type", "application/json")
-    .header("x-prefiller-host-port", p.api_addr().to_string())
-    .body(sidecar::body::full(r#"{"prompt":"a b c","max_tokens":2}"#))
-    .expect("request");
+    let req = Request::post(format!("{scheme}://127.0.0.1:{port}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-prefiller-host-port", p.api_addr().to_string())
+        .body(sidecar::body::full(r#"{"prompt":"a b c","max_tokens":2}"#))
+        .expect("request");
     let client = tls_client(insecure_tls());
     let resp = tokio::time::timeout(LIMIT, client.send(Leg::Decode, req))
         .await

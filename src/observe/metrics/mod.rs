@@ -15,6 +15,7 @@
 //! | `connections_refused_total` | counter | `reason` |
 //! | `rejected_requests_total` | counter | `reason` |
 //! | `trace_spans_total` | counter | `outcome` |
+//! | `data_parallel_requests_total` | counter | `rank`, `via` |
 //!
 //! pd-sidecar's families (llm-d-router#1677), under their own prefix `llm_d_disagg_sidecar_`, so
 //! dashboards built for it work unchanged: `requests_total{api_type}`,
@@ -58,7 +59,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -70,6 +71,7 @@ pub const NAMES: [&str; 17] = [
     "llm_d_sidecar_connections_refused_total",
     "llm_d_sidecar_rejected_requests_total",
     "llm_d_sidecar_trace_spans_total",
+    "llm_d_sidecar_data_parallel_requests_total",
     "llm_d_disagg_sidecar_requests_total",
     "llm_d_disagg_sidecar_disagg_requests_total",
     "llm_d_disagg_sidecar_encode_duration_seconds",
@@ -248,6 +250,13 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabels {
+    /// A number below `-data-parallel-size`: bounded by the operator, not by requests.
+    rank: String,
+    via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiTypeLabels {
     api_type: &'static str,
 }
@@ -355,6 +364,7 @@ struct Inner {
     connections_refused: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     trace_spans: Family<OutcomeLabels, Counter>,
+    data_parallel: Family<RankLabels, Counter>,
     pd_sidecar: PdSidecar,
 }
 
@@ -474,6 +484,13 @@ impl Metrics {
              failed (the collector refused them or did not answer in time)",
             trace_spans.clone(),
         );
+        let data_parallel = Family::default();
+        registry.register(
+            "data_parallel_requests",
+            "Requests served by each data-parallel rank, by how they reached it: via=listener \
+             (its own port) or via=header (x-data-parallel-host-port named it)",
+            data_parallel.clone(),
+        );
         // Series with known label values exist from the start: 0 rather than nothing.
         for route in [Route::Pd, Route::PassThrough] {
             let route = route.as_str();
@@ -530,6 +547,7 @@ impl Metrics {
             connections_refused,
             rejected,
             trace_spans,
+            data_parallel,
             pd_sidecar,
         }))
     }
@@ -567,6 +585,20 @@ impl Metrics {
                 .get_or_create(&DisaggLabels { disagg_type: "p/d" })
                 .inc();
         }
+    }
+
+    /// Rank `rank`'s request counters (created at zero): arrived on its listener, and sent to
+    /// it by `x-data-parallel-host-port`.
+    pub fn data_parallel_rank(&self, rank: usize) -> [Counter; 2] {
+        ["listener", "header"].map(|via| {
+            self.0
+                .data_parallel
+                .get_or_create(&RankLabels {
+                    rank: rank.to_string(),
+                    via,
+                })
+                .clone()
+        })
     }
 
     /// Counts a request answered 503 unserved; `reason` says why.

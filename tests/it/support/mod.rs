@@ -52,6 +52,26 @@ impl Sidecar {
         }
     }
 
+    /// Serves a data-parallel sidecar, one ephemeral listener per rank; returns them in rank
+    /// order (the first is also `addr`).
+    pub async fn serve_ranks(app: App) -> (Sidecar, Vec<SocketAddr>) {
+        let mut listeners = Vec::new();
+        for _ in 0..app.ranks() {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+        }
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve_ranks(listeners, async {
+            let _ = rx.await;
+        }));
+        let sidecar = Sidecar {
+            addr: addrs[0],
+            shutdown: Some(tx),
+            task,
+        };
+        (sidecar, addrs)
+    }
+
     /// Starts a sidecar for the decoder at `decoder` with `connector`.
     pub async fn for_decoder(decoder: SocketAddr, connector: Connector) -> Sidecar {
         Sidecar::start(Config::new(&decoder.to_string(), connector).expect("config")).await
