@@ -133,6 +133,8 @@ impl App {
                     pairing_ports: config.pairing_ports,
                     bootstraps: Arc::clone(&bootstraps),
                     rewrite_cached_tokens: config.rewrite_cached_tokens,
+                    ec_connector: config.ec_connector,
+                    decode_chunk_size: config.decode_chunk_size,
                 },
                 decoder,
                 pick: Pick {
@@ -141,6 +143,9 @@ impl App {
                     p2p_pull: config.p2p_pull,
                     // Set to the listener's port by `serve_ranks`.
                     own: None,
+                    encode: config.ec_connector.is_some(),
+                    encoder_tls: config.encoder_use_tls,
+                    chunked: config.decode_chunk_size > 0,
                 },
                 allowlist: allowlist.clone(),
                 busy_poll: busy_poll.clone(),

@@ -42,6 +42,14 @@ pub enum ProxyError {
         status: StatusCode,
         detail: String,
     },
+    /// An encoder call (E/PD) failed: no answer (`status` None), or a non-2xx one.
+    #[error("Encoder {encoder} failed on multimodal item {item}: {}{detail}", status.map_or(String::new(), |s| format!("HTTP {}: ", s.as_u16())))]
+    EncoderFailed {
+        encoder: String,
+        item: usize,
+        status: Option<StatusCode>,
+        detail: String,
+    },
     /// The prefiller answered 2xx with something we cannot use.
     #[error("Prefiller {prefiller} sent an unusable reply: {detail}")]
     PrefillBadReply { prefiller: String, detail: String },
@@ -98,6 +106,7 @@ impl ProxyError {
             ProxyError::PrefillUnreachable { .. }
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. }
+            | ProxyError::EncoderFailed { .. }
             | ProxyError::DecoderUnreachable { .. }
             | ProxyError::DecoderBadFraming { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -113,6 +122,7 @@ impl ProxyError {
             ProxyError::PrefillUnreachable { .. }
             | ProxyError::PrefillFailed { .. }
             | ProxyError::PrefillBadReply { .. } => Some(Leg::Prefill),
+            ProxyError::EncoderFailed { .. } => Some(Leg::Encode),
             ProxyError::DecoderUnreachable { .. } | ProxyError::DecoderBadFraming { .. } => {
                 Some(Leg::Decode)
             }
@@ -128,6 +138,7 @@ impl ProxyError {
                 Some("x-prefiller-host-port")
             }
             ProxyError::UnknownDataParallelRank(_) => Some("x-data-parallel-host-port"),
+            ProxyError::EncoderFailed { .. } => Some("x-encoder-hosts-ports"),
             _ => None,
         };
         let unread_body = matches!(

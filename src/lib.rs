@@ -8,7 +8,8 @@
 //!   `/health`, admission, the [`routing`] decision made once, pass-through, and the one place
 //!   an error becomes a logged, counted response.
 //! - [`pd`] the P/D request path (stages in `pd/mod.rs`, the prefill leg in `pd/prefill.rs`,
-//!   the KV-lease safety net in `pd/handoff.rs`); [`connector`] one file per connector's body
+//!   the KV-lease safety net in `pd/handoff.rs`, chunked decode in `pd/chunked.rs`);
+//!   [`encode`] the encoder stage of E/PD; [`connector`] one file per connector's body
 //!   rewrites; [`json_edit`] byte-preserving top-level JSON edits.
 //! - [`upstream`] pooled clients per leg, the decoder and its deadline, targets and the
 //!   prefiller header, decoder health.
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod connector;
 pub mod data_parallel;
+pub mod encode;
 pub mod error;
 pub mod headers;
 pub mod json_edit;

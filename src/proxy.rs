@@ -106,8 +106,11 @@ impl Proxy {
             guard.trace(server_span);
         }
         if let Some(api) = api {
-            self.metrics
-                .inference_request(api, matches!(routing, Routing::Pd(_)));
+            self.metrics.inference_request(api, routing.disagg_type());
+        }
+        match routing.encoders_denied() {
+            0 => {}
+            denied => self.metrics.encoders_denied(denied),
         }
         let resp = match refused.map_or_else(|| self.admit(), Err) {
             Err(e) => respond_error(&mut guard, client, e),
@@ -203,6 +206,7 @@ impl Proxy {
             Routing::KvSource(source) => {
                 pd::serve_with_kv_source(&self.pd, req, source, client, guard).await
             }
+            Routing::Local(local) => pd::serve_local(&self.pd, req, local, client, guard).await,
             Routing::Refused { error, .. } => Err(error),
         };
         served.unwrap_or_else(|e| respond_error(guard, client, e))
@@ -264,6 +268,7 @@ fn routing_attributes(
             );
         }
         Routing::KvSource(source) => attrs.push(address("llm_d.pd_proxy.kv_cache_source", source)),
+        Routing::Local(_) => {}
         Routing::PassThrough => {
             attrs.push(KeyValue::new("llm_d.pd_proxy.reason", "no_prefill_header"));
         }

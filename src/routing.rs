@@ -4,7 +4,7 @@ use http::{Method, Request};
 
 use crate::api::Api;
 use crate::error::ProxyError;
-use crate::headers::KV_CACHE_SOURCE;
+use crate::headers::{ENCODER_HOSTS_PORTS, KV_CACHE_SOURCE};
 use crate::security::allowlist::Allowlist;
 use crate::upstream::{self, Target};
 use tracing::{debug, warn};
@@ -38,6 +38,9 @@ pub enum Routing {
     /// No prefiller, but a KV cache source to pull a cached prefix from: decoded locally
     /// with `remote_kv_source` (vLLM's P2P tier).
     KvSource(Target),
+    /// Decoded here, but not as is: its multimodal items are encoded first (E/D), or its
+    /// decode runs in chunks (`-decode-chunk-size`).
+    Local(Local),
     /// Meant for P/D but refused before any upstream is called (bad header, SSRF).
     Refused {
         prefiller: Option<Target>,
@@ -55,6 +58,22 @@ pub struct Pd {
     /// `x-kv-cache-source-host-port` the scheduler named, if SSRF protection allows it and
     /// it is not the prefiller itself.
     pub kv_source: Option<Target>,
+    pub encoders: Encoders,
+}
+
+/// A decoder-only chat request the sidecar reads whole (see [`Routing::Local`]).
+#[derive(Debug)]
+pub struct Local {
+    pub api: Api,
+    pub encoders: Encoders,
+}
+
+/// The encoders of `x-encoder-hosts-ports` (E/PD), when `-ec-connector` is set and the route
+/// is chat: the ones SSRF protection allows, in order, and how many it did not.
+#[derive(Debug, Default)]
+pub struct Encoders {
+    pub allowed: Vec<Target>,
+    pub denied: usize,
 }
 
 /// How the prefiller is picked from the header's list.
@@ -68,6 +87,12 @@ pub struct Pick {
     pub p2p_pull: bool,
     /// `POD_IP:port`: a source naming it is this sidecar's own decoder.
     pub own: Option<std::net::SocketAddr>,
+    /// `-ec-connector` is set: read `x-encoder-hosts-ports` on chat routes.
+    pub encode: bool,
+    /// Encoders named without a scheme use TLS (`-enable-tls=encoder`).
+    pub encoder_tls: bool,
+    /// `-decode-chunk-size` > 0: decoder-only chat requests are read whole, to chunk.
+    pub chunked: bool,
 }
 
 /// The P/D routes ([`Api`]) with a prefiller header go P/D; everything else passes through.
@@ -76,15 +101,22 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
         Some(api) if req.method() == Method::POST => api,
         _ => return Routing::PassThrough,
     };
+    let encoders = match api {
+        Api::ChatCompletions if pick.encode => encoders(req.headers(), pick, allowlist),
+        _ => Encoders::default(),
+    };
     let list = match upstream::prefillers_from(req.headers(), pick.tls) {
         Ok(list) if list.is_empty() => {
+            if !encoders.allowed.is_empty() || (pick.chunked && api == Api::ChatCompletions) {
+                return Routing::Local(Local { api, encoders });
+            }
             return match pick
                 .p2p_pull
                 .then(|| kv_source(req.headers(), None, pick, allowlist))
             {
                 Some(Some(source)) => Routing::KvSource(source),
                 _ => Routing::PassThrough,
-            }
+            };
         }
         Ok(list) => list,
         Err(e) => {
@@ -131,7 +163,28 @@ pub fn decide<B>(req: &Request<B>, pick: Pick, allowlist: &Allowlist) -> Routing
             .cloned()
             .collect(),
         kv_source,
+        encoders,
     })
+}
+
+/// The encoders the request names that may be called: entries that do not parse, and those
+/// SSRF protection refuses, are dropped (pd-sidecar filters them the same way).
+fn encoders(headers: &http::HeaderMap, pick: Pick, allowlist: &Allowlist) -> Encoders {
+    let mut out = Encoders::default();
+    for entry in upstream::targets_from(headers, &ENCODER_HOSTS_PORTS, pick.encoder_tls) {
+        match entry {
+            Ok(encoder) if allowlist.allows(&encoder) => out.allowed.push(encoder),
+            Ok(encoder) => {
+                warn!(
+                    encoder = encoder.authority(),
+                    "encoder not allowed by SSRF protection; dropped"
+                );
+                out.denied += 1;
+            }
+            Err(e) => debug!(error = %e, "x-encoder-hosts-ports entry dropped"),
+        }
+    }
+    out
 }
 
 /// The KV cache source the scheduler named, when it may be used: it parses, SSRF protection
@@ -174,7 +227,7 @@ impl Routing {
     /// The metrics label: a refused P/D request still counts as P/D.
     pub fn route(&self) -> Route {
         match self {
-            Routing::PassThrough | Routing::KvSource(_) => Route::PassThrough,
+            Routing::PassThrough | Routing::KvSource(_) | Routing::Local(_) => Route::PassThrough,
             Routing::Pd(_) | Routing::Refused { .. } => Route::Pd,
         }
     }
@@ -184,7 +237,27 @@ impl Routing {
         match self {
             Routing::Pd(pd) => pd.prefillers.first(),
             Routing::Refused { prefiller, .. } => prefiller.as_ref(),
-            Routing::PassThrough | Routing::KvSource(_) => None,
+            Routing::PassThrough | Routing::KvSource(_) | Routing::Local(_) => None,
+        }
+    }
+
+    /// pd-sidecar's `disagg_type`: the stages run remotely, if any.
+    pub fn disagg_type(&self) -> Option<&'static str> {
+        match self {
+            Routing::Pd(pd) if pd.encoders.allowed.is_empty() => Some("p/d"),
+            Routing::Pd(_) => Some("e/p/d"),
+            Routing::Local(local) if !local.encoders.allowed.is_empty() => Some("e/d"),
+            _ => None,
+        }
+    }
+
+    /// Encoders the request named that SSRF protection refused.
+    pub fn encoders_denied(&self) -> usize {
+        match self {
+            Routing::Pd(Pd { encoders, .. }) | Routing::Local(Local { encoders, .. }) => {
+                encoders.denied
+            }
+            _ => 0,
         }
     }
 }

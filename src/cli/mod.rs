@@ -29,7 +29,6 @@ const SSRF: &str = "SSRF protection";
 const LIMITS: &str = "Limits and timeouts";
 const OBSERVE: &str = "Logs, metrics and traces";
 const OLD: &str = "Old names (the Go sidecar's, still accepted)";
-const UNBUILT: &str = "pd-sidecar features not built yet (checked; asking for one exits 2)";
 
 /// P/D (prefill/decode disaggregation) routing sidecar for vLLM.
 ///
@@ -294,12 +293,12 @@ pub struct Args {
     #[arg(long = "data-parallel-size", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), value_name = "N", help_heading = LISTEN)]
     pub data_parallel_size: u32,
 
-    /// Encoder connector for E/PD (ec-example, ec-nixl); not built yet
-    #[arg(long = "ec-connector", default_value = "", hide_default_value = true, value_name = "NAME", help_heading = UNBUILT)]
+    /// Encoder connector for E/PD with x-encoder-hosts-ports: ec-example (shared cache) or ec-nixl
+    #[arg(long = "ec-connector", default_value = "", hide_default_value = true, value_name = "NAME", help_heading = PD)]
     pub ec_connector: String,
 
-    /// Chunked decode: tokens per decode request (0: off); not built yet
-    #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = UNBUILT)]
+    /// Chat decodes run as requests of at most N tokens, each continuing the last (0: off)
+    #[arg(long = "decode-chunk-size", default_value_t = 0, value_name = "N", help_heading = PD)]
     pub decode_chunk_size: i64,
 
     /// nixlv2 prefills pull a cached prefix from x-kv-cache-source-host-port (SSRF-checked)

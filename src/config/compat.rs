@@ -7,6 +7,7 @@
 
 use crate::cli::{Parsed, Profile, Source, TlsStage};
 use crate::connector::Connector;
+use crate::encode::EcConnector;
 use crate::observe::logging::{LogFormat, LogLevel, LogSettings, LogTime};
 
 use super::ConfigError;
@@ -99,6 +100,8 @@ pub fn connector(parsed: &Parsed) -> Result<Connector, ConfigError> {
 pub struct LegTls {
     pub prefiller: bool,
     pub decoder: bool,
+    /// Encoders named without a scheme (`-enable-tls=encoder`).
+    pub encoder: bool,
     pub prefiller_skip_verify: bool,
     pub decoder_skip_verify: bool,
 }
@@ -116,6 +119,7 @@ pub fn leg_tls(parsed: &Parsed) -> LegTls {
             || a.enable_tls.contains(&TlsStage::Prefiller),
         decoder: old("decoder-use-tls", a.decoder_use_tls, "enable-tls")
             || a.enable_tls.contains(&TlsStage::Decoder),
+        encoder: a.enable_tls.contains(&TlsStage::Encoder),
         prefiller_skip_verify: old(
             "prefiller-tls-insecure-skip-verify",
             a.prefiller_tls_insecure_skip_verify,
@@ -194,19 +198,13 @@ pub fn log_settings(parsed: &Parsed, defaults: ProfileDefaults) -> LogSettings {
     }
 }
 
-/// Flags asking for a pd-sidecar feature this sidecar does not have yet: each refused with
-/// one line naming it, so a manifest never runs without what it asked for.
-pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
+/// `-ec-connector` and `-decode-chunk-size`, checked.
+pub fn encode_and_chunking(parsed: &Parsed) -> Result<(Option<EcConnector>, u32), ConfigError> {
     let a = &parsed.args;
-    let not_built = |flag: String, what: &'static str| Err(ConfigError::NotBuilt { flag, what });
-    match a.ec_connector.as_str() {
-        "" => {}
-        "ec-example" | "ec-nixl" => {
-            return not_built(
-                format!("-ec-connector={}", a.ec_connector),
-                "encoder disaggregation (E/PD)",
-            )
-        }
+    let ec = match a.ec_connector.as_str() {
+        "" => None,
+        "ec-example" => Some(EcConnector::Example),
+        "ec-nixl" => Some(EcConnector::Nixl),
         other => {
             return Err(ConfigError::Invalid {
                 flag: "ec-connector",
@@ -215,22 +213,32 @@ pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
                 ),
             })
         }
-    }
-    if a.decode_chunk_size < 0 {
+    };
+    let chunk = u32::try_from(a.decode_chunk_size).map_err(|_| ConfigError::Invalid {
+        flag: "decode-chunk-size",
+        reason: format!(
+            "{} is out of range (0 turns chunked decode off)",
+            a.decode_chunk_size
+        ),
+    })?;
+    // Encoder legs share the prefill legs' client, so they verify certificates as it does.
+    if a.tls_insecure_skip_verify.contains(&TlsStage::Encoder)
+        && !a.tls_insecure_skip_verify.contains(&TlsStage::Prefiller)
+    {
         return Err(ConfigError::Invalid {
-            flag: "decode-chunk-size",
-            reason: format!(
-                "{} is negative (0 turns chunked decode off)",
-                a.decode_chunk_size
-            ),
+            flag: "tls-insecure-skip-verify",
+            reason: "encoder legs share the prefiller legs' TLS client: use prefiller,encoder"
+                .into(),
         });
     }
-    if a.decode_chunk_size > 0 {
-        return not_built(
-            format!("-decode-chunk-size={}", a.decode_chunk_size),
-            "chunked decode",
-        );
-    }
+    Ok((ec, chunk))
+}
+
+/// Flags asking for a pd-sidecar feature this sidecar does not have yet: each refused with
+/// one line naming it, so a manifest never runs without what it asked for.
+pub fn refuse_unbuilt(parsed: &Parsed) -> Result<(), ConfigError> {
+    let a = &parsed.args;
+    let not_built = |flag: String, what: &'static str| Err(ConfigError::NotBuilt { flag, what });
     let m = &a.moriio;
     let moriio_set = m.write_mode
         || m.parallel_dispatch

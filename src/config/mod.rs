@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::cli::Parsed;
 use crate::connector::{Connector, PairingPorts};
+use crate::encode::EcConnector;
 use crate::observe::logging::LogSettings;
 use crate::observe::otel::settings::{self as otel_settings, Settings as TracingSettings};
 pub use crate::pd::{PrefillFailurePolicy, RetryPolicy};
@@ -67,6 +68,12 @@ pub struct Config {
     pub cert_reload_interval: Duration,
     /// Use TLS to prefillers named without a scheme.
     pub prefiller_use_tls: bool,
+    /// Use TLS to encoders named without a scheme (`-enable-tls=encoder`).
+    pub encoder_use_tls: bool,
+    /// `-ec-connector`: what encoder calls are for, when `x-encoder-hosts-ports` names any.
+    pub ec_connector: Option<EcConnector>,
+    /// `-decode-chunk-size`: chat decodes run as requests of at most this many tokens; 0: off.
+    pub decode_chunk_size: u32,
     pub prefiller_tls: ClientTls,
     pub decoder_tls: ClientTls,
 
@@ -219,6 +226,7 @@ impl TryFrom<Parsed> for Config {
             }
         }
         compat::refuse_unbuilt(&parsed)?;
+        let (ec_connector, decode_chunk_size) = compat::encode_and_chunking(&parsed)?;
         let tls = compat::leg_tls(&parsed);
 
         let ca_file = args.tls_ca_file.as_ref().map(PathBuf::from);
@@ -280,6 +288,9 @@ impl TryFrom<Parsed> for Config {
             server_tls: secure_proxy.then_some(cert_path),
             cert_reload_interval: args.cert_reload_interval,
             prefiller_use_tls: tls.prefiller,
+            encoder_use_tls: tls.encoder,
+            ec_connector,
+            decode_chunk_size,
             prefiller_tls: ClientTls {
                 insecure_skip_verify: tls.prefiller_skip_verify,
                 ca_file: ca_file.clone(),

@@ -6,15 +6,18 @@
 //! to log, count and answer once.
 
 mod bootstrap;
+mod chunked;
 mod concurrent;
 mod decode_first;
 mod handoff;
 mod kv_source;
+mod local;
 mod prefill;
 mod retry;
 
 pub use bootstrap::Bootstraps;
 pub use kv_source::serve as serve_with_kv_source;
+pub use local::serve as serve_local;
 pub use retry::RetryPolicy;
 
 use std::net::SocketAddr;
@@ -89,6 +92,10 @@ pub struct PdContext {
     pub bootstraps: Arc<bootstrap::Bootstraps>,
     /// `-rewrite-cached-tokens`: nixlv2 decodes report the prefiller's cached tokens.
     pub rewrite_cached_tokens: bool,
+    /// `-ec-connector`: what the encoders named in `x-encoder-hosts-ports` are called for.
+    pub ec_connector: Option<crate::encode::EcConnector>,
+    /// `-decode-chunk-size`: chat decodes in requests of at most this many tokens; 0: off.
+    pub decode_chunk_size: u32,
 }
 
 /// Runs the connector's P/D flow for one request. `route.prefillers` holds the one picked first,
@@ -105,6 +112,7 @@ pub async fn serve(
         api,
         prefillers,
         kv_source,
+        encoders,
     } = route;
     let Some(prefiller) = prefillers.first().cloned() else {
         return Err(ProxyError::Internal("P/D without a prefiller".into()));
@@ -112,6 +120,7 @@ pub async fn serve(
 
     // 1. The client's request, whole, and the head both legs share.
     let (parts, original, request_id) = read_request(cx, req, client, guard).await?;
+    let original = encode_stage(cx, &parts, original, &encoders, &request_id).await?;
     let request = parse(&original)?;
     guard.annotate(|| {
         let streaming = request.get("stream").is_some_and(|v| v.get() == "true");
@@ -284,6 +293,19 @@ pub async fn serve(
     // 4. Decode, streamed back unbuffered. A decode after blocks were pinned is delivered
     //    even if the client leaves, so the decoder releases them (see `handoff.rs`).
     let pinned = cx.connector.pins_prefill_blocks() && plan.handoff == Handoff::Remote;
+    let chunking = (api == crate::api::Api::ChatCompletions)
+        .then(|| chunked::applies(cx.decode_chunk_size, &request))
+        .flatten();
+    if let Some(chunking) = chunking {
+        let first = chunked::FirstChunk {
+            body: plan.body,
+            pinned,
+        };
+        let resp = chunked::decode(cx, parts, decode_uri, original.clone(), first, chunking)
+            .instrument(info_span!("chunked_decode"))
+            .await?;
+        return Ok(with_request_id(resp, request_id));
+    }
     let resp = if pinned {
         let sent = handoff::deliver_then_close(
             cx.decoder.upstream(),
@@ -360,6 +382,33 @@ async fn read_request(
     trace!(body = %String::from_utf8_lossy(&original), "client request");
     // Shared with the late-reply release, which needs the head only if the client leaves.
     Ok((Arc::new(parts), original, request_id))
+}
+
+/// The encode stage (E/PD), when the request names allowed encoders and `-ec-connector` is
+/// set: the body the prefill and decode legs then start from.
+async fn encode_stage(
+    cx: &PdContext,
+    parts: &Parts,
+    original: bytes::Bytes,
+    encoders: &crate::routing::Encoders,
+    request_id: &HeaderValue,
+) -> Result<bytes::Bytes, ProxyError> {
+    let Some(connector) = cx.ec_connector.filter(|_| !encoders.allowed.is_empty()) else {
+        return Ok(original);
+    };
+    let request = parse(&original)?;
+    let stage = crate::encode::Encode {
+        connector,
+        upstream: &cx.upstream,
+        encoders: &encoders.allowed,
+        request_id,
+        head: parts,
+        timeout: cx.prefill_timeout,
+        metrics: &cx.metrics,
+    };
+    let encoded = crate::encode::run(stage, &request).await?;
+    drop(request);
+    Ok(encoded.unwrap_or(original))
 }
 
 /// The client's body as the JSON object every P/D route takes.

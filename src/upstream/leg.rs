@@ -1,10 +1,12 @@
-//! The two legs of a P/D request; each has its own client (and TLS settings).
+//! The legs of a P/D request: prefill and decode each have their own client (and TLS
+//! settings); encoder calls (E/PD) go out on the prefill leg's client.
 
 use std::fmt;
 
 /// Which leg an upstream failure happened on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leg {
+    Encode,
     Prefill,
     Decode,
 }
@@ -12,6 +14,7 @@ pub enum Leg {
 impl fmt::Display for Leg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Leg::Encode => "encode",
             Leg::Prefill => "prefill",
             Leg::Decode => "decode",
         })

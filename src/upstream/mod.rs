@@ -9,7 +9,7 @@ pub mod target;
 
 pub use decoder::Decoder;
 pub use leg::Leg;
-pub use target::{prefillers_from, Target};
+pub use target::{prefillers_from, targets_from, Target};
 
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ impl Upstream {
         // The answer is awaited from now: keep polling for it if busy polling is on.
         self.busy_poll.touch();
         let sent = match leg {
-            Leg::Prefill => self.prefill.request(req).await,
+            Leg::Encode | Leg::Prefill => self.prefill.request(req).await,
             Leg::Decode => self.decode.request(req).await,
         };
         if let Some(span) = pending.and_then(spans::Pending::settle) {

@@ -2,7 +2,7 @@
 //! `x-prefiller-host-port` / `x-prefiller-url` header.
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::headers::{PREFILLER_HOST_PORT, PREFILLER_URL};
 
@@ -88,6 +88,26 @@ pub fn prefillers_from(
         }
     }
     Ok(out)
+}
+
+/// Every `host:port` entry of the `name` header lines, as [`prefillers_from`] reads them; a
+/// line that is not visible ASCII is one bad entry.
+pub fn targets_from(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    tls: bool,
+) -> Vec<Result<Target, String>> {
+    let mut out = Vec::new();
+    for value in headers.get_all(name) {
+        let Ok(value) = value.to_str() else {
+            out.push(Err("the header is not visible ASCII".to_string()));
+            continue;
+        };
+        for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            out.push(parse_target(entry, tls));
+        }
+    }
+    out
 }
 
 fn parse_target(value: &str, tls: bool) -> Result<Target, String> {

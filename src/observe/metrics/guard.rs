@@ -523,6 +523,7 @@ mod tests {
         drop(m.track(Connector::NixlV2, Route::Pd, Span::none()));
         m.prefill_retry("connect");
         m.connection_refused("over_limit");
+        let _ = m.data_parallel_rank(0);
         let text = m.render();
         let mut exposed: Vec<&str> = text
             .lines()

@@ -59,7 +59,7 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 19] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
     "llm_d_sidecar_prefill_duration_seconds",
@@ -72,6 +72,7 @@ pub const NAMES: [&str; 18] = [
     "llm_d_sidecar_rejected_requests_total",
     "llm_d_sidecar_trace_spans_total",
     "llm_d_sidecar_data_parallel_requests_total",
+    "llm_d_sidecar_encoders_denied_total",
     "llm_d_disagg_sidecar_requests_total",
     "llm_d_disagg_sidecar_disagg_requests_total",
     "llm_d_disagg_sidecar_encode_duration_seconds",
@@ -105,6 +106,7 @@ pub(crate) fn api_type(api: crate::api::Api) -> &'static str {
 /// The stages pd-sidecar's `request_errors_total` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    Encode,
     Prefill,
     Decode,
 }
@@ -112,6 +114,7 @@ enum Stage {
 impl Stage {
     fn as_str(self) -> &'static str {
         match self {
+            Stage::Encode => "encode",
             Stage::Prefill => "prefill",
             Stage::Decode => "decode",
         }
@@ -191,6 +194,11 @@ fn error_kind(e: &ProxyError) -> &'static str {
         ProxyError::PrefillUnreachable { .. } | ProxyError::DecoderUnreachable { .. } => {
             "unreachable"
         }
+        ProxyError::EncoderFailed { status: None, .. } => "unreachable",
+        ProxyError::EncoderFailed {
+            status: Some(s), ..
+        } if s.is_server_error() => "http_5xx",
+        ProxyError::EncoderFailed { .. } => "http_4xx",
         ProxyError::PrefillFailed { .. } => "http_5xx",
         ProxyError::PrefillBadReply { .. } => "bad_reply",
         ProxyError::Timeout { .. } => "timeout",
@@ -277,6 +285,7 @@ type Histograms = Family<ConnectorLabels, Histogram, fn() -> Histogram>;
 struct PdSidecar {
     requests: Family<ApiTypeLabels, Counter>,
     disagg_requests: Family<DisaggLabels, Counter>,
+    encode_duration: Histogram,
     prefill_duration: Histogram,
     decode_duration: Histogram,
     errors: Family<StageLabels, Counter>,
@@ -303,11 +312,12 @@ impl PdSidecar {
             "Requests routed through disaggregation, by disaggregation type (p/d, e/p/d, e/d)",
             disagg_requests.clone(),
         );
-        // No encoder stage is built yet: the family is there, with no samples, for dashboards.
+        let encode_duration = stage_histogram();
         registry.register(
             "encode_duration_seconds",
-            "Encode stage latency in seconds",
-            stage_histogram(),
+            "Encode stage latency in seconds: from the first encoder call to the last reply or \
+             the first failure",
+            encode_duration.clone(),
         );
         let prefill_duration = stage_histogram();
         registry.register(
@@ -340,6 +350,7 @@ impl PdSidecar {
         PdSidecar {
             requests,
             disagg_requests,
+            encode_duration,
             prefill_duration,
             decode_duration,
             errors,
@@ -365,6 +376,7 @@ struct Inner {
     rejected: Family<ReasonLabels, Counter>,
     trace_spans: Family<OutcomeLabels, Counter>,
     data_parallel: Family<RankLabels, Counter>,
+    encoders_denied: Counter,
     pd_sidecar: PdSidecar,
 }
 
@@ -437,8 +449,8 @@ impl Metrics {
         let upstream_errors = Family::default();
         registry.register(
             "upstream_errors",
-            "Upstream failures, by leg (prefill, decode) and kind (unreachable, http_5xx, \
-             bad_reply, stream_broken, other)",
+            "Upstream failures, by leg (encode, prefill, decode) and kind (unreachable, \
+             http_4xx, http_5xx, bad_reply, stream_broken, other)",
             upstream_errors.clone(),
         );
         let cancellations = Family::default();
@@ -490,6 +502,13 @@ impl Metrics {
             "Requests served by each data-parallel rank, by how they reached it: via=listener \
              (its own port) or via=header (x-data-parallel-host-port named it)",
             data_parallel.clone(),
+        );
+        let encoders_denied = Counter::default();
+        registry.register(
+            "encoders_denied",
+            "Encoders named in x-encoder-hosts-ports that SSRF protection does not allow, \
+             dropped from their request",
+            encoders_denied.clone(),
         );
         // Series with known label values exist from the start: 0 rather than nothing.
         for route in [Route::Pd, Route::PassThrough] {
@@ -548,6 +567,7 @@ impl Metrics {
             rejected,
             trace_spans,
             data_parallel,
+            encoders_denied,
             pd_sidecar,
         }))
     }
@@ -572,19 +592,32 @@ impl Metrics {
     }
 
     /// Counts a request on an inference API route in pd-sidecar's `requests_total`, and in its
-    /// `disagg_requests_total` when a prefiller was named and allowed.
-    pub fn inference_request(&self, api: crate::api::Api, disaggregated: bool) {
+    /// `disagg_requests_total` under the stages it runs remotely (`p/d`, `e/p/d`, `e/d`).
+    pub fn inference_request(&self, api: crate::api::Api, disagg_type: Option<&'static str>) {
         let pd = &self.0.pd_sidecar;
         pd.requests
             .get_or_create(&ApiTypeLabels {
                 api_type: api_type(api),
             })
             .inc();
-        if disaggregated {
+        if let Some(disagg_type) = disagg_type {
             pd.disagg_requests
-                .get_or_create(&DisaggLabels { disagg_type: "p/d" })
+                .get_or_create(&DisaggLabels { disagg_type })
                 .inc();
         }
+    }
+
+    /// An encode stage that ran (`ok`) or failed, and how long it took.
+    pub fn encode_stage(&self, seconds: f64, ok: bool) {
+        self.0.pd_sidecar.encode_duration.observe(seconds);
+        if !ok {
+            self.stage_error(Stage::Encode);
+        }
+    }
+
+    /// Encoders the request named that SSRF protection does not allow (dropped from it).
+    pub fn encoders_denied(&self, n: usize) {
+        self.0.encoders_denied.inc_by(n as u64);
     }
 
     /// Rank `rank`'s request counters (created at zero): arrived on its listener, and sent to
@@ -645,6 +678,7 @@ impl Metrics {
 
     fn upstream_error(&self, leg: Leg, kind: &'static str) {
         let leg = match leg {
+            Leg::Encode => "encode",
             Leg::Prefill => "prefill",
             Leg::Decode => "decode",
         };

@@ -29,6 +29,7 @@ use crate::observe::trace_context;
 use crate::upstream::Leg;
 
 /// pd-sidecar's span names for its legs.
+const ENCODE_SPAN: &str = "llm_d.pd_proxy.encode";
 const PREFILL_SPAN: &str = "llm_d.pd_proxy.prefill";
 const DECODE_SPAN: &str = "llm_d.pd_proxy.decode";
 
@@ -236,6 +237,7 @@ impl ServerSpan {
 pub fn start_leg<B>(req: &mut Request<B>, leg: Leg) -> Option<LegSpan> {
     let parent = req.extensions_mut().remove::<TraceParent>()?;
     let name = match leg {
+        Leg::Encode => ENCODE_SPAN,
         Leg::Prefill => PREFILL_SPAN,
         Leg::Decode => DECODE_SPAN,
     };
