@@ -212,8 +212,15 @@ impl App {
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<std::io::Result<Vec<_>>>()?;
         let pod_ip = self.config.pod_ip;
-        for (proxy, port) in self.proxies.iter_mut().zip(&ports) {
-            proxy.pick.own = pod_ip.map(|ip| std::net::SocketAddr::new(ip, *port));
+        // The scheduler names this pod by its configured ports (a listener bound to port 0
+        // has only the one it was given).
+        let configured = self.config.listen.port();
+        for (i, (proxy, port)) in self.proxies.iter_mut().zip(&ports).enumerate() {
+            let port = match configured {
+                0 => *port,
+                base => base.saturating_add(i as u16),
+            };
+            proxy.pick.own = pod_ip.map(|ip| std::net::SocketAddr::new(ip, port));
         }
         let ranks = Arc::new(Ranks::new(
             std::mem::take(&mut self.proxies),

@@ -109,6 +109,7 @@ pub async fn decode(
         text: String::new(),
         generated: 0,
         first: None,
+        ended: (Value::Null, Value::Null),
         done: false,
     };
     let n = run.next_size();
@@ -207,6 +208,8 @@ struct Run {
     generated: u64,
     /// The first chunk's reply, the template of what the client gets.
     first: Option<Value>,
+    /// The latest chunk's `finish_reason` and `stop_reason`: the last one's end the answer.
+    ended: (Value, Value),
     done: bool,
 }
 
@@ -299,6 +302,10 @@ impl Run {
             .unwrap_or_default()
             .to_owned();
         let finish = choice["finish_reason"].as_str().map(str::to_owned);
+        self.ended = (
+            choice["finish_reason"].clone(),
+            choice["stop_reason"].clone(),
+        );
         let tokens = value["usage"]["completion_tokens"]
             .as_u64()
             .unwrap_or(if text.is_empty() { 0 } else { self.next_size() });
@@ -325,6 +332,10 @@ impl Run {
         let usage = self.usage();
         if let Some(choice) = out["choices"].get_mut(0) {
             choice["message"]["content"] = Value::String(self.text.clone());
+            choice["finish_reason"] = self.ended.0.clone();
+            if !choice["stop_reason"].is_null() || !self.ended.1.is_null() {
+                choice["stop_reason"] = self.ended.1.clone();
+            }
         }
         out["usage"] = usage;
         out

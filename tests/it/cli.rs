@@ -94,17 +94,6 @@ async fn runs_with_go_style_flags_and_exits_zero_on_sigterm() {
 #[test]
 fn manifests_that_ask_for_unbuilt_features_exit_2_naming_the_flag() {
     for (args, wanted) in [
-        // llm-d-router ebab6879 deploy/environments/dev/e-p-d/patch-decode.yaml (defaults).
-        (
-            &[
-                "--port=8000",
-                "--kv-connector=nixlv2",
-                "--ec-connector=ec-example",
-                "--secure-proxy=false",
-                "--data-parallel-size=1",
-            ][..],
-            "-ec-connector=ec-example: encoder disaggregation",
-        ),
         // llm-d/llm-d guides/pd-disaggregation/modelserver/amd/vllm/moriio.
         (
             &[
@@ -117,7 +106,7 @@ fn manifests_that_ask_for_unbuilt_features_exit_2_naming_the_flag() {
                 "--moriio-tp-size=2",
                 "--moriio-parallel-dispatch",
                 "--moriio-local-pod-ip=10.0.0.1",
-            ],
+            ][..],
             "-moriio-*: AMD MoRI-IO",
         ),
         (&["--zap-log-level=verbose"], "--zap-log-level"),

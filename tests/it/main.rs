@@ -8,12 +8,14 @@
 mod support;
 
 mod cancel;
+mod chunked_decode;
 mod cli;
 mod connections;
 mod connectors;
 mod dashboard;
 mod data_parallel;
 mod deploy;
+mod encode;
 mod errors;
 mod fuzz_corpus;
 mod manifests;

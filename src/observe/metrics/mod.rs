@@ -413,6 +413,8 @@ impl Metrics {
         let _ = inner
             .decode_first_byte
             .get_or_create(&ConnectorLabels { connector });
+        // Rank 0 is every sidecar's, data-parallel or not.
+        let _ = m.data_parallel_rank(0);
         m
     }
 
