@@ -75,23 +75,18 @@ impl Ranks {
             Some(value) if self.ranks.len() > 1 => Some(self.rank_named(value)),
             _ => None,
         };
-        match named {
-            None => {
-                let rank = &self.ranks[listener];
-                rank.on_listener.inc();
-                rank.proxy.handle(req, client).await
-            }
-            Some(Ok(i)) => {
-                let rank = &self.ranks[i];
-                if i == listener {
-                    rank.on_listener.inc();
-                } else {
-                    rank.by_header.inc();
-                }
-                rank.proxy.handle(req, client).await
-            }
-            Some(Err(e)) => self.ranks[listener].proxy.refuse(req, client, e).await,
+        let i = match named {
+            None => listener,
+            Some(Ok(i)) => i,
+            Some(Err(e)) => return self.ranks[listener].proxy.refuse(req, client, e).await,
+        };
+        let rank = &self.ranks[i];
+        if i == listener {
+            rank.on_listener.inc();
+        } else {
+            rank.by_header.inc();
         }
+        rank.proxy.handle(req, client).await
     }
 
     /// The rank `value` (`host:port`) names: its port is a rank's listener, and its host is

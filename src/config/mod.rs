@@ -255,9 +255,14 @@ impl TryFrom<Parsed> for Config {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
             _ => args.vllm_host.clone(),
         };
-        let authority = format!("{host}:{model_server_port}")
-            .parse()
-            .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
+        // Rank i's decoder is on the model-server port plus i (the range was checked above).
+        let decoder_at = |rank: u32| -> Result<Target, ConfigError> {
+            let port = model_server_port + rank as u16;
+            let authority = format!("{host}:{port}")
+                .parse()
+                .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
+            Ok(Target::new(authority, tls.decoder))
+        };
         let ssrf = ssrf_config(&parsed)?;
         if args.max_header_size < 8192 {
             return Err(ConfigError::HeaderLimitTooSmall);
@@ -300,17 +305,8 @@ impl TryFrom<Parsed> for Config {
                 ca_file,
             },
             listen: SocketAddr::new(args.bind_address, args.port),
-            rank_decoders: (1..ranks)
-                .map(|i| {
-                    // The port range was checked above.
-                    let port = model_server_port + i as u16;
-                    let authority = format!("{host}:{port}")
-                        .parse()
-                        .map_err(|_| ConfigError::BadVllmHost(args.vllm_host.clone()))?;
-                    Ok(Target::new(authority, tls.decoder))
-                })
-                .collect::<Result<_, ConfigError>>()?,
-            decoder: Target::new(authority, tls.decoder),
+            rank_decoders: (1..ranks).map(decoder_at).collect::<Result<_, _>>()?,
+            decoder: decoder_at(0)?,
             connector,
             max_body_bytes: args.max_request_body_size,
             connect_timeout: args.connect_timeout,

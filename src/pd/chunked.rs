@@ -20,7 +20,7 @@ use hyper::body::Frame;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tracing::{debug, info_span, Instrument};
+use tracing::debug;
 
 use super::{handoff, leg, leg_parts, PdContext};
 use crate::body::{self, BoxError, CollectError, ProxyBody};
@@ -246,9 +246,7 @@ impl Run {
                 .send(leg(&self.head, self.uri.clone(), body::spliced(body)))
                 .await?
         };
-        read(resp)
-            .instrument(info_span!("decode_chunk", chunk = 0))
-            .await
+        read(resp).await
     }
 
     /// Sends the next chunk: the client's request continuing the text so far.

@@ -27,15 +27,6 @@ async fn start(decoder: &SimServer, chunk: u32) -> Sidecar {
     Sidecar::start(cfg).await
 }
 
-/// The chat requests a simulator received, oldest first.
-async fn chats(sim: &SimServer) -> Vec<Value> {
-    sim_requests(sim)
-        .await
-        .into_iter()
-        .filter(|r| r["path"] == CHAT)
-        .collect()
-}
-
 /// `text` is the sim's token sequence `" t<from>" .. " t<to - 1>"`.
 fn tokens(from: u64, to: u64) -> String {
     (from..to).map(|i| format!(" t{i}")).collect()
@@ -114,7 +105,11 @@ async fn uncut(body: &str, pd: bool) -> (hyper::Response<()>, bytes::Bytes) {
     let prefiller = pd.then(|| p.api_addr());
     let (resp, bytes) = call(plain.addr, post(CHAT, prefiller, body)).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&bytes));
-    assert_eq!(chats(&d).await.len(), 1, "the uncut decode is one request");
+    assert_eq!(
+        sim_requests_to(&d, CHAT).await.len(),
+        1,
+        "the uncut decode is one request"
+    );
     (resp, bytes)
 }
 
@@ -151,8 +146,12 @@ async fn a_pd_chat_decode_runs_in_chunks_and_answers_as_the_uncut_decode() {
     assert_eq!(reply["usage"]["completion_tokens"], 10);
 
     // One prefill, then four decoder requests: 3 + 3 + 3 + 1 tokens.
-    assert_eq!(chats(&p).await.len(), 1);
-    let legs: Vec<Value> = chats(&d).await.iter().map(record_body).collect();
+    assert_eq!(sim_requests_to(&p, CHAT).await.len(), 1);
+    let legs: Vec<Value> = sim_requests_to(&d, CHAT)
+        .await
+        .iter()
+        .map(record_body)
+        .collect();
     assert_eq!(legs.len(), 4, "{legs:#?}");
     // The first is the P/D decode leg: the prefiller's transfer parameters, the client's
     // messages, no continuation.
@@ -221,7 +220,11 @@ async fn a_chunked_stream_has_one_event_per_chunk_then_usage_then_done() {
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
 
     // The decoder was asked for JSON chunks, never a stream.
-    let legs: Vec<Value> = chats(&d).await.iter().map(record_body).collect();
+    let legs: Vec<Value> = sim_requests_to(&d, CHAT)
+        .await
+        .iter()
+        .map(record_body)
+        .collect();
     assert_eq!(legs.len(), 3, "{legs:#?}");
     assert_limits(&legs[0], 3);
     assert_continuation(&legs[1], &tokens(0, 3), 3);
@@ -254,7 +257,11 @@ async fn a_decoder_only_chat_is_chunked_too() {
     assert_eq!(counts(&reply["usage"]), counts(&whole["usage"]), "{reply}");
 
     // 2 + 2 + 1 tokens; the first chunk is the client's request, cut to one chunk.
-    let legs: Vec<Value> = chats(&d).await.iter().map(record_body).collect();
+    let legs: Vec<Value> = sim_requests_to(&d, CHAT)
+        .await
+        .iter()
+        .map(record_body)
+        .collect();
     assert_eq!(legs.len(), 3, "{legs:#?}");
     assert_eq!(legs[0]["messages"], messages());
     assert!(legs[0].get("kv_transfer_params").is_none());
@@ -277,7 +284,11 @@ async fn a_stop_ends_the_chunks_early() {
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     let reply = json(&body);
     // 3 tokens ("length"), then 1 ("stop"): no third chunk.
-    let legs: Vec<Value> = chats(&d).await.iter().map(record_body).collect();
+    let legs: Vec<Value> = sim_requests_to(&d, CHAT)
+        .await
+        .iter()
+        .map(record_body)
+        .collect();
     assert_eq!(legs.len(), 2, "{legs:#?}");
     assert_continuation(&legs[1], &tokens(0, 3), 3);
 
@@ -308,7 +319,7 @@ async fn a_budget_within_one_chunk_is_one_ordinary_decode() {
     let events = sse_events(&body);
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert_eq!(streamed_text(&events), tokens(0, 4));
-    let legs = chats(&d).await;
+    let legs = sim_requests_to(&d, CHAT).await;
     assert_eq!(legs.len(), 1, "{legs:#?}");
     assert_eq!(legs[0]["body"], original, "forwarded unchanged");
 
@@ -320,7 +331,11 @@ async fn a_budget_within_one_chunk_is_one_ordinary_decode() {
     let (resp, body) = call(sidecar.addr, pd_chat(p.api_addr(), original)).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(streamed_text(&sse_events(&body)), tokens(0, 3));
-    let legs: Vec<Value> = chats(&d).await.iter().map(record_body).collect();
+    let legs: Vec<Value> = sim_requests_to(&d, CHAT)
+        .await
+        .iter()
+        .map(record_body)
+        .collect();
     assert_eq!(legs.len(), 1, "{legs:#?}");
     assert_eq!(legs[0]["stream"], true);
     assert_eq!(legs[0]["max_completion_tokens"], 3);
@@ -348,16 +363,16 @@ async fn a_client_that_leaves_cancels_the_chunk_in_flight_and_no_more_are_sent()
 
     // The second chunk reaching the decoder has no signal but its record: bounded polling.
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while chats(&d).await.len() < 2 {
+    while sim_requests_to(&d, CHAT).await.len() < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no second chunk: {:#?}",
-            chats(&d).await
+            sim_requests_to(&d, CHAT).await
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     leave_and_wait_idle(client, &d).await;
-    let legs = chats(&d).await;
+    let legs = sim_requests_to(&d, CHAT).await;
     assert_eq!(legs.len(), 2, "{legs:#?}");
     assert_eq!(legs[1]["outcome"], "aborted", "{}", legs[1]);
     assert_continuation(&record_body(&legs[1]), &tokens(0, 2), 2);
@@ -377,7 +392,7 @@ async fn a_client_that_leaves_cancels_the_chunk_in_flight_and_no_more_are_sent()
     .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert!(sim_wait(&d, "idle", LIMIT).await);
-    let legs = chats(&d).await;
+    let legs = sim_requests_to(&d, CHAT).await;
     assert_eq!(legs.len(), 3, "{legs:#?}");
     assert_eq!(record_body(&legs[2])["messages"][0]["content"], "again");
 }

@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 
-use crate::support::{call, config, json, metric, post, record_header, sim, sim_requests, Sidecar};
+use crate::support::{
+    call, config, json, metric, post, record_header, sim, sim_requests, sim_requests_to, Sidecar,
+};
 use sidecar::observe::metrics::Metrics;
 use vllm_sim::SimServer;
 
@@ -50,13 +52,7 @@ impl Ranks {
     async fn received(&self) -> Vec<usize> {
         let mut out = Vec::new();
         for d in &self.d {
-            out.push(
-                sim_requests(d)
-                    .await
-                    .iter()
-                    .filter(|r| r["path"] == "/v1/completions")
-                    .count(),
-            );
+            out.push(sim_requests_to(d, "/v1/completions").await.len());
         }
         out
     }
@@ -75,11 +71,7 @@ async fn each_listener_reaches_its_own_rank_for_pd_and_pass_through() {
     }
     // The decode legs carried the prefiller's transfer parameters to each rank.
     for d in &r.d {
-        let decode = sim_requests(d)
-            .await
-            .into_iter()
-            .rfind(|rec| rec["path"] == "/v1/completions")
-            .unwrap();
+        let decode = sim_requests_to(d, "/v1/completions").await.pop().unwrap();
         let body = crate::support::record_body(&decode);
         assert_eq!(
             body["kv_transfer_params"]["do_remote_prefill"], true,

@@ -65,15 +65,6 @@ async fn encoder() -> SimServer {
     sim(|c| c.mm_encoder_only = true).await
 }
 
-/// The chat requests a simulator received, oldest first.
-async fn chats(sim: &SimServer) -> Vec<Value> {
-    sim_requests(sim)
-        .await
-        .into_iter()
-        .filter(|r| r["path"] == CHAT)
-        .collect()
-}
-
 /// A prefiller, a decoder, and a sidecar in front of the decoder with `ec` on; with `allow`
 /// non-empty, SSRF protection allows the prefiller and `allow` only.
 struct Epd {
@@ -177,7 +168,10 @@ fn assert_encoder_call(rec: &Value, client: &Value, item: &Value, id: &str) {
 
 /// The legs' request records (prefill, then decode), each checked for the stripped header.
 async fn legs(epd: &Epd) -> (Vec<Value>, Vec<Value>) {
-    let (p, d) = (chats(&epd.p).await, chats(&epd.d).await);
+    let (p, d) = (
+        sim_requests_to(&epd.p, CHAT).await,
+        sim_requests_to(&epd.d, CHAT).await,
+    );
     for rec in p.iter().chain(&d) {
         assert!(
             rec["headers"].get("x-encoder-hosts-ports").is_none(),
@@ -214,7 +208,10 @@ async fn ec_nixl_encodes_each_url_once_round_robin_and_both_legs_carry_the_param
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
 
     // One call per distinct URL, in item order over the encoders.
-    let (c0, c1) = (chats(&e0).await, chats(&e1).await);
+    let (c0, c1) = (
+        sim_requests_to(&e0, CHAT).await,
+        sim_requests_to(&e1, CHAT).await,
+    );
     assert_eq!((c0.len(), c1.len()), (1, 1), "{c0:#?} {c1:#?}");
     assert_encoder_call(&c0[0], &client, &image(CAT), "epd-1-enc-0");
     assert_encoder_call(&c1[0], &client, &image(DOG), "epd-1-enc-1");
@@ -262,7 +259,10 @@ async fn ec_example_waits_for_the_encoders_and_the_legs_carry_no_params() {
         " t0 t1 t2 t3"
     );
 
-    let (c0, c1) = (chats(&e0).await, chats(&e1).await);
+    let (c0, c1) = (
+        sim_requests_to(&e0, CHAT).await,
+        sim_requests_to(&e1, CHAT).await,
+    );
     assert_eq!((c0.len(), c1.len()), (2, 1), "{c0:#?} {c1:#?}");
     // The calls run at once: the first encoder's two may arrive in either order.
     for rec in &c0 {
@@ -311,7 +311,11 @@ async fn a_failing_encoder_is_a_502_naming_it_and_nothing_is_prefilled() {
         let message = err["error"]["message"].as_str().unwrap();
         assert!(message.contains(&failing.to_string()), "{err}");
     }
-    assert_eq!(chats(&e1).await.len(), 1, "the 503 encoder was asked once");
+    assert_eq!(
+        sim_requests_to(&e1, CHAT).await.len(),
+        1,
+        "the 503 encoder was asked once"
+    );
     let (p, d) = legs(&epd).await;
     assert!(p.is_empty() && d.is_empty(), "{p:?} {d:?}");
 
@@ -351,7 +355,7 @@ async fn encoders_ssrf_protection_refuses_are_dropped_and_counted() {
         )
         .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(chats(&allowed).await.len(), 2);
+    assert_eq!(sim_requests_to(&allowed, CHAT).await.len(), 2);
     assert_eq!(denied_total(), 1);
     let peer = peer(&allowed).await;
     let (p, d) = legs(&epd).await;
@@ -368,7 +372,7 @@ async fn encoders_ssrf_protection_refuses_are_dropped_and_counted() {
         .call(true, &[denied.api_addr()], "ssrf-2", &client)
         .await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(chats(&allowed).await.len(), 2);
+    assert_eq!(sim_requests_to(&allowed, CHAT).await.len(), 2);
     assert_eq!(denied_total(), 2);
     let (p, d) = legs(&epd).await;
     assert_eq!((p.len(), d.len()), (2, 2));
@@ -376,7 +380,7 @@ async fn encoders_ssrf_protection_refuses_are_dropped_and_counted() {
         assert!(leg.get("ec_transfer_params").is_none(), "{leg}");
     }
     assert!(
-        chats(&denied).await.is_empty(),
+        sim_requests_to(&denied, CHAT).await.is_empty(),
         "nothing is sent to a refused encoder"
     );
     assert_eq!((epd.disagg("e/p/d"), epd.disagg("p/d")), (1, 1));
@@ -396,7 +400,7 @@ async fn a_decoder_only_chat_is_encoded_then_decoded_with_the_params() {
     assert_eq!(json(&body)["choices"][0]["message"]["content"], " t0 t1");
 
     // One encoder: both items on it, at once (either may arrive first).
-    let calls = chats(&e).await;
+    let calls = sim_requests_to(&e, CHAT).await;
     assert_eq!(calls.len(), 2, "{calls:#?}");
     for rec in &calls {
         match record_header(rec, "x-request-id") {

@@ -235,6 +235,13 @@ pub async fn sim_requests(sim: &SimServer) -> Vec<Value> {
     }
 }
 
+/// The requests a simulator received on `path`, oldest first.
+pub async fn sim_requests_to(sim: &SimServer, path: &str) -> Vec<Value> {
+    let mut all = sim_requests(sim).await;
+    all.retain(|r| r["path"] == path);
+    all
+}
+
 /// `GET /sim/wait?until=...`: true if the condition held within `timeout`.
 pub async fn sim_wait(sim: &SimServer, until: &str, timeout: Duration) -> bool {
     let path = format!("/sim/wait?until={until}&timeout_ms={}", timeout.as_millis());
