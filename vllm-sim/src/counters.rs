@@ -99,6 +99,10 @@ pub struct Counters {
     pub p2p_source_hits: u64,
     pub p2p_source_misses: u64,
     pub p2p_source_errors: u64,
+    /// Chat requests whose `kv_transfer_params.prompt_token_ids` were their prompt, and
+    /// those whose forwarded ids were ignored for `echo` or media (§7.24).
+    pub prompt_token_ids_reused: u64,
+    pub prompt_token_ids_ignored: u64,
     /// Prometheus-only totals (`/metrics`).
     #[serde(skip)]
     pub prompt_tokens_total: u64,

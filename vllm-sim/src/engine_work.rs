@@ -188,7 +188,7 @@ impl Job {
         self.tokens = 0;
         self.finish_reason = CACHE_THRESHOLD;
         if self.parsed.stream {
-            let c = finish_chunk(&self.head_view(), CACHE_THRESHOLD);
+            let c = finish_chunk(&self.head_view(), CACHE_THRESHOLD, self.chunk_ids(&[]));
             if !self.event(c).await {
                 return self.on_abort().await;
             }
@@ -270,11 +270,15 @@ impl Job {
                 return Outcome::Failed;
             }
             if k == 0 {
-                let end = finish_chunk(&self.head_view(), self.finish_reason);
-                for c in self.stream_start().into_iter().chain([end]) {
+                for c in self.stream_start() {
                     if !self.event(c).await {
                         return self.on_abort().await;
                     }
+                }
+                // Made after the start events: on completions it is the first chunk.
+                let end = finish_chunk(&self.head_view(), self.finish_reason, self.chunk_ids(&[]));
+                if !self.event(end).await {
+                    return self.on_abort().await;
                 }
             }
             for i in 0..k {

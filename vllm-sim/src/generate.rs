@@ -11,7 +11,7 @@ use super::http_util::{ApiError, Resp, SimBody};
 use super::p2p_source;
 use super::reqlog::RequestRecord;
 use super::state::{Flight, Shared};
-use super::validate::{self, Endpoint};
+use super::validate::{self, Endpoint, Forwarded};
 use http::{HeaderMap, Request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -68,6 +68,7 @@ pub fn log_request(
             first_byte_ms: None,
             events_sent: 0,
             p2p_source: None,
+            prompt_token_ids: None,
         });
         seq
     })
@@ -341,6 +342,11 @@ pub async fn handle(
         if without_params {
             i.counters.decode_without_kv_params += 1;
         }
+        match parsed.forwarded {
+            Some(Forwarded::Reused) => i.counters.prompt_token_ids_reused += 1,
+            Some(Forwarded::Ignored) => i.counters.prompt_token_ids_ignored += 1,
+            None => {}
+        }
         i.in_flight.insert(
             seq,
             Flight {
@@ -357,6 +363,7 @@ pub async fn handle(
             r.public_id = Some(ids.public.clone());
             r.internal_id = Some(ids.internal.clone());
             r.ignored_fields = parsed.ignored_fields.clone();
+            r.prompt_token_ids = parsed.forwarded.map(Forwarded::as_str);
         }
         None
     });

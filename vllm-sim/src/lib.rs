@@ -39,5 +39,5 @@ pub use config::{
     Era, ErrorFormat, LeaseMode, OnInvalidKvParams, OnUnknownLease, OutputMode, Protocol, Role,
     SimArgs, SimConfig,
 };
-pub use prompt::MM_ITEM_TOKENS;
+pub use prompt::{token_id, MM_ITEM_TOKENS, VOCAB_SIZE};
 pub use server::{rank_config, spawn, spawn_ranks, SimServer};

@@ -29,6 +29,91 @@ pub fn tokenize(s: &str) -> Vec<String> {
     out
 }
 
+/// The simulated vocabulary: every token id the sim gives is below this (Qwen2's size).
+pub const VOCAB_SIZE: u64 = 151_936;
+/// Ids below this are the chat template's special tokens; words hash above it.
+const FIRST_WORD_ID: u64 = 256;
+/// The fixed chat template (ChatML-like), which is what makes a message cost 4 tokens and
+/// the generation prompt 3 (§7.4 step 5): `<|im_start|>` role `\n` content `<|im_end|>`.
+const IM_START: u64 = 1;
+const IM_END: u64 = 2;
+const NEWLINE: u64 = 3;
+/// The placeholder each of a media item's [`MM_ITEM_TOKENS`] tokens gets, as vLLM's
+/// rendered prompts repeat an image/audio pad token.
+const MEDIA_PAD: u64 = 4;
+
+/// A token's id: FNV-1a 64 of its text, mod the vocabulary, above the special ids. Stable
+/// across runs, processes and platforms, so P and D agree on every prompt's ids.
+pub fn token_id(token: &str) -> u64 {
+    let h = token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    FIRST_WORD_ID + h % (VOCAB_SIZE - FIRST_WORD_ID)
+}
+
+/// Token ids of a validated completions prompt, one per token of [`prompt_tokens`] and in
+/// its order: text tokens hash ([`token_id`]), given ids stay as they are.
+pub(super) fn completion_ids(prompt: Option<&Value>) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut add = |v: &Value| match v {
+        Value::String(s) => out.extend(tokenize(s).iter().map(|w| token_id(w))),
+        Value::Number(x) => out.extend(x.as_u64()),
+        Value::Array(ids) => out.extend(ids.iter().filter_map(Value::as_u64)),
+        _ => {}
+    };
+    match prompt {
+        Some(Value::Array(items)) => items.iter().for_each(&mut add),
+        Some(v) => add(v),
+        None => {}
+    }
+    out
+}
+
+/// Token ids of validated chat messages as the sim's template renders them: per message
+/// `<|im_start|>`, the role, `\n`, the content's tokens (text and media pads in part order),
+/// `<|im_end|>`; then the generation prompt `<|im_start|>assistant\n`. As many ids as
+/// [`chat_tokens`] counts.
+pub(super) fn chat_ids(messages: Option<&Value>) -> Vec<u64> {
+    let mut out = Vec::new();
+    for m in messages.and_then(Value::as_array).into_iter().flatten() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        out.extend([IM_START, token_id(role), NEWLINE]);
+        match m.get("content") {
+            Some(Value::String(s)) => out.extend(tokenize(s).iter().map(|w| token_id(w))),
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    match content_part(p) {
+                        Ok(Part::Text(t)) => out.extend(tokenize(t).iter().map(|w| token_id(w))),
+                        Ok(Part::Media(_)) => {
+                            out.extend(std::iter::repeat_n(MEDIA_PAD, MM_ITEM_TOKENS as usize))
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.push(IM_END);
+    }
+    out.extend([IM_START, token_id("assistant"), NEWLINE]);
+    out
+}
+
+/// `kv_transfer_params.prompt_token_ids` as vLLM accepts them (vllm#48145): a non-empty
+/// list of non-negative integers (a bool is none), each within the vocabulary.
+pub(super) fn forwarded_ids(v: &Value) -> Option<Vec<u64>> {
+    let ids = v.as_array().filter(|a| !a.is_empty())?;
+    ids.iter()
+        .map(|x| x.as_u64().filter(|&id| id < VOCAB_SIZE))
+        .collect()
+}
+
+/// Whether any message has a media part, which makes vLLM render the messages instead of
+/// reusing forwarded ids (its `has_non_text_content`).
+pub(super) fn has_media(messages: Option<&Value>) -> bool {
+    !mm_sources(messages).is_empty()
+}
+
 pub(super) fn bad(fmt: ErrorFormat, field: &str, msg: &str) -> ApiError {
     ApiError::validation(
         fmt,
@@ -222,4 +307,111 @@ pub fn prompt_hash(endpoint: Endpoint, v: &Value) -> String {
     h.update(b":");
     h.update(v.to_string().as_bytes());
     hex(&h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn token_ids_are_stable_and_in_the_vocabulary() {
+        // Pinned: P and D (other processes, other builds) must agree on every id.
+        assert_eq!(token_id("hello"), PINNED_HELLO);
+        assert_eq!(token_id("hello"), token_id("hello"));
+        assert_ne!(token_id("hello"), token_id("world"));
+        for w in ["", "a", "t0", "user", "assistant", "é", ","] {
+            let id = token_id(w);
+            assert!((FIRST_WORD_ID..VOCAB_SIZE).contains(&id), "{w}: {id}");
+        }
+    }
+    /// 256 + FNV-1a-64("hello") (0xa430d84680aabd0b) mod (151936 − 256).
+    const PINNED_HELLO: u64 = 52_747;
+
+    #[test]
+    fn chat_ids_match_the_token_count() {
+        let fmt = ErrorFormat::Current;
+        let cases = [
+            json!([{"role": "user", "content": "hello there, world!"}]),
+            json!([{"role": "system", "content": null}, {"role": "user", "content": "a b"}]),
+            json!([{"role": "user", "content": [{"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "http://x/1.png"}},
+                {"type": "text", "text": "and this"}]}]),
+            json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": " t0 t1"}]),
+        ];
+        for m in cases {
+            let (n, words) = chat_tokens(fmt, Some(&m)).unwrap();
+            let ids = chat_ids(Some(&m));
+            assert_eq!(ids.len() as u64, n, "{m}");
+            assert_eq!(ids, chat_ids(Some(&m)), "deterministic");
+            // The words' ids appear in the rendering, in order (template ids are not words).
+            let word_ids: Vec<u64> = words.iter().map(|w| token_id(w)).collect();
+            let content: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|&i| word_ids.contains(&i))
+                .collect();
+            assert_eq!(content, word_ids, "{m}");
+        }
+        let one = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(
+            chat_ids(Some(&one)),
+            vec![
+                IM_START,
+                token_id("user"),
+                NEWLINE,
+                token_id("hi"),
+                IM_END,
+                IM_START,
+                token_id("assistant"),
+                NEWLINE
+            ]
+        );
+    }
+
+    #[test]
+    fn completion_ids_match_the_token_count() {
+        let fmt = ErrorFormat::Current;
+        for p in [
+            json!("one two, three"),
+            json!(["a b", "c"]),
+            json!([5, 6, 7]),
+            json!([[1, 2], [3]]),
+        ] {
+            let (n, words) = prompt_tokens(fmt, Some(&p)).unwrap();
+            let ids = completion_ids(Some(&p));
+            assert_eq!(ids.len() as u64, n, "{p}");
+            assert_eq!(words.len(), ids.len(), "{p}");
+        }
+        assert_eq!(completion_ids(Some(&json!([5, 6, 7]))), vec![5, 6, 7]);
+        assert_eq!(
+            completion_ids(Some(&json!("hi there"))),
+            vec![token_id("hi"), token_id("there")]
+        );
+    }
+
+    #[test]
+    fn forwarded_ids_must_be_non_negative_ints_in_the_vocabulary() {
+        assert_eq!(
+            forwarded_ids(&json!([0, 5, 151_935])),
+            Some(vec![0, 5, 151_935])
+        );
+        for bad in [
+            json!([]),
+            json!([true]),
+            json!([1, false]),
+            json!([-1]),
+            json!([1.5]),
+            json!([1.0]),
+            json!(["1"]),
+            json!([null]),
+            json!([[1]]),
+            json!([VOCAB_SIZE]),
+            json!(7),
+            json!("1,2"),
+            json!({"0": 1}),
+        ] {
+            assert_eq!(forwarded_ids(&bad), None, "{bad}");
+        }
+    }
 }

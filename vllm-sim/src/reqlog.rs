@@ -25,6 +25,9 @@ pub struct RequestRecord {
     pub events_sent: u64,
     /// `"hit"`, `"miss"` or `"error"` once a `remote_kv_source` pull ended (§7.22).
     pub p2p_source: Option<&'static str>,
+    /// `"reused"` or `"ignored"`: what became of chat's forwarded
+    /// `kv_transfer_params.prompt_token_ids` (§7.24); null without them.
+    pub prompt_token_ids: Option<&'static str>,
 }
 
 pub struct RequestLog {

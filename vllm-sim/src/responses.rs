@@ -136,8 +136,27 @@ pub fn usage(prompt: u64, completion: u64, details: bool) -> String {
     .finish()
 }
 
+/// What a request with `return_token_ids: true` gets back (§7.24): the prompt's ids and the
+/// output's (a chunk's own tokens when streaming).
+#[derive(Clone, Copy)]
+pub struct Ids<'a> {
+    /// `None` on the chunks after the first.
+    pub prompt: Option<&'a [u64]>,
+    pub output: &'a [u64],
+}
+
+/// Appends `key` when there are ids to report.
+fn opt_ids(o: Obj, key: &str, ids: Option<&[u64]>) -> Obj {
+    match ids {
+        Some(ids) => o.field(key, ids),
+        None => o,
+    }
+}
+
 /// The full non-streaming body (§1.3 example shape); an encoder's `ec_transfer_params`
-/// (JSON, §7.23) comes last when given.
+/// (JSON, §7.23) comes last when given. `ids` adds vLLM's `token_ids` to the choice and
+/// `prompt_token_ids` (chat: top level; completions: the choice).
+#[allow(clippy::too_many_arguments)]
 pub fn full_response(
     h: &Head,
     text: &str,
@@ -146,16 +165,21 @@ pub fn full_response(
     completion: u64,
     kv: &KvOut,
     ec: Option<&str>,
+    ids: Option<Ids>,
 ) -> String {
+    let output = ids.map(|i| i.output);
+    let prompt_ids = ids.and_then(|i| i.prompt);
     let choice = match h.endpoint {
-        Endpoint::Completions => Obj::new()
-            .field("index", &0)
-            .field("text", text)
-            .null("logprobs")
-            .field("finish_reason", finish)
-            .null("stop_reason")
-            .null("prompt_logprobs")
-            .finish(),
+        Endpoint::Completions => {
+            let c = Obj::new()
+                .field("index", &0)
+                .field("text", text)
+                .null("logprobs")
+                .field("finish_reason", finish)
+                .null("stop_reason");
+            let c = opt_ids(c, "token_ids", output).null("prompt_logprobs");
+            opt_ids(c, "prompt_token_ids", prompt_ids).finish()
+        }
         _ => {
             let msg = Obj::new()
                 .field("role", "assistant")
@@ -167,13 +191,13 @@ pub fn full_response(
                 .raw("tool_calls", "[]")
                 .null("reasoning_content")
                 .finish();
-            Obj::new()
+            let c = Obj::new()
                 .field("index", &0)
                 .raw("message", &msg)
                 .null("logprobs")
                 .field("finish_reason", finish)
-                .null("stop_reason")
-                .finish()
+                .null("stop_reason");
+            opt_ids(c, "token_ids", output).finish()
         }
     };
     let mut o = h
@@ -183,7 +207,7 @@ pub fn full_response(
         .null("system_fingerprint")
         .raw("usage", &usage(prompt, completion, true));
     if h.endpoint == Endpoint::Chat {
-        o = o.null("prompt_logprobs");
+        o = opt_ids(o.null("prompt_logprobs"), "prompt_token_ids", prompt_ids);
     }
     o = kv_fields(o, kv, true);
     if let Some(ec) = ec {
@@ -224,55 +248,60 @@ pub fn named_sse(event: &str, json: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
 }
 
-/// Chat's first chunk: the assistant role with empty content.
-pub fn role_chunk(h: &Head) -> Bytes {
+/// Chat's first chunk: the assistant role with empty content, and the prompt's ids when
+/// asked for (top level, first chunk only, as vLLM sends them).
+pub fn role_chunk(h: &Head, prompt_ids: Option<&[u64]>) -> Bytes {
     let choice = Obj::new()
         .field("index", &0)
         .raw("delta", r#"{"role":"assistant","content":""}"#)
         .null("logprobs")
         .null("finish_reason")
         .finish();
-    sse(&h
-        .start(true)
-        .raw("choices", &format!("[{choice}]"))
-        .finish())
+    let o = h.start(true).raw("choices", &format!("[{choice}]"));
+    sse(&opt_ids(o, "prompt_token_ids", prompt_ids).finish())
+}
+
+/// A completions or chat chunk after `text` or `delta`: `finish_reason`, then with `ids`
+/// the chunk's `token_ids` and, on the first chunk, `prompt_token_ids` (completions: in the
+/// choice, before `token_ids`; chat: top level).
+fn chunk(h: &Head, c: Obj, finish: Option<&str>, ids: Option<Ids>) -> Bytes {
+    let c = c
+        .null("logprobs")
+        .field("finish_reason", &finish)
+        .null("stop_reason");
+    let prompt_ids = ids.and_then(|i| i.prompt);
+    let (in_choice, top) = match h.endpoint {
+        Endpoint::Completions => (prompt_ids, None),
+        _ => (None, prompt_ids),
+    };
+    let c = opt_ids(
+        opt_ids(c, "prompt_token_ids", in_choice),
+        "token_ids",
+        ids.map(|i| i.output),
+    );
+    let o = h.start(true).raw("choices", &format!("[{}]", c.finish()));
+    sse(&opt_ids(o, "prompt_token_ids", top).finish())
 }
 
 /// One token chunk; the last carries `finish_reason`.
-pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>) -> Bytes {
-    let mut c = Obj::new().field("index", &0);
-    c = match h.endpoint {
+pub fn token_chunk(h: &Head, text: &str, finish: Option<&str>, ids: Option<Ids>) -> Bytes {
+    let c = Obj::new().field("index", &0);
+    let c = match h.endpoint {
         Endpoint::Completions => c.field("text", text),
         _ => c.raw("delta", &Obj::new().field("content", text).finish()),
     };
-    let choice = c
-        .null("logprobs")
-        .field("finish_reason", &finish)
-        .null("stop_reason")
-        .finish();
-    sse(&h
-        .start(true)
-        .raw("choices", &format!("[{choice}]"))
-        .finish())
+    chunk(h, c, finish, ids)
 }
 
 /// A chunk with no output that only carries `finish_reason` (llm-d's `cache_threshold`):
-/// empty `text`, or an empty chat `delta`.
-pub fn finish_chunk(h: &Head, finish: &str) -> Bytes {
+/// empty `text`, or an empty chat `delta` (and no `token_ids`).
+pub fn finish_chunk(h: &Head, finish: &str, ids: Option<Ids>) -> Bytes {
     let c = Obj::new().field("index", &0);
     let c = match h.endpoint {
         Endpoint::Completions => c.field("text", ""),
         _ => c.raw("delta", "{}"),
     };
-    let choice = c
-        .null("logprobs")
-        .field("finish_reason", finish)
-        .null("stop_reason")
-        .finish();
-    sse(&h
-        .start(true)
-        .raw("choices", &format!("[{choice}]"))
-        .finish())
+    chunk(h, c, Some(finish), ids)
 }
 
 /// The usage chunk (`choices: []`), serialized with exclude_none as vLLM does.

@@ -3,7 +3,10 @@
 use super::config::{ErrorFormat, Protocol, SimConfig};
 use super::decode::truthy;
 use super::http_util::ApiError;
-use super::prompt::{bad, chat_tokens, message_tokens, prompt_hash, prompt_tokens};
+use super::prompt::{
+    bad, chat_ids, chat_tokens, completion_ids, forwarded_ids, has_media, message_tokens,
+    prompt_hash, prompt_tokens, token_id,
+};
 use serde_json::{Map, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +105,70 @@ pub struct Parsed {
     /// llm-d's `cache_hit_threshold` in [0, 1] (completions and chat only, §7.10.4).
     pub cache_hit_threshold: Option<f64>,
     pub ignored_fields: Vec<String>,
+    /// `return_token_ids: true` on completions or chat: the ids the reply reports.
+    pub token_ids: Option<TokenIds>,
+    /// What became of chat's `kv_transfer_params.prompt_token_ids` (vllm#48145).
+    pub forwarded: Option<Forwarded>,
+}
+
+/// The token ids of a request that asked for them (`return_token_ids`).
+#[derive(Clone, Debug)]
+pub struct TokenIds {
+    /// The prompt's ids: the forwarded ones when reused, else the rendered prompt's.
+    pub prompt: Vec<u64>,
+    /// The id of each of `Parsed::words` (what `--mode echo` outputs), in the same order.
+    pub words: Vec<u64>,
+}
+
+/// Chat's forwarded `kv_transfer_params.prompt_token_ids`: the prompt, or ignored (`echo`,
+/// or media in the messages) and the messages rendered instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    Reused,
+    Ignored,
+}
+
+impl Forwarded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarded::Reused => "reused",
+            Forwarded::Ignored => "ignored",
+        }
+    }
+}
+
+/// vLLM's answer to malformed forwarded ids (vllm#48145).
+const BAD_FORWARDED_IDS: &str =
+    "`kv_transfer_params['prompt_token_ids']` must be a non-empty list of non-negative integers.";
+
+/// What a chat request's forwarded ids come to.
+enum ForwardedPrompt {
+    Ignored,
+    /// The ids, and whether they are the messages' own rendering.
+    Reused(Vec<u64>, bool),
+}
+
+/// Chat's forwarded prompt ids (§7.24), read where vLLM's renderer reads them: after the
+/// request's validation and the model check, before the context check. `None`: no ids, or
+/// `null`.
+fn forwarded_prompt(body: &Map<String, Value>) -> Result<Option<ForwardedPrompt>, ApiError> {
+    let Some(v) = body
+        .get("kv_transfer_params")
+        .and_then(|kv| kv.get("prompt_token_ids"))
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(None);
+    };
+    let messages = body.get("messages");
+    if truthy(body.get("echo")) || has_media(messages) {
+        return Ok(Some(ForwardedPrompt::Ignored));
+    }
+    let ids = forwarded_ids(v).ok_or_else(|| {
+        ApiError::new(400, "BadRequestError", BAD_FORWARDED_IDS)
+            .param("kv_transfer_params.prompt_token_ids")
+    })?;
+    let own = ids == chat_ids(messages);
+    Ok(Some(ForwardedPrompt::Reused(ids, own)))
 }
 
 /// A validation failure, with the parsed body when there was one (for the reject notify).
@@ -237,7 +304,7 @@ pub fn parse(
         );
         return Err(reject(e, None));
     }
-    let body: Map<String, Value> = match serde_json::from_slice::<Value>(raw) {
+    let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
             let msg = "[{'type': 'json_invalid', 'loc': ('body', 0), 'msg': 'JSON decode error', 'ctx': {'error': 'expected a JSON object'}}]";
@@ -259,7 +326,8 @@ pub fn parse(
         Endpoint::Generate => super::api_generate::parse(fmt, &body).map(|s| (s, None)),
     }
     .map_err(|e| reject(e, b))?;
-    let (prompt_tokens, max_tokens) = (spec.tokens, spec.max_tokens);
+    let (mut prompt_tokens, max_tokens) = (spec.tokens, spec.max_tokens);
+    let (mut hash, mut words) = (spec.hash, spec.words);
     let classic = matches!(endpoint, Endpoint::Completions | Endpoint::Chat);
     if classic {
         match body.get("n") {
@@ -354,6 +422,26 @@ pub fn parse(
             ))
         }
     };
+    // Forwarded ids replace the rendered prompt (§7.24). The messages' own ids are the same
+    // prompt (same hash, same echo words); other ids are another prompt, which the sim
+    // cannot detokenize: hashed over the ids, echoed as their numbers.
+    let fwd = if endpoint == Endpoint::Chat {
+        forwarded_prompt(&body).map_err(|e| reject(e, b))?
+    } else {
+        None
+    };
+    let (forwarded, reused) = match fwd {
+        None => (None, None),
+        Some(ForwardedPrompt::Ignored) => (Some(Forwarded::Ignored), None),
+        Some(ForwardedPrompt::Reused(ids, own)) => {
+            prompt_tokens = ids.len() as u64;
+            if !own {
+                hash = prompt_hash(endpoint, &Value::from(ids.clone()));
+                words = ids.iter().map(u64::to_string).collect();
+            }
+            (Some(Forwarded::Reused), Some((ids, own)))
+        }
+    };
     let n = cfg.max_model_len;
     if prompt_tokens > n {
         let e = ApiError::new(400, "BadRequestError", format!(
@@ -392,6 +480,33 @@ pub fn parse(
         .cloned()
         .collect();
     ignored_fields.extend(spec.ignored);
+    let token_ids =
+        (classic && body.get("return_token_ids") == Some(&Value::Bool(true))).then(|| {
+            match (endpoint, reused) {
+                (Endpoint::Chat, Some((ids, false))) => TokenIds {
+                    words: ids.clone(),
+                    prompt: ids,
+                },
+                (Endpoint::Chat, reused) => TokenIds {
+                    prompt: reused.map_or_else(|| chat_ids(body.get("messages")), |(ids, _)| ids),
+                    words: words.iter().map(|w| token_id(w)).collect(),
+                },
+                // A completions prompt's words are its tokens, text or given ids, one to one.
+                _ => {
+                    let ids = completion_ids(body.get("prompt"));
+                    TokenIds {
+                        words: ids.clone(),
+                        prompt: ids,
+                    }
+                }
+            }
+        });
+    // vLLM pops the ids, so the KV connector sees the params without them.
+    if endpoint == Endpoint::Chat {
+        if let Some(Value::Object(kv)) = body.get_mut("kv_transfer_params") {
+            kv.remove("prompt_token_ids");
+        }
+    }
     let include_usage = match endpoint {
         // vLLM's generate route does not apply --enable-force-include-usage.
         Endpoint::Generate => include_usage,
@@ -402,14 +517,16 @@ pub fn parse(
         body,
         model,
         prompt_tokens,
-        prompt_hash: spec.hash,
-        words: spec.words,
+        prompt_hash: hash,
+        words,
         continue_from,
         max_tokens,
         stream,
         include_usage,
         cache_hit_threshold,
         ignored_fields,
+        token_ids,
+        forwarded,
     })
 }
 
@@ -571,6 +688,128 @@ mod tests {
     fn tokenizer_matches_regex_semantics() {
         assert_eq!(tokenize("Hello, world!"), vec!["Hello", ",", "world", "!"]);
         assert_eq!(tokenize("  a_b  c"), vec!["a_b", "c"]);
+    }
+
+    fn chat(body: serde_json::Value) -> Result<Parsed, Rejected> {
+        let raw = body.to_string();
+        parse(
+            Endpoint::Chat,
+            Some("application/json"),
+            raw.as_bytes(),
+            &SimConfig::default(),
+        )
+    }
+
+    #[test]
+    fn forwarded_prompt_token_ids_replace_the_rendering() {
+        use serde_json::json;
+        let messages = json!([{"role": "user", "content": "hello there, world"}]);
+        let own = crate::prompt::chat_ids(Some(&messages));
+        let plain = chat(json!({"messages": messages, "return_token_ids": true}))
+            .ok()
+            .unwrap();
+        assert_eq!(plain.forwarded, None);
+        let t = plain.token_ids.as_ref().unwrap();
+        assert_eq!(t.prompt, own);
+        assert_eq!(t.prompt.len() as u64, plain.prompt_tokens);
+
+        // The messages' own ids: the same prompt in every respect; the key is popped.
+        let kv = json!({"prompt_token_ids": own, "do_remote_prefill": true});
+        let reused = chat(json!({"messages": messages, "kv_transfer_params": kv}))
+            .ok()
+            .unwrap();
+        assert_eq!(reused.forwarded, Some(Forwarded::Reused));
+        assert_eq!(reused.prompt_tokens, plain.prompt_tokens);
+        assert_eq!(reused.prompt_hash, plain.prompt_hash);
+        assert_eq!(reused.words, plain.words);
+        assert_eq!(
+            reused.body["kv_transfer_params"],
+            json!({"do_remote_prefill": true})
+        );
+        assert!(reused.token_ids.is_none(), "not asked for");
+
+        // Other ids are another prompt: their count, a hash over them, echoed as numbers.
+        let other = chat(json!({"messages": messages, "return_token_ids": true,
+            "kv_transfer_params": {"prompt_token_ids": [7, 8, 9]}}))
+        .ok()
+        .unwrap();
+        assert_eq!(other.forwarded, Some(Forwarded::Reused));
+        assert_eq!(other.prompt_tokens, 3);
+        assert_ne!(other.prompt_hash, plain.prompt_hash);
+        assert_eq!(other.words, vec!["7", "8", "9"]);
+        let t = other.token_ids.as_ref().unwrap();
+        assert_eq!(
+            (t.prompt.clone(), t.words.clone()),
+            (vec![7, 8, 9], vec![7, 8, 9])
+        );
+
+        // null is no ids; completions does not read them (nor pop them).
+        let null =
+            chat(json!({"messages": messages, "kv_transfer_params": {"prompt_token_ids": null}}))
+                .ok()
+                .unwrap();
+        assert_eq!(null.forwarded, None);
+        assert_eq!(null.prompt_tokens, plain.prompt_tokens);
+        let raw =
+            json!({"prompt": "a b", "kv_transfer_params": {"prompt_token_ids": [1]}}).to_string();
+        let cmpl = parse(
+            Endpoint::Completions,
+            Some("application/json"),
+            raw.as_bytes(),
+            &SimConfig::default(),
+        )
+        .ok()
+        .unwrap();
+        assert_eq!((cmpl.forwarded, cmpl.prompt_tokens), (None, 2));
+        assert_eq!(
+            cmpl.body["kv_transfer_params"]["prompt_token_ids"],
+            json!([1])
+        );
+    }
+
+    #[test]
+    fn malformed_forwarded_ids_are_a_400_unless_ignored() {
+        use serde_json::json;
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        for bad in [
+            json!([]),
+            json!([1, true]),
+            json!([-1]),
+            json!("1"),
+            json!([1u64 << 40]),
+        ] {
+            let body =
+                json!({"messages": messages, "kv_transfer_params": {"prompt_token_ids": bad}});
+            let e = chat(body).err().unwrap().error;
+            assert_eq!(
+                (e.status, e.kind.as_str()),
+                (400, "BadRequestError"),
+                "{bad}"
+            );
+            assert_eq!(e.message, BAD_FORWARDED_IDS);
+            assert_eq!(
+                e.param.as_deref(),
+                Some("kv_transfer_params.prompt_token_ids")
+            );
+        }
+        // `echo` or media: ignored (malformed or not), the messages rendered, the key popped.
+        let image = json!([{"role": "user", "content": [{"type": "text", "text": "hi"},
+            {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]);
+        for body in [
+            json!({"messages": messages, "echo": true, "kv_transfer_params": {"prompt_token_ids": []}}),
+            json!({"messages": messages, "echo": true, "kv_transfer_params": {"prompt_token_ids": [1, 2]}}),
+            json!({"messages": image, "kv_transfer_params": {"prompt_token_ids": [1, 2]}}),
+        ] {
+            let p = chat(body.clone()).ok().unwrap();
+            assert_eq!(p.forwarded, Some(Forwarded::Ignored), "{body}");
+            let rendered = crate::prompt::chat_ids(body.get("messages"));
+            assert_eq!(p.prompt_tokens, rendered.len() as u64, "{body}");
+            assert_eq!(p.body["kv_transfer_params"], json!({}), "{body}");
+        }
+        // The model check comes first, as in vLLM.
+        let body = json!({"messages": messages, "model": "nope",
+            "kv_transfer_params": {"prompt_token_ids": []}});
+        assert_eq!(chat(body).err().unwrap().error.status, 404);
     }
 
     #[test]

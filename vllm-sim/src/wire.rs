@@ -8,6 +8,7 @@ use super::api_responses as responses;
 use super::config::{ErrorFormat, OutputMode};
 use super::engine::Job;
 use super::http_util::{ApiError, Resp};
+use super::prompt::token_id;
 use super::responses::{self as r, KvOut};
 use super::validate::Endpoint;
 use bytes::Bytes;
@@ -45,6 +46,28 @@ impl Job {
         }
     }
 
+    /// Output token i's id for `return_token_ids` (completions and chat): the id of the
+    /// word `token_text` gives, `t<n>` or the echoed prompt token.
+    pub(super) fn output_id(&self, i: u64) -> u64 {
+        let n = i + self.parsed.continue_from.unwrap_or(0);
+        match (self.cfg.mode, &self.parsed.token_ids) {
+            (OutputMode::Echo, Some(t)) if !t.words.is_empty() => {
+                t.words[(n as usize) % t.words.len()]
+            }
+            _ => token_id(&format!("t{n}")),
+        }
+    }
+
+    /// `return_token_ids` for the next completions or chat chunk, whose own tokens are
+    /// `output`: the prompt's ids ride on the first chunk only.
+    pub(super) fn chunk_ids<'a>(&'a self, output: &'a [u64]) -> Option<r::Ids<'a>> {
+        let t = self.parsed.token_ids.as_ref()?;
+        Some(r::Ids {
+            prompt: (self.events_sent == 0).then_some(&t.prompt[..]),
+            output,
+        })
+    }
+
     fn full_text(&self) -> String {
         (0..self.tokens).map(|i| self.token_text(i)).collect()
     }
@@ -52,7 +75,10 @@ impl Job {
     /// Events sent right before token 0.
     pub(super) fn stream_start(&self) -> Vec<Bytes> {
         match self.parsed.endpoint {
-            Endpoint::Chat => vec![r::role_chunk(&self.head_view())],
+            Endpoint::Chat => {
+                let ids = self.chunk_ids(&[]).and_then(|i| i.prompt);
+                vec![r::role_chunk(&self.head_view(), ids)]
+            }
             Endpoint::Responses => self.responses_view().stream_start(self.events_sent),
             Endpoint::Messages => messages::stream_start(
                 &self.public_id,
@@ -68,7 +94,8 @@ impl Job {
         let text = self.token_text(i);
         match self.parsed.endpoint {
             Endpoint::Completions | Endpoint::Chat => {
-                r::token_chunk(&self.head_view(), &text, finish)
+                let id = [self.output_id(i)];
+                r::token_chunk(&self.head_view(), &text, finish, self.chunk_ids(&id))
             }
             Endpoint::Responses => self.responses_view().token_event(&text, self.events_sent),
             Endpoint::Messages => messages::token_event(&text),
@@ -111,7 +138,13 @@ impl Job {
         match self.parsed.endpoint {
             Endpoint::Completions | Endpoint::Chat => {
                 let ec = self.encoding().then(|| self.ec_transfer_params());
-                r::full_response(&h, &self.full_text(), finish, prompt, k, kv, ec.as_deref())
+                let out: Vec<u64> = (0..k).map(|i| self.output_id(i)).collect();
+                let ids = self.parsed.token_ids.as_ref().map(|t| r::Ids {
+                    prompt: Some(&t.prompt),
+                    output: &out,
+                });
+                let text = self.full_text();
+                r::full_response(&h, &text, finish, prompt, k, kv, ec.as_deref(), ids)
             }
             Endpoint::Responses => {
                 self.responses_view()

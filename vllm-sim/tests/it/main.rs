@@ -18,6 +18,7 @@ mod p2p_source;
 mod pd;
 mod routes;
 mod sglang;
+mod tokenize_once;
 
 pub const COMPLETIONS: &str = "/v1/completions";
 pub const CHAT: &str = "/v1/chat/completions";
