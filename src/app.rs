@@ -15,6 +15,7 @@ use crate::observe::metrics::Metrics;
 use crate::observe::otel::Tracing;
 use crate::pd::PdContext;
 use crate::proxy::{HeadLimits, Proxy};
+use crate::readiness::Readiness;
 use crate::routing::Pick;
 use crate::runtime::busy_poll::BusyPoll;
 use crate::runtime::AbortOnDrop;
@@ -49,6 +50,9 @@ pub struct App {
     server_tls: Option<Arc<ServerTls>>,
     /// The InferencePool watch; it stops when the App is dropped (after serving ends).
     _pool_watch: Option<AbortOnDrop>,
+    /// `/readyz`, and the task checking vLLM's `/health` for it (stops with the App).
+    readiness: Readiness,
+    _readiness_watch: AbortOnDrop,
 }
 
 impl App {
@@ -109,6 +113,12 @@ impl App {
             )
         });
         let bootstraps = Arc::<crate::pd::Bootstraps>::default();
+        let readiness = Readiness::new(metrics.clone());
+        let breakers = Arc::new(crate::pd::Breakers::new(
+            config.prefiller_breaker,
+            config.prefill_timeout,
+            metrics.clone(),
+        ));
         // One proxy per data-parallel rank: its own decoder, everything else shared (the
         // upstream client, so one pool per upstream; the metrics; the admission limit).
         let rank = |target: &crate::upstream::Target| {
@@ -127,12 +137,15 @@ impl App {
                     prefill_timeout: config.prefill_timeout,
                     prefill_failure_policy: config.prefill_failure_policy,
                     prefill_retry: config.prefill_retry,
+                    breakers: Arc::clone(&breakers),
+                    tokenize_once: config.tokenize_once,
                     decode_admission_grace: config.decode_admission_grace,
                     late_reply_window: config.prefill_abandon_grace,
                     metrics: metrics.clone(),
                     pairing_ports: config.pairing_ports,
                     bootstraps: Arc::clone(&bootstraps),
                     rewrite_cached_tokens: config.rewrite_cached_tokens,
+                    trust_client_kv_params: config.trust_client_kv_params,
                     ec_connector: config.ec_connector,
                     decode_chunk_size: config.decode_chunk_size,
                 },
@@ -156,24 +169,37 @@ impl App {
                     max_header_count: config.max_header_count,
                     max_header_size: config.max_header_size,
                 },
+                readiness: readiness.clone(),
             }
         };
-        let proxies = std::iter::once(&config.decoder)
+        let proxies: Vec<Proxy> = std::iter::once(&config.decoder)
             .chain(&config.rank_decoders)
             .map(rank)
             .collect();
+        // The first check runs now: until it answers, the sidecar is not ready.
+        let readiness_watch = readiness.watch(
+            proxies.iter().map(|p| Arc::clone(&p.decoder)).collect(),
+            config.readiness_interval,
+        );
         Ok(App {
             config,
             proxies,
             metrics,
             server_tls,
             _pool_watch: pool_watch,
+            readiness,
+            _readiness_watch: readiness_watch,
         })
     }
 
     /// The metrics this sidecar reports to (served by `observe::admin`).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// What `/readyz` answers (served by `observe::admin` too).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
     }
 
     /// How many listeners [`App::serve_ranks`] takes: `-data-parallel-size`.
@@ -193,9 +219,22 @@ impl App {
     /// Serves data-parallel rank i on `listeners[i]` (one per rank) until `shutdown`
     /// resolves, then drains them together.
     pub async fn serve_ranks(
+        self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.serve_ranks_with(listeners, shutdown, std::future::pending())
+            .await
+    }
+
+    /// As [`App::serve_ranks`]: when `shutdown` resolves, `/readyz` turns 503 and requests
+    /// are still served for `-drain-delay`, unless `hurry` (the second SIGTERM/SIGINT, see
+    /// [`server::shutdown_signals`]) resolves first; then the drain runs.
+    pub async fn serve_ranks_with(
         mut self,
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()>,
+        hurry: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         if listeners.len() != self.proxies.len() {
             return Err(std::io::Error::new(
@@ -229,8 +268,20 @@ impl App {
         ));
         let drain_began = Arc::new(std::sync::OnceLock::new());
         let began = Arc::clone(&drain_began);
+        let (readiness, delay) = (self.readiness.clone(), self.config.drain_delay);
         let shutdown = async move {
             shutdown.await;
+            readiness.begin_drain();
+            if !delay.is_zero() {
+                info!(
+                    drain_delay = ?delay,
+                    "shutting down: /readyz answers 503; serving as usual for -drain-delay"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => info!("drain delay over"),
+                    () = hurry => info!("second signal: drain delay cut short"),
+                }
+            }
             let _ = began.set(tokio::time::Instant::now());
         };
         let served = server::run(

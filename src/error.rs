@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::body::{self, ProxyBody};
+use crate::headers::{ERROR_KIND, ERROR_LEG};
 use crate::upstream::Leg;
 
 /// A request the proxy could not complete, sorted by who caused it. The message is the
@@ -49,6 +50,13 @@ pub enum ProxyError {
         item: usize,
         status: Option<StatusCode>,
         detail: String,
+    },
+    /// Every prefiller the request names has an open circuit breaker (it failed repeatedly
+    /// just now): nothing was sent.
+    #[error("No prefiller to send to: the circuit breaker of {prefillers} is open (failing; tried again in {:.1} s)", retry_in.as_secs_f64())]
+    PrefillersOpen {
+        prefillers: String,
+        retry_in: std::time::Duration,
     },
     /// The prefiller answered 2xx with something we cannot use.
     #[error("Prefiller {prefiller} sent an unusable reply: {detail}")]
@@ -111,7 +119,9 @@ impl ProxyError {
             | ProxyError::DecoderBadFraming { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PrefillerNotAllowed { .. } => StatusCode::FORBIDDEN,
-            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded { .. } | ProxyError::PrefillersOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,7 +131,8 @@ impl ProxyError {
         match self {
             ProxyError::PrefillUnreachable { .. }
             | ProxyError::PrefillFailed { .. }
-            | ProxyError::PrefillBadReply { .. } => Some(Leg::Prefill),
+            | ProxyError::PrefillBadReply { .. }
+            | ProxyError::PrefillersOpen { .. } => Some(Leg::Prefill),
             ProxyError::EncoderFailed { .. } => Some(Leg::Encode),
             ProxyError::DecoderUnreachable { .. } | ProxyError::DecoderBadFraming { .. } => {
                 Some(Leg::Decode)
@@ -131,12 +142,43 @@ impl ProxyError {
         }
     }
 
+    /// What went wrong, in one word for machines: the `x-llm-d-error-kind` header, and for
+    /// upstream failures the `kind` label of `upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::PrefillUnreachable { .. }
+            | ProxyError::DecoderUnreachable { .. }
+            | ProxyError::EncoderFailed { status: None, .. } => "unreachable",
+            ProxyError::EncoderFailed {
+                status: Some(s), ..
+            } if s.is_server_error() => "http_5xx",
+            ProxyError::EncoderFailed { .. } => "http_4xx",
+            ProxyError::PrefillFailed { .. } => "http_5xx",
+            ProxyError::PrefillBadReply { .. } | ProxyError::DecoderBadFraming { .. } => {
+                "bad_reply"
+            }
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::PrefillersOpen { .. } => "circuit_open",
+            ProxyError::InvalidJson(_)
+            | ProxyError::NotAnObject
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BodyRead(_)
+            | ProxyError::BadPrefillerHeader(_)
+            | ProxyError::UnknownDataParallelRank(_)
+            | ProxyError::HeadersTooLarge(_)
+            | ProxyError::UnsupportedTransferCoding(_) => "invalid_request",
+            ProxyError::PrefillerNotAllowed { .. } => "ssrf_denied",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
     /// The JSON error response.
     pub fn into_response(self) -> Response<ProxyBody> {
         let param = match self {
-            ProxyError::BadPrefillerHeader(_) | ProxyError::PrefillerNotAllowed { .. } => {
-                Some("x-prefiller-host-port")
-            }
+            ProxyError::BadPrefillerHeader(_)
+            | ProxyError::PrefillerNotAllowed { .. }
+            | ProxyError::PrefillersOpen { .. } => Some("x-prefiller-host-port"),
             ProxyError::UnknownDataParallelRank(_) => Some("x-data-parallel-host-port"),
             ProxyError::EncoderFailed { .. } => Some("x-encoder-hosts-ports"),
             _ => None,
@@ -149,6 +191,11 @@ impl ProxyError {
                 | ProxyError::UnsupportedTransferCoding(_)
         );
         let mut resp = error_response(self.status(), &self.to_string(), param);
+        let headers = resp.headers_mut();
+        headers.insert(ERROR_KIND, HeaderValue::from_static(self.kind()));
+        if let Some(leg) = self.leg() {
+            headers.insert(ERROR_LEG, HeaderValue::from_static(leg.as_str()));
+        }
         if unread_body {
             // The rest of the request body is never read, so hyper closes the connection after
             // this response. Say so: a keep-alive client would otherwise send its next request

@@ -22,6 +22,12 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Marks a response the decoder produced without the prefiller's KV cache.
 pub const PREFILL_FALLBACK: HeaderName = HeaderName::from_static("x-prefill-fallback");
+/// On the sidecar's own error responses: what failed ([`crate::error::ProxyError::kind`]) and, for
+/// an upstream's failure, which leg (encode, prefill, decode).
+pub const ERROR_KIND: HeaderName = HeaderName::from_static("x-llm-d-error-kind");
+pub const ERROR_LEG: HeaderName = HeaderName::from_static("x-llm-d-error-leg");
+/// P/D responses: the prefill's and the decoder's first-byte durations (W3C Server Timing).
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Connection-scoped headers a proxy must not forward (RFC 9110 §7.6.1: "a proxy or gateway
 /// MUST … remove any header or trailer fields listed in Connection, and also these"), plus

@@ -113,6 +113,11 @@ impl<'a> JsonObject<'a> {
             .map(|e| e.value)
     }
 
+    /// Every key (escapes decoded) in document order, duplicates included.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.key.as_ref())
+    }
+
     /// The object with `edits` applied. Keys not named in `edits` keep their place and their
     /// exact bytes; `Set` keys take the place of their first occurrence.
     pub fn rewrite(&self, edits: &[(&str, Edit<'_>)]) -> Spliced {

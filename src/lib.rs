@@ -6,7 +6,8 @@
 //! - [`server`] the listeners, signals and graceful drain; [`data_parallel`] one proxy per vLLM
 //!   rank and `x-data-parallel-host-port`; [`proxy`] the request handler:
 //!   `/health`, admission, the [`routing`] decision made once, pass-through, and the one place
-//!   an error becomes a logged, counted response.
+//!   an error becomes a logged, counted response; [`readiness`] `/readyz` from vLLM's
+//!   `/health` and the drain.
 //! - [`pd`] the P/D request path (stages in `pd/mod.rs`, the prefill leg in `pd/prefill.rs`,
 //!   the KV-lease safety net in `pd/handoff.rs`, chunked decode in `pd/chunked.rs`);
 //!   [`encode`] the encoder stage of E/PD; [`connector`] one file per connector's body
@@ -34,6 +35,7 @@ pub mod json_edit;
 pub mod observe;
 pub mod pd;
 pub mod proxy;
+pub mod readiness;
 pub mod routing;
 pub mod runtime;
 pub mod security;

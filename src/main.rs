@@ -53,10 +53,17 @@ fn main() -> ExitCode {
         if let Some(admin) = admin {
             // Runs until the process exits, so metrics stay scrapeable during the drain.
             #[allow(clippy::disallowed_methods)]
-            tokio::spawn(admin::serve(admin, app.metrics().clone()));
+            tokio::spawn(admin::serve_with_readiness(
+                admin,
+                app.metrics().clone(),
+                app.readiness().clone(),
+            ));
         }
+        // The first SIGTERM/SIGINT turns /readyz to 503 (and drains after -drain-delay); a
+        // second one cuts the delay short. Handled from before the readiness line.
+        let (shutdown, again) = server::shutdown_signals();
         announce(&listeners, admin_port);
-        app.serve_ranks(listeners, server::shutdown_signal())
+        app.serve_ranks_with(listeners, shutdown, again)
             .await
             .map_err(|e| e.to_string())
     });

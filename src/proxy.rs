@@ -1,10 +1,11 @@
-//! The request handler: `/health` answered here, admission (`-max-in-flight`), the routing
-//! decision made once, pass-through to the local vLLM, and the one place an error is logged,
-//! counted and answered ([`respond_error`]).
+//! The request handler: `/health` and `/readyz` answered here, admission (`-max-in-flight`),
+//! the routing decision made once, pass-through to the local vLLM, and the one place an error
+//! is logged, counted and answered ([`respond_error`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -23,6 +24,7 @@ use crate::pd::{self, PdContext};
 use crate::routing::{self, Pick, Routing};
 use crate::runtime::busy_poll::BusyPoll;
 use crate::security::allowlist::Allowlist;
+use crate::security::client_params::{self, Outcome};
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Decoder, Target};
 use opentelemetry::KeyValue;
@@ -43,6 +45,8 @@ pub struct Proxy {
     /// Request spans, when tracing is on.
     pub(crate) tracing: Option<Tracing>,
     pub(crate) limits: HeadLimits,
+    /// `/readyz`: vLLM's health as last checked, and the drain (shared by every rank).
+    pub(crate) readiness: crate::readiness::Readiness,
 }
 
 /// The request-head limits the handler checks itself, to answer them in JSON.
@@ -76,8 +80,13 @@ impl Proxy {
         refused: Option<ProxyError>,
     ) -> Response<ProxyBody> {
         self.busy_poll.touch();
-        if req.uri().path() == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
-            return health();
+        // Probes are answered here: not counted, not traced, never sent to vLLM.
+        if matches!(*req.method(), Method::GET | Method::HEAD) {
+            match req.uri().path() {
+                "/health" => return health(),
+                "/readyz" | "/readiness" => return self.readiness.response(),
+                _ => {}
+            }
         }
         let refused = refused.or_else(|| self.refuse_head(&req));
         let routing = routing::decide(&req, self.pick, &self.allowlist);
@@ -213,7 +222,9 @@ impl Proxy {
     }
 
     /// Relays the request to the local vLLM as is: method, path, query, headers (less
-    /// hop-by-hop ones) and a streamed body; the response streams back the same way.
+    /// hop-by-hop ones) and a streamed body; the response streams back the same way. A POST
+    /// to an inference route is read whole instead, to remove the client's transfer
+    /// parameters (`security::client_params`), unless `-trust-client-kv-params`.
     async fn pass_through(
         &self,
         req: Request<Incoming>,
@@ -221,12 +232,35 @@ impl Proxy {
         guard: &mut RequestGuard,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let scrub = match parts.method {
+            Method::POST if !self.pd.trust_client_kv_params => Api::for_path(parts.uri.path()),
+            _ => None,
+        };
         headers::for_upstream(&mut parts.headers);
         headers::append_forwarded_for(&mut parts.headers, client.ip());
         parts.uri = self.decoder.uri(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         debug!(method = %parts.method, uri = %parts.uri, "pass-through");
-        let req = Request::from_parts(parts, body::boxed(guard.count_request(body)));
+        let body = match scrub {
+            None => body::boxed(guard.count_request(body)),
+            Some(api) => {
+                let whole = pd::read_body(body, self.pd.max_body_bytes).await?;
+                guard.request_bytes(whole.len());
+                match client_params::strip(api, &whole) {
+                    // The client's bytes, and its Content-Length if it sent one.
+                    Outcome::Untouched => body::full(whole),
+                    Outcome::Stripped { body, removed } => {
+                        removed.report(&self.metrics);
+                        parts
+                            .headers
+                            .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+                        body::spliced(body)
+                    }
+                    Outcome::Unreadable(e) => return Err(ProxyError::InvalidJson(e)),
+                }
+            }
+        };
+        let req = Request::from_parts(parts, body);
         Ok(from_upstream(self.decoder.send(req).await?))
     }
 }

@@ -422,6 +422,68 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// As [`shutdown_signal`], for a drain in two steps: the first future resolves on the first
+/// SIGTERM or SIGINT, the second on the next one (which cuts `-drain-delay` short: Ctrl-C
+/// twice hurries). SIGHUP is logged and ignored throughout. The handlers are installed when
+/// this is called. Must be called inside the runtime.
+pub fn shutdown_signals() -> (
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (seen, signals) = watch::channel(0u32);
+    #[cfg(unix)]
+    let counting = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let mut hup = signal(SignalKind::hangup()).ok();
+        async move {
+            loop {
+                tokio::select! {
+                    () = next_signal(&mut term) => seen.send_modify(|n| *n += 1),
+                    () = next_signal(&mut int) => seen.send_modify(|n| *n += 1),
+                    () = next_signal(&mut hup) => info!("SIGHUP ignored (SIGTERM drains and exits)"),
+                    () = seen.closed() => return,
+                }
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let counting = async move {
+        loop {
+            tokio::select! {
+                got = tokio::signal::ctrl_c() => match got {
+                    Ok(()) => seen.send_modify(|n| *n += 1),
+                    Err(_) => std::future::pending().await,
+                },
+                () = seen.closed() => return,
+            }
+        }
+    };
+    // Counts signals until both futures below are gone; holds nothing else.
+    #[allow(clippy::disallowed_methods)]
+    tokio::spawn(counting);
+    let after = |n: u32| {
+        let mut signals = signals.clone();
+        async move {
+            // An error means the counter is gone (the runtime is ending): stop waiting.
+            let _ = signals.wait_for(|seen| *seen >= n).await;
+        }
+    };
+    (after(1), after(2))
+}
+
+/// The next delivery of `signal`; never, for a handler that could not be installed.
+#[cfg(unix)]
+async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(signal) = signal {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
 /// One thread (`-worker-threads=1`, or one available core): a current-thread runtime, which
 /// skips the multi-thread scheduler's cross-thread queues and wake-ups. Otherwise a
 /// multi-thread runtime with one worker per thread asked for (default: per available core).

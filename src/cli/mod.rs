@@ -64,6 +64,11 @@ pub struct Args {
     #[arg(long = "bind-address", default_value = "0.0.0.0", value_name = "IP", help_heading = LISTEN)]
     pub bind_address: IpAddr,
 
+    /// How often vLLM's own /health is checked for /readyz (200 only while every rank's answers
+    /// 2xx and the sidecar is not draining); each check may take the interval, at most 1s
+    #[arg(long = "readiness-interval", default_value = "2s", value_parser = parse_duration, value_name = "DURATION", help_heading = LISTEN)]
+    pub readiness_interval: Duration,
+
     /// Settings as inline YAML, keys named as flags, e.g. '{port: 8085, model-server-port: 8203}'
     #[arg(long = "configuration", value_name = "YAML", conflicts_with = "configuration_file", help_heading = LISTEN)]
     pub configuration: Option<String>,
@@ -85,13 +90,31 @@ pub struct Args {
     pub enable_prefiller_sampling: bool,
 
     /// Retries of a failed prefill that cannot have pinned KV blocks (connect failure, or
-    /// 502/503/504), each to the next prefiller of the header's list when it has one
+    /// 502/503/504) once every prefiller of the header's list was tried (each is tried once
+    /// anyway, in order: failover)
     #[arg(long = "prefill-max-retries", default_value_t = 0, value_name = "N", help_heading = PD)]
     pub prefill_max_retries: u32,
 
     /// Delay before the first prefill retry; doubles for each further one, with jitter
     #[arg(long = "prefill-retry-backoff", default_value = "200ms", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
     pub prefill_retry_backoff: Duration,
+
+    /// nixlv2 chat: the prefill returns the prompt's token ids and the decoder gets them in
+    /// kv_transfer_params.prompt_token_ids, so it skips templating and tokenizing (vLLM >= 0.32)
+    #[arg(long = "tokenize-once", default_value = "false",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = PD)]
+    pub tokenize_once: bool,
+
+    /// Consecutive failures (no connection, 5xx, unreadable reply) after which a prefiller is
+    /// skipped for -prefiller-breaker-backoff, then tried by one request (0: no breaker)
+    #[arg(long = "prefiller-breaker-failures", default_value_t = 5, value_name = "N", help_heading = PD)]
+    pub prefiller_breaker_failures: u32,
+
+    /// How long an open prefiller breaker skips its prefiller; doubles each time its trial
+    /// request fails (at most 5 min)
+    #[arg(long = "prefiller-breaker-backoff", default_value = "5s", value_parser = parse_duration, value_name = "DURATION", help_heading = PD)]
+    pub prefiller_breaker_backoff: Duration,
 
     /// When the prefill fails (5xx, unreachable, timeout, unusable reply): `error` answers the
     /// client with it; `decode-local` sends the request to the decoder without KV handoff
@@ -181,7 +204,14 @@ pub struct Args {
     #[arg(long = "allowed-prefillers", value_delimiter = ',', action = ArgAction::Append, value_name = "LIST", help_heading = SSRF)]
     pub allowed_prefillers: Vec<String>,
 
-    /// Largest request body accepted on P/D routes (bytes; KiB, MiB, GiB suffixes allowed)
+    /// Forward the client's kv_transfer_params, ec_transfer_params and NIXL v1 remote_* fields
+    /// to vLLM instead of removing them: only behind a gateway that sets them itself
+    #[arg(long = "trust-client-kv-params", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set, value_name = "BOOL", help_heading = SSRF)]
+    pub trust_client_kv_params: bool,
+
+    /// Largest request body accepted on P/D routes and, unless -trust-client-kv-params, on
+    /// inference routes passed through (bytes; KiB, MiB, GiB suffixes allowed)
     #[arg(long = "max-request-body-size", default_value = "32MiB", value_parser = parse_size, value_name = "SIZE", help_heading = LIMITS)]
     pub max_request_body_size: usize,
 
@@ -233,6 +263,13 @@ pub struct Args {
     #[arg(long = "drain-timeout", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
     pub drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, /readyz turns 503 at once and requests are still served as usual for
+    /// this long, while endpoints and gateways stop routing here; then the drain
+    /// (-drain-timeout). A second signal ends the wait. vLLM gets SIGTERM too: keep it serving
+    /// as long (0: drain at once)
+    #[arg(long = "drain-delay", default_value = "0s", value_parser = parse_duration, value_name = "DURATION", help_heading = LIMITS)]
+    pub drain_delay: Duration,
+
     /// Threads serving requests (default: the cores this process may run on). 1 runs
     /// everything on one thread, the fastest setting when the sidecar is given one core
     #[arg(long = "worker-threads", value_parser = clap::value_parser!(u16).range(1..), value_name = "N", help_heading = LIMITS)]
@@ -274,8 +311,8 @@ pub struct Args {
     #[arg(long = "zap-stacktrace-level", value_parser = values::parse_zap_stacktrace, value_name = "LEVEL", help_heading = OBSERVE)]
     pub zap_stacktrace_level: Option<String>,
 
-    /// Port of the admin listener serving /metrics (Prometheus) and /health; 0 disables it.
-    /// If the default port is taken, the sidecar serves without it [default: 9090]
+    /// Port of the admin listener serving /metrics (Prometheus), /health and /readyz; 0
+    /// disables it. If the default port is taken, the sidecar serves without it [default: 9090]
     #[arg(long = "metrics-port", value_name = "PORT", help_heading = OBSERVE)]
     pub metrics_port: Option<u16>,
 

@@ -35,15 +35,24 @@ pub struct Config {
     /// plus i), each served on the listener port plus i. Empty without data parallelism.
     pub rank_decoders: Vec<Target>,
     pub connector: Connector,
-    /// Request bodies on P/D routes larger than this get 413.
+    /// Request bodies on P/D routes (and inference routes passed through, unless
+    /// `trust_client_kv_params`) larger than this get 413.
     pub max_body_bytes: usize,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long requests are still served (with `/readyz` at 503) before the
+    /// drain starts (`-drain-delay`; 0: at once).
+    pub drain_delay: Duration,
+    /// How often vLLM's `/health` is checked for `/readyz` (`-readiness-interval`; positive).
+    pub readiness_interval: Duration,
     pub log: LogSettings,
     pub prefill_timeout: Duration,
     pub decode_first_byte_timeout: Duration,
     pub prefill_failure_policy: PrefillFailurePolicy,
     pub prefill_retry: RetryPolicy,
+    pub prefiller_breaker: crate::pd::BreakerPolicy,
+    /// `-tokenize-once`.
+    pub tokenize_once: bool,
     /// Pick the prefiller at random from the header's list (`-enable-prefiller-sampling`).
     pub prefiller_sampling: bool,
     /// 0: no limit.
@@ -93,6 +102,8 @@ pub struct Config {
     pub pod_ip: Option<IpAddr>,
     /// `-rewrite-cached-tokens`.
     pub rewrite_cached_tokens: bool,
+    /// `-trust-client-kv-params`: the client's transfer parameters reach vLLM as sent.
+    pub trust_client_kv_params: bool,
     /// The prefill pod's ports the sglang, offloading and mooncake connectors name.
     pub pairing_ports: PairingPorts,
     /// Tracing, from the `OTEL_*` environment, `-tracing` and `-otlp-endpoint` (`None`: off).
@@ -184,6 +195,17 @@ impl TryFrom<Parsed> for Config {
         let (port_flag, model_server_port) = compat::model_server_port(&parsed);
         let args = &parsed.args;
         let ranks = args.data_parallel_size;
+        if args.tokenize_once && connector != Connector::NixlV2 {
+            // Only nixlv2's decode leg carries the prefiller's kv_transfer_params as they are.
+            return Err(ConfigError::Invalid {
+                flag: "tokenize-once",
+                reason: format!(
+                    "needs -connector=nixlv2 (the decoder gets the token ids in \
+                     kv_transfer_params), not {}",
+                    connector.name()
+                ),
+            });
+        }
         if args.port == 0 && ranks > 1 {
             return Err(ConfigError::Invalid {
                 flag: "port",
@@ -217,6 +239,7 @@ impl TryFrom<Parsed> for Config {
         for (flag, value) in [
             ("decode-admission-grace", args.decode_admission_grace),
             ("cert-reload-interval", args.cert_reload_interval),
+            ("readiness-interval", args.readiness_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -276,7 +299,13 @@ impl TryFrom<Parsed> for Config {
                 max_retries: args.prefill_max_retries,
                 backoff: args.prefill_retry_backoff,
             },
+            prefiller_breaker: crate::pd::BreakerPolicy {
+                failures: args.prefiller_breaker_failures,
+                backoff: args.prefiller_breaker_backoff,
+                ..crate::pd::BreakerPolicy::default()
+            },
             prefiller_sampling: args.enable_prefiller_sampling,
+            tokenize_once: args.tokenize_once,
             max_in_flight: args.max_in_flight,
             max_idle_per_host: usize::try_from(args.max_idle_conns_per_host)
                 .ok()
@@ -311,6 +340,8 @@ impl TryFrom<Parsed> for Config {
             max_body_bytes: args.max_request_body_size,
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
+            drain_delay: args.drain_delay,
+            readiness_interval: args.readiness_interval,
             log: compat::log_settings(&parsed, defaults),
             worker_threads: args.worker_threads.map(usize::from),
             busy_poll: args.busy_poll,
@@ -321,6 +352,7 @@ impl TryFrom<Parsed> for Config {
                 || (args.enable_p2p_pull && connector == Connector::NixlV2),
             pod_ip: args.pod_ip,
             rewrite_cached_tokens: args.rewrite_cached_tokens,
+            trust_client_kv_params: args.trust_client_kv_params,
             pairing_ports: PairingPorts {
                 sglang_bootstrap: args.sglang_bootstrap_port,
                 p2p: args.p2p_connector_port,

@@ -324,6 +324,26 @@ fn retries_and_pool_sizes() {
 }
 
 #[test]
+fn breaker_and_tokenize_once_flags() {
+    let c = ok(&[]);
+    assert_eq!((c.prefiller_breaker.failures, c.tokenize_once), (5, false));
+    assert_eq!(c.prefiller_breaker.backoff, Duration::from_secs(5));
+    let c = ok(&[
+        "-prefiller-breaker-failures=0",
+        "-prefiller-breaker-backoff=250ms",
+        "-tokenize-once",
+    ]);
+    assert_eq!(c.prefiller_breaker.failures, 0);
+    assert_eq!(c.prefiller_breaker.backoff, Duration::from_millis(250));
+    assert!(c.tokenize_once);
+    let e = config(&["-tokenize-once=true", "-connector=sglang"]).unwrap_err();
+    assert!(
+        e.starts_with("-tokenize-once: needs -connector=nixlv2"),
+        "{e}"
+    );
+}
+
+#[test]
 fn klog_flags_without_effect_are_named() {
     let c = ok(&["-log_dir=/var/log", "-vmodule=x=2", "-logtostderr=false"]);
     assert_eq!(c.notices.len(), 3, "{:?}", c.notices);
@@ -352,10 +372,35 @@ fn zero_durations_mean_no_limit_or_are_refused() {
         "-drain-timeout=0s",
     ]);
     assert!(c.prefill_timeout.is_zero() && c.decode_first_byte_timeout.is_zero());
-    for flag in ["decode-admission-grace", "cert-reload-interval"] {
+    for flag in [
+        "decode-admission-grace",
+        "cert-reload-interval",
+        "readiness-interval",
+    ] {
         let e = config(&[&format!("-{flag}=0s")]).unwrap_err();
         assert_eq!(e, format!("-{flag}: must be positive"));
     }
+}
+
+#[test]
+fn readiness_and_drain_delay_flags() {
+    let c = ok(&[]);
+    assert_eq!(
+        (c.readiness_interval, c.drain_delay),
+        (Duration::from_secs(2), Duration::ZERO),
+        "the drain starts at once unless asked"
+    );
+    let c = ok(&["-readiness-interval=500ms", "--drain-delay", "5s"]);
+    assert_eq!(
+        (c.readiness_interval, c.drain_delay),
+        (Duration::from_millis(500), Duration::from_secs(5))
+    );
+    let c = ok(&["-configuration={readiness-interval: 1s, drain-delay: 3s}"]);
+    assert_eq!(
+        (c.readiness_interval, c.drain_delay),
+        (Duration::from_secs(1), Duration::from_secs(3))
+    );
+    assert!(config(&["-drain-delay=soon"]).is_err());
 }
 
 #[test]

@@ -78,6 +78,9 @@ pub struct Pairing {
     /// The peer a nixlv2 prefill pulls a cached prefix from (`-enable-p2p-pull`), with
     /// `id` naming the pull.
     pub kv_source_host: Option<String>,
+    /// Tokenize once (`-tokenize-once`, nixlv2 chat): the prefill asks for the prompt's token
+    /// ids, and the decode hands them to the decoder in `kv_transfer_params.prompt_token_ids`.
+    pub tokenize_once: bool,
 }
 
 /// The ports a connector's pairing names on the prefill pod.
@@ -115,6 +118,7 @@ impl Pairing {
             mooncake_port: ports.mooncake_bootstrap,
             engine: Engine::default(),
             kv_source_host: None,
+            tokenize_once: false,
         }
     }
 }
@@ -250,6 +254,9 @@ impl Connector {
             edits.retain(|(k, _)| *k != "kv_transfer_params");
             edits.push(("kv_transfer_params", Edit::Set(params)));
         }
+        if pairing.tokenize_once && self == Connector::NixlV2 && api == Api::ChatCompletions {
+            edits.push(("return_token_ids", Edit::Set("true")));
+        }
         request.rewrite(&edits)
     }
 
@@ -276,7 +283,7 @@ impl Connector {
         prefiller_host: &str,
     ) -> Result<DecodePlan, ReplyError> {
         match self {
-            Connector::NixlV2 => nixlv2::decode_plan(request, reply),
+            Connector::NixlV2 => nixlv2::decode_plan(request, reply, pairing.tokenize_once),
             Connector::Nixl => nixl::decode_plan(request, reply),
             Connector::SharedStorage => Ok(shared_storage::decode_plan(request, original)),
             Connector::SgLang => Ok(DecodePlan {

@@ -22,12 +22,16 @@ pub(super) fn prefill_params_with_source(pairing: &Pairing) -> Option<String> {
 }
 
 /// The original request plus the prefiller's `kv_transfer_params`, verbatim: new vLLM versions
-/// add fields, so the value is opaque to us.
+/// add fields, so the value is opaque to us. With `tokenize_once`, the reply's
+/// `prompt_token_ids` go in front of them, so the decoder skips templating and tokenizing
+/// (vllm#48145: vLLM pops the key, and ignores it for echo or non-text content).
 pub(super) fn decode_plan(
     request: &JsonObject<'_>,
     reply: &Bytes,
+    tokenize_once: bool,
 ) -> Result<DecodePlan, ReplyError> {
     let reply = JsonObject::parse(reply).map_err(|e| ReplyError::NotJson(e.to_string()))?;
+    let with_ids;
     let (edit, handoff) = match reply.get("kv_transfer_params") {
         // Never forward what the client sent in its place: it would aim the decoder's KV pull.
         None => (
@@ -38,7 +42,13 @@ pub(super) fn decode_plan(
             Edit::Set("null"),
             Handoff::LocalPrefill("the prefiller returned null kv_transfer_params"),
         ),
-        Some(v) if v.get().starts_with('{') => (Edit::Set(v.get()), Handoff::Remote),
+        Some(v) if v.get().starts_with('{') => {
+            with_ids = tokenize_once
+                .then(|| with_prompt_token_ids(v.get(), &reply))
+                .flatten();
+            let params = with_ids.as_deref().unwrap_or(v.get());
+            (Edit::Set(params), Handoff::Remote)
+        }
         Some(v) => {
             return Err(ReplyError::BadParams(format!(
                 "kv_transfer_params must be an object, got {}",
@@ -50,6 +60,22 @@ pub(super) fn decode_plan(
         body: request.rewrite(&[("kv_transfer_params", edit)]),
         handoff,
     })
+}
+
+/// `params` with the reply's top-level `prompt_token_ids` (a non-empty array) as its first
+/// key, unless it has the key already. `None`: nothing to add.
+fn with_prompt_token_ids(params: &str, reply: &JsonObject<'_>) -> Option<String> {
+    let ids = reply.get("prompt_token_ids")?.get();
+    if !ids.starts_with('[') || ids == "[]" {
+        return None;
+    }
+    let rest = params.strip_prefix('{')?.trim_start();
+    if params.contains(r#""prompt_token_ids""#) {
+        // The prefiller already sent them (or something under that name): keep its value.
+        return None;
+    }
+    let comma = if rest.starts_with('}') { "" } else { "," };
+    Some(format!(r#"{{"prompt_token_ids":{ids}{comma}{rest}"#))
 }
 
 fn truncate(s: &str) -> &str {
@@ -94,7 +120,7 @@ mod tests {
         let req = Bytes::from_static(req);
         let obj = JsonObject::parse(&req).unwrap();
         let reply = br#"{"id":"x","kv_transfer_params":{"remote_block_ids":[[1,2]],"future_field":{"a":9007199254740993}},"usage":{}}"#;
-        let plan = decode_plan(&obj, &Bytes::from_static(reply)).unwrap();
+        let plan = decode_plan(&obj, &Bytes::from_static(reply), false).unwrap();
         assert_eq!(plan.handoff, Handoff::Remote);
         assert_eq!(
             plan.body.to_bytes(),
@@ -106,14 +132,18 @@ mod tests {
     fn missing_or_null_params_mean_local_prefill() {
         let source = Bytes::from_static(br#"{"prompt":"hi","kv_transfer_params":{"evil":1}}"#);
         let obj = JsonObject::parse(&source).unwrap();
-        let plan = decode_plan(&obj, &Bytes::from_static(br#"{"id":"x"}"#)).unwrap();
+        let plan = decode_plan(&obj, &Bytes::from_static(br#"{"id":"x"}"#), false).unwrap();
         assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
         assert_eq!(
             plan.body.to_bytes(),
             Bytes::from_static(br#"{"prompt":"hi"}"#)
         );
-        let plan =
-            decode_plan(&obj, &Bytes::from_static(br#"{"kv_transfer_params":null}"#)).unwrap();
+        let plan = decode_plan(
+            &obj,
+            &Bytes::from_static(br#"{"kv_transfer_params":null}"#),
+            false,
+        )
+        .unwrap();
         assert!(matches!(plan.handoff, Handoff::LocalPrefill(_)));
         assert_eq!(
             plan.body.to_bytes(),
@@ -122,15 +152,78 @@ mod tests {
     }
 
     #[test]
+    fn tokenize_once_puts_the_prompt_ids_in_front_of_the_params() {
+        let source = Bytes::from_static(br#"{"messages":[],"stream":true}"#);
+        let obj = JsonObject::parse(&source).unwrap();
+        let reply = Bytes::from_static(
+            br#"{"prompt_token_ids":[5,6,7],"kv_transfer_params":{"remote_block_ids":[[1]]}}"#,
+        );
+        let plan = decode_plan(&obj, &reply, true).unwrap();
+        assert_eq!(
+            plan.body.to_bytes(),
+            Bytes::from_static(br#"{"messages":[],"stream":true,"kv_transfer_params":{"prompt_token_ids":[5,6,7],"remote_block_ids":[[1]]}}"#)
+        );
+        // Off, or nothing usable to add: the params verbatim.
+        for (reply, on) in [
+            (&reply[..], false),
+            (
+                br#"{"prompt_token_ids":null,"kv_transfer_params":{"a":1}}"#,
+                true,
+            ),
+            (
+                br#"{"prompt_token_ids":[],"kv_transfer_params":{"a":1}}"#,
+                true,
+            ),
+            (
+                br#"{"prompt_token_ids":[1],"kv_transfer_params":{"prompt_token_ids":[2]}}"#,
+                true,
+            ),
+        ] {
+            let reply = Bytes::copy_from_slice(reply);
+            let plan = decode_plan(&obj, &reply, on).unwrap();
+            let body = plan.body.to_bytes();
+            let params = |b| {
+                JsonObject::parse(b)
+                    .unwrap()
+                    .get("kv_transfer_params")
+                    .unwrap()
+                    .get()
+            };
+            assert_eq!(params(&body), params(&reply));
+        }
+        let empty = Bytes::from_static(br#"{"prompt_token_ids":[9],"kv_transfer_params":{}}"#);
+        let plan = decode_plan(&obj, &empty, true).unwrap();
+        assert!(plan
+            .body
+            .to_bytes()
+            .ends_with(br#""kv_transfer_params":{"prompt_token_ids":[9]}}"#));
+        // A reply without params is a local prefill: no ids either.
+        let plan = decode_plan(
+            &obj,
+            &Bytes::from_static(br#"{"prompt_token_ids":[9]}"#),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.body.to_bytes(),
+            Bytes::from_static(br#"{"messages":[],"stream":true}"#)
+        );
+    }
+
+    #[test]
     fn bad_replies_are_errors() {
         let source = Bytes::from_static(br#"{"prompt":"hi"}"#);
         let obj = JsonObject::parse(&source).unwrap();
         assert!(matches!(
-            decode_plan(&obj, &Bytes::from_static(b"<html>")),
+            decode_plan(&obj, &Bytes::from_static(b"<html>"), false),
             Err(ReplyError::NotJson(_))
         ));
         assert!(matches!(
-            decode_plan(&obj, &Bytes::from_static(br#"{"kv_transfer_params":[1]}"#)),
+            decode_plan(
+                &obj,
+                &Bytes::from_static(br#"{"kv_transfer_params":[1]}"#),
+                false
+            ),
             Err(ReplyError::BadParams(_))
         ));
     }

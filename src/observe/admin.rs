@@ -1,4 +1,5 @@
-//! The admin listener (`-metrics-port`): `GET /metrics` (Prometheus text) and `GET /health`.
+//! The admin listener (`-metrics-port`): `GET /metrics` (Prometheus text), `GET /health`
+//! (liveness) and `GET /readyz` / `/readiness` (as on the main port, see [`crate::readiness`]).
 //!
 //! It is separate from the main port because `/metrics` there belongs to vLLM (passed
 //! through), and so scrapes and probes never queue behind inference traffic.
@@ -17,11 +18,29 @@ use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::observe::metrics::Metrics;
+use crate::readiness::Readiness;
 
-/// Serves `listener` forever. The caller ends it by dropping (aborting) the task; there is
-/// nothing to drain, a scrape is one small response.
+/// Serves `listener` forever, without `/readyz` (404). The caller ends it by dropping
+/// (aborting) the task; there is nothing to drain, a scrape is one small response.
 pub async fn serve(listener: TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    info!(addr = %listener.local_addr()?, "admin listener serving /metrics and /health");
+    serve_admin(listener, metrics, None).await
+}
+
+/// As [`serve`], answering `/readyz` and `/readiness` from `readiness` ([`crate::App::readiness`]).
+pub async fn serve_with_readiness(
+    listener: TcpListener,
+    metrics: Metrics,
+    readiness: Readiness,
+) -> std::io::Result<()> {
+    serve_admin(listener, metrics, Some(readiness)).await
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    metrics: Metrics,
+    readiness: Option<Readiness>,
+) -> std::io::Result<()> {
+    info!(addr = %listener.local_addr()?, "admin listener serving /metrics, /health and /readyz");
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(pair) => pair,
@@ -32,10 +51,10 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) -> std::io::Result<(
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
         let service = service_fn(move |req| {
-            let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(handle(&req, &metrics)) }
+            let (metrics, readiness) = (metrics.clone(), readiness.clone());
+            async move { Ok::<_, Infallible>(handle(&req, &metrics, readiness.as_ref())) }
         });
         // One admin connection: bounded by its header timeout; no request of the proxy owns it.
         #[allow(clippy::disallowed_methods)]
@@ -51,7 +70,11 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) -> std::io::Result<(
     }
 }
 
-fn handle(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
+fn handle(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: Option<&Readiness>,
+) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
@@ -63,6 +86,10 @@ fn handle(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
             resp
         }
         "/health" => status(StatusCode::OK),
+        "/readyz" | "/readiness" => match readiness {
+            Some(readiness) => readiness.response(),
+            None => status(StatusCode::NOT_FOUND),
+        },
         _ => status(StatusCode::NOT_FOUND),
     }
 }

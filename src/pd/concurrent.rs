@@ -47,6 +47,7 @@ pub(super) async fn serve(
     let prefill = {
         let (upstream, metrics, head) = (cx.upstream.clone(), cx.metrics.clone(), prefill_head);
         let (body, timeout) = (prefill_body, cx.prefill_timeout);
+        let breakers = Arc::clone(&cx.breakers);
         async move {
             let attempts = Attempts {
                 upstream: &upstream,
@@ -54,6 +55,7 @@ pub(super) async fn serve(
                 prefillers: std::slice::from_ref(&prefiller),
                 // A retry elsewhere would not match the room the decoder was told of.
                 policy: RetryPolicy::default(),
+                breakers: &breakers,
                 abandoned: &Abandoned::default(),
                 metrics: &metrics,
             };

@@ -6,6 +6,7 @@
 //! to log, count and answer once.
 
 mod bootstrap;
+mod breaker;
 mod chunked;
 mod concurrent;
 mod decode_first;
@@ -16,6 +17,7 @@ mod prefill;
 mod retry;
 
 pub use bootstrap::Bootstraps;
+pub use breaker::{BreakerPolicy, Breakers};
 pub use kv_source::serve as serve_with_kv_source;
 pub use local::serve as serve_local;
 pub use retry::RetryPolicy;
@@ -31,6 +33,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info_span, trace, warn, Instrument};
 
+use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
 use crate::connector::{Connector, Flow, Handoff, Pairing, PairingPorts};
 use crate::error::{describe, ProxyError};
@@ -39,6 +42,7 @@ use crate::json_edit::{JsonObject, ParseError};
 use crate::observe::metrics::{Metrics, RequestGuard};
 use crate::observe::otel::spans::TraceParent;
 use crate::observe::trace_context;
+use crate::security::client_params;
 use crate::upstream::decoder::from_upstream;
 use crate::upstream::{Decoder, Leg, Upstream};
 use opentelemetry::KeyValue;
@@ -80,6 +84,10 @@ pub struct PdContext {
     pub prefill_timeout: Duration,
     pub prefill_failure_policy: PrefillFailurePolicy,
     pub prefill_retry: RetryPolicy,
+    /// The prefillers' circuit breakers (shared by the data-parallel ranks).
+    pub breakers: Arc<Breakers>,
+    /// `-tokenize-once`: nixlv2 chat decodes reuse the prefill's prompt token ids.
+    pub tokenize_once: bool,
     /// How long an abandoned pinned decode may stay open to be admitted.
     pub decode_admission_grace: Duration,
     /// How long an abandoned prefill vLLM received may run on for its reply (`handoff.rs`).
@@ -92,6 +100,9 @@ pub struct PdContext {
     pub bootstraps: Arc<bootstrap::Bootstraps>,
     /// `-rewrite-cached-tokens`: nixlv2 decodes report the prefiller's cached tokens.
     pub rewrite_cached_tokens: bool,
+    /// `-trust-client-kv-params`: the client's transfer parameters are not removed (here and
+    /// on pass-through; see `security::client_params`).
+    pub trust_client_kv_params: bool,
     /// `-ec-connector`: what the encoders named in `x-encoder-hosts-ports` are called for.
     pub ec_connector: Option<crate::encode::EcConnector>,
     /// `-decode-chunk-size`: chat decodes in requests of at most this many tokens; 0: off.
@@ -135,6 +146,10 @@ pub async fn serve(
     let mut pairing = Pairing::new(cx.pairing_ports);
     // Routing names a source only where the prefill can pull from it (vLLM's P2P tier).
     pairing.kv_source_host = kv_source.map(|s| s.host().to_owned());
+    // vLLM renders the messages anyway for echo: the ids would be bytes for nothing.
+    pairing.tokenize_once = cx.tokenize_once
+        && api == crate::api::Api::ChatCompletions
+        && request.get("echo").is_none_or(|v| v.get() != "true");
     let decode_uri = cx.decoder.uri(parts.uri.path_and_query());
     let flow = cx.connector.flow(&request);
     if flow == Flow::DecodeFirst {
@@ -149,6 +164,10 @@ pub async fn serve(
         }
     }
     if flow == Flow::Concurrent {
+        // Both legs name one prefiller: the first whose breaker would let it through.
+        let Some(prefiller) = prefillers.iter().find(|p| cx.breakers.usable(p)).cloned() else {
+            return Err(prefill::all_open(&prefillers, &cx.breakers));
+        };
         let mut prefill_head = Arc::clone(&parts);
         if cx.connector == Connector::Mooncake {
             pairing.engine = cx
@@ -213,12 +232,14 @@ pub async fn serve(
         let (upstream, metrics, head) =
             (cx.upstream.clone(), cx.metrics.clone(), Arc::clone(&parts));
         let (policy, abandoned) = (cx.prefill_retry, abandoned.clone());
+        let breakers = Arc::clone(&cx.breakers);
         async move {
             let attempts = Attempts {
                 upstream: &upstream,
                 body: &prefill_body,
                 prefillers: &prefillers,
                 policy,
+                breakers: &breakers,
                 abandoned: &abandoned,
                 metrics: &metrics,
             };
@@ -285,8 +306,10 @@ pub async fn serve(
                 return Err(e);
             }
         };
+    let recompute = matches!(plan.handoff, Handoff::LocalPrefill(_));
     if let Handoff::LocalPrefill(why) = plan.handoff {
         warn!(reason = why, "decoder will prefill locally: no KV handoff");
+        cx.metrics.degraded("no_kv_params");
     }
     trace!(body = %plan.body, "decode request");
 
@@ -304,7 +327,7 @@ pub async fn serve(
         let resp = chunked::decode(cx, parts, decode_uri, original.clone(), first, chunking)
             .instrument(info_span!("chunked_decode"))
             .await?;
-        return Ok(with_request_id(resp, request_id));
+        return Ok(with_request_id(degraded(resp, recompute), request_id));
     }
     let resp = if pinned {
         let sent = handoff::deliver_then_close(
@@ -344,7 +367,7 @@ pub async fn serve(
         resp.headers_mut().remove(CONTENT_LENGTH);
         resp = resp.map(|b| body::boxed(body::usage::CachedTokens::new(b, cached, sse)));
     }
-    Ok(with_request_id(resp, request_id))
+    Ok(with_request_id(degraded(resp, recompute), request_id))
 }
 
 /// Reads the client's request whole, within `-max-request-body-size`, and cleans the head both
@@ -357,15 +380,16 @@ async fn read_request(
     guard: &mut RequestGuard,
 ) -> Result<(Arc<Parts>, bytes::Bytes, HeaderValue), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let original = body::collect_limited(body, cx.max_body_bytes)
-        .await
-        .map_err(|e| match e {
-            CollectError::TooLarge => ProxyError::BodyTooLarge {
-                limit: cx.max_body_bytes,
-            },
-            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
-        })?;
+    let original = read_body(body, cx.max_body_bytes).await?;
     guard.request_bytes(original.len());
+    // The client's transfer parameters go before any leg is built from its body; every
+    // route here is an inference route.
+    let original = match Api::for_path(parts.uri.path()) {
+        Some(api) if !cx.trust_client_kv_params => {
+            client_params::scrub(api, original, &cx.metrics)?
+        }
+        _ => original,
+    };
     headers::for_upstream(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client.ip());
     let request_id = headers::request_id(&parts.headers);
@@ -382,6 +406,16 @@ async fn read_request(
     trace!(body = %String::from_utf8_lossy(&original), "client request");
     // Shared with the late-reply release, which needs the head only if the client leaves.
     Ok((Arc::new(parts), original, request_id))
+}
+
+/// The client's body, whole, within `limit` bytes (413 beyond it).
+pub(crate) async fn read_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, ProxyError> {
+    body::collect_limited(body, limit)
+        .await
+        .map_err(|e| match e {
+            CollectError::TooLarge => ProxyError::BodyTooLarge { limit },
+            CollectError::Read(e) => ProxyError::BodyRead(describe(&*e)),
+        })
 }
 
 /// The encode stage (E/PD), when the request names allowed encoders and `-ec-connector` is
@@ -436,10 +470,21 @@ async fn decode_local(
         .decoder
         .send(leg(parts, decode_uri, body::spliced(body)))
         .await?;
+    cx.metrics.degraded("decode_local");
     let mut resp = with_request_id(from_upstream(resp), request_id);
     resp.headers_mut()
         .insert(PREFILL_FALLBACK, HeaderValue::from_static("decode-local"));
     Ok(resp)
+}
+
+/// Marks a decode the decoder prefilled itself because the prefiller returned no usable
+/// `kv_transfer_params` (router#2855: the recompute is otherwise silent).
+fn degraded(mut resp: Response<ProxyBody>, recompute: bool) -> Response<ProxyBody> {
+    if recompute {
+        resp.headers_mut()
+            .insert(PREFILL_FALLBACK, HeaderValue::from_static("no-kv-params"));
+    }
+    resp
 }
 
 /// The head of a leg: POST to `uri` over HTTP/1.1 with the client's (cleaned) headers.

@@ -9,6 +9,7 @@ use http::{Request, Response};
 use hyper_util::client::legacy::connect::capture_connection;
 use tracing::info;
 
+use super::breaker::Breakers;
 use super::handoff::Abandoned;
 use super::retry::RetryPolicy;
 use crate::body::{self, CollectError, ProxyBody, SentSignal};
@@ -17,8 +18,9 @@ use crate::json_edit::Spliced;
 use crate::observe::metrics::Metrics;
 use crate::upstream::{Leg, Target, Upstream};
 
-/// The most of a prefill reply we buffer: a one-token completion is a few KiB at most.
-const PREFILL_REPLY_LIMIT: usize = 4 << 20;
+/// The most of a prefill reply we buffer: a one-token completion is a few KiB, plus the
+/// prompt's token ids with `-tokenize-once` (under 8 bytes a token: a million-token prompt).
+const PREFILL_REPLY_LIMIT: usize = 16 << 20;
 
 /// What a prefiller that answered said.
 pub enum Prefilled {
@@ -36,46 +38,77 @@ pub struct Attempts<'a> {
     /// The prefiller picked first, then the header's other allowed entries, in order.
     pub prefillers: &'a [Target],
     pub policy: RetryPolicy,
+    /// The prefillers' circuit breakers: an open one is skipped.
+    pub breakers: &'a Breakers,
     /// Set once the request was dropped: no further attempt is sent.
     pub abandoned: &'a Abandoned,
     pub metrics: &'a Metrics,
 }
 
-/// Sends the prefill leg built by `request` and reads the prefiller's answer. A failure that
-/// cannot have pinned KV blocks (no connection; 502, 503 or 504) is retried up to
-/// `policy.max_retries` times, each on the next prefiller of the list, after a backoff; never
+/// Sends the prefill leg built by `request` and reads the prefiller's answer, from the first
+/// prefiller of the list whose breaker admits it. A prefiller that refuses the connection is
+/// followed at once by the next one not tried yet (failover). A failure that cannot have
+/// pinned KV blocks (no connection; 502, 503 or 504) is otherwise retried up to
+/// `policy.max_retries` times, each on the next admitted prefiller, after a backoff. Never
 /// after a 2xx, never once the client left (`abandoned`).
 pub async fn prefill(
     attempts: Attempts<'_>,
     request: impl Fn(&Target, ProxyBody) -> Request<ProxyBody>,
 ) -> Result<Prefilled, ProxyError> {
-    let mut retry = 0;
+    let list = attempts.prefillers;
+    let breakers = attempts.breakers;
+    let mut tried = vec![false; list.len()];
+    // The admitted prefiller from position `from` on (cycling), preferring untried ones.
+    let pick = |from: usize, tried: &[bool], untried_only: bool| {
+        (0..list.len())
+            .map(|k| (from + k) % list.len())
+            .filter(|&i| !(untried_only && tried[i]))
+            .find(|&i| breakers.admit(&list[i]))
+    };
+    let Some(mut at) = pick(0, &tried, false) else {
+        return Err(all_open(list, breakers));
+    };
+    let mut retries = 0;
     loop {
-        let Some(prefiller) = attempts
-            .prefillers
-            .get(retry as usize % attempts.prefillers.len().max(1))
-        else {
-            return Err(ProxyError::Internal("no prefiller to send to".into()));
-        };
+        let prefiller = &list[at];
+        tried[at] = true;
         // Each attempt sends the same bytes: the pieces are shared, not copied.
         let (body, sent) = SentSignal::new(attempts.body.clone());
         let mut req = request(prefiller, body::boxed(body));
         attempts.abandoned.track(capture_connection(&mut req), sent);
         let failure = match once(attempts.upstream, req, prefiller, attempts.abandoned).await {
-            Ok(prefilled) => return Ok(prefilled),
+            Ok(prefilled) => {
+                breakers.success(prefiller);
+                return Ok(prefilled);
+            }
             Err(failure) => failure,
         };
-        let reason = match failure.retry_reason {
-            Some(reason) if retry < attempts.policy.max_retries && !attempts.abandoned.is_set() => {
-                reason
-            }
-            _ => return Err(failure.error),
+        breakers.failure(prefiller);
+        let Some(reason) = failure
+            .retry_reason
+            .filter(|_| !attempts.abandoned.is_set())
+        else {
+            return Err(failure.error);
         };
-        retry += 1;
-        let delay = attempts.policy.delay(retry);
+        let next = (at + 1) % list.len();
+        // No connection: nothing reached vLLM, and another prefiller costs nobody a wait.
+        let failover = (reason == "connect")
+            .then(|| pick(next, &tried, true))
+            .flatten();
+        if let Some(untried) = failover {
+            info!(error = %failure.error, to = list[untried].authority(), "prefill failed before pinning KV blocks; failing over to the next prefiller");
+            attempts.metrics.prefill_retry(reason);
+            at = untried;
+            continue;
+        }
+        if retries >= attempts.policy.max_retries {
+            return Err(failure.error);
+        }
+        retries += 1;
+        let delay = attempts.policy.delay(retries);
         info!(
             error = %failure.error,
-            retry,
+            retry = retries,
             delay_ms = delay.as_millis() as u64,
             "prefill failed before pinning KV blocks; retrying"
         );
@@ -84,6 +117,24 @@ pub async fn prefill(
         if attempts.abandoned.is_set() {
             return Err(failure.error);
         }
+        at = match pick(next, &tried, false) {
+            Some(i) => i,
+            None => return Err(failure.error),
+        };
+    }
+}
+
+/// The error for a request whose every prefiller has an open breaker.
+pub fn all_open(prefillers: &[Target], breakers: &Breakers) -> ProxyError {
+    let names: Vec<&str> = prefillers.iter().map(Target::authority).collect();
+    let retry_in = prefillers
+        .iter()
+        .filter_map(|p| breakers.open_for(p))
+        .min()
+        .unwrap_or_default();
+    ProxyError::PrefillersOpen {
+        prefillers: names.join(", "),
+        retry_in,
     }
 }
 

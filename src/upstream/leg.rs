@@ -11,12 +11,18 @@ pub enum Leg {
     Decode,
 }
 
-impl fmt::Display for Leg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Leg::Encode => "encode",
             Leg::Prefill => "prefill",
             Leg::Decode => "decode",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Leg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }

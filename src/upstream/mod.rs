@@ -111,6 +111,15 @@ impl Upstream {
         }
         sent
     }
+
+    /// Sends `req` on the decode leg's client (its TLS settings and pool) as no request's
+    /// leg: no span, no busy-polling window. The readiness check of vLLM's `/health`.
+    pub async fn probe(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.decode.request(req).await
+    }
 }
 
 fn http_connector(connect_timeout: Duration) -> HttpConnector {

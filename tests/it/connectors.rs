@@ -105,7 +105,7 @@ async fn offloading_names_the_id_the_prefill_used_and_the_prefillers_p2p_port() 
     assert_eq!(
         std::str::from_utf8(&prefill.body).unwrap(),
         format!(
-            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":1,"kv_transfer_params":{{"remote_decoder":{{"kv_request_id":"{id}"}}}},"stream":false,"max_completion_tokens":1}}"#
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":1,"stream":false,"max_completion_tokens":1,"kv_transfer_params":{{"remote_decoder":{{"kv_request_id":"{id}"}}}}}}"#
         )
     );
     assert_eq!(
@@ -398,7 +398,11 @@ async fn a_decoder_only_request_pulls_from_the_kv_cache_source() {
         let decode = d.next().await;
         assert_eq!(decode.header("x-kv-cache-source-host-port"), None);
         let Some(host) = pulled_from else {
-            assert_eq!(decode.body, body.as_bytes(), "{source}: untouched");
+            // Passed through: only the client's own params are removed.
+            assert_eq!(
+                decode.body, br#"{"prompt":"hi"}"#,
+                "{source}: passed through"
+            );
             continue;
         };
         let params = member(&decode, "kv_transfer_params");

@@ -92,10 +92,20 @@ fn container_ports(c: &Value) -> BTreeSet<u64> {
 }
 
 fn assert_health_probe(c: &Value, probe: &str, ports: &BTreeSet<u64>) {
+    assert_probe(c, probe, "/health", ports);
+}
+
+/// `c`'s `probe` is an HTTP GET of `path` on one of `ports`.
+fn assert_probe(c: &Value, probe: &str, path: &str, ports: &BTreeSet<u64>) {
     let get = &c[probe]["httpGet"];
-    assert_eq!(get["path"], "/health", "{} {probe}", c["name"]);
+    assert_eq!(get["path"], path, "{} {probe}", c["name"]);
     let port = get["port"].as_u64().expect("numeric probe port");
     assert!(ports.contains(&port), "{} {probe} on {port}", c["name"]);
+}
+
+/// A probe's field, or Kubernetes' default for it.
+fn probe_field(c: &Value, probe: &str, field: &str, default: u64) -> u64 {
+    c[probe][field].as_u64().unwrap_or(default)
 }
 
 /// `selector` (matchLabels) selects a pod with `labels`.
@@ -150,6 +160,7 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
     assert_eq!(parsed.args.port, 8000);
     assert_eq!(config_port(&parsed), 8001);
     let drain = parsed.args.drain_timeout;
+    let drain_delay = parsed.args.drain_delay;
     let config =
         Config::try_from(parsed.clone()).unwrap_or_else(|e| panic!("deploy/ sidecar args: {e}"));
     assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9090));
@@ -169,8 +180,20 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
         .into_iter()
         .collect()
     );
-    assert_health_probe(sidecar, "readinessProbe", &ports);
+    // Readiness follows vLLM and the drain; liveness is the sidecar alone.
+    assert_probe(sidecar, "readinessProbe", "/readyz", &ports);
     assert_health_probe(sidecar, "livenessProbe", &ports);
+    // Kubelet sees the drain's 503 before the delay ends and the listener closes.
+    let to_unready = probe_field(sidecar, "readinessProbe", "periodSeconds", 10)
+        * probe_field(sidecar, "readinessProbe", "failureThreshold", 3);
+    assert!(
+        !drain_delay.is_zero() && to_unready <= drain_delay.as_secs(),
+        "readiness fails after {to_unready}s, -drain-delay is {drain_delay:?}"
+    );
+    assert!(
+        sidecar["lifecycle"]["preStop"].is_null(),
+        "the sidecar delays itself (-drain-delay)"
+    );
     assert_eq!(sidecar["securityContext"]["runAsUser"], 65532);
     assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
 
@@ -183,6 +206,13 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
     let vllm_ports = container_ports(vllm);
     assert!(vllm_ports.contains(&8001));
     assert_health_probe(vllm, "readinessProbe", &vllm_ports);
+    // vLLM, signalled with the sidecar, keeps serving through the sidecar's delay.
+    let hook = strings(&vllm["lifecycle"]["preStop"]["exec"]["command"]);
+    let slept = match hook.as_slice() {
+        [sleep, secs] if sleep == "sleep" => secs.parse::<u64>().expect("sleep seconds"),
+        _ => panic!("vLLM's preStop is not `sleep N`: {hook:?}"),
+    };
+    assert!(slept >= drain_delay.as_secs(), "vLLM stops after {slept}s");
 
     // The pool named in the env is the one deployed, in the pod's namespace.
     let env = sidecar["env"].as_array().expect("env");
@@ -196,11 +226,14 @@ fn the_sidecar_args_parse_with_the_real_cli_and_match_the_pod() {
         var("INFERENCE_POOL_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.namespace"
     );
-    // Long enough for the drain.
+    // Long enough for the delay and the drain.
     let grace = decode["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
-    assert!(grace > drain.as_secs());
+    assert!(
+        grace > (drain_delay + drain).as_secs(),
+        "terminationGracePeriodSeconds {grace} <= -drain-delay {drain_delay:?} + -drain-timeout {drain:?}"
+    );
 }
 
 /// The decoder port the parsed flags resolve to.

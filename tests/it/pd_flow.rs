@@ -39,13 +39,15 @@ async fn nixlv2_prefills_then_decodes_with_the_prefillers_params_verbatim() {
     assert!(p_body.get("min_tokens").is_none());
     assert!(p_body.get("stream_options").is_none());
     let p_raw = p_req["body"].as_str().unwrap();
-    assert!(p_raw.starts_with(r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":1,"kv_transfer_params":"#), "{p_raw}");
+    // The injected params were removed first (`security::client_params`): the connector's
+    // come last.
+    assert!(p_raw.starts_with(r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":1,"zz":[1.0e2],"stream":false,"max_completion_tokens":1,"kv_transfer_params":"#), "{p_raw}");
 
     // The decoder got the original bytes, the injected params replaced by the prefiller's.
     let d_raw = d_req["body"].as_str().unwrap();
-    let prefix = r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":5,"min_tokens":2,"kv_transfer_params":{"do_remote_prefill":true"#;
+    let prefix = r#"{"seed":12345678901234567890,"prompt":"Tell me a story \u00e9 <&>","model":"sim-model","max_tokens":5,"min_tokens":2,"zz":[1.0e2],"kv_transfer_params":{"do_remote_prefill":true"#;
     assert!(d_raw.starts_with(prefix), "{d_raw}");
-    assert!(d_raw.ends_with(r#","zz":[1.0e2]}"#), "{d_raw}");
+    assert!(!d_raw.contains("evil"), "{d_raw}");
     let d_body = record_body(d_req);
     let params = &d_body["kv_transfer_params"];
     let p_state = sim_state(&p).await;

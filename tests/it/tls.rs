@@ -55,6 +55,8 @@ async fn prefill_and_decode_legs_speak_tls() {
     let front = |backend: std::net::SocketAddr| {
         let mut cfg = config(backend);
         cfg.server_tls = Some(None);
+        // Its clients are the sidecar below: the transfer parameters it gets are that one's.
+        cfg.trust_client_kv_params = true;
         Sidecar::start(cfg)
     };
     let p_front = front(p.api_addr()).await;

@@ -17,6 +17,7 @@ use super::{
 use crate::body::{BoxError, ProxyBody};
 use crate::connector::Connector;
 use crate::error::ProxyError;
+use crate::headers::SERVER_TIMING;
 use crate::observe::otel::spans::ServerSpan;
 use crate::upstream::Leg;
 use opentelemetry::KeyValue;
@@ -28,6 +29,8 @@ pub struct RequestGuard {
     route: Route,
     phase: Phase,
     prefill_started: Option<Instant>,
+    /// How long the prefill took, for the response's `Server-Timing`.
+    prefill_took: Option<std::time::Duration>,
     /// When the decode leg went out; taken when its first byte is relayed.
     decode_sent: Option<Instant>,
     /// When the decode leg went out, for pd-sidecar's decode stage (to the response's end).
@@ -54,6 +57,7 @@ impl RequestGuard {
                 Route::PassThrough => Phase::Decode,
             },
             prefill_started: None,
+            prefill_took: None,
             decode_sent: None,
             decode_started: None,
             done: false,
@@ -94,6 +98,7 @@ impl RequestGuard {
     pub fn prefill_done(&mut self) {
         let now = Instant::now();
         if let Some(started) = self.prefill_started.take() {
+            self.prefill_took = Some(now - started);
             let seconds = (now - started).as_secs_f64();
             self.metrics
                 .0
@@ -120,6 +125,7 @@ impl RequestGuard {
     /// becomes the client's error is counted by [`RequestGuard::error`].
     pub fn prefill_failed(&mut self) {
         if let Some(started) = self.prefill_started.take() {
+            self.prefill_took = Some(started.elapsed());
             let pd = &self.metrics.0.pd_sidecar;
             pd.prefill_duration.observe(started.elapsed().as_secs_f64());
             self.metrics.stage_error(Stage::Prefill);
@@ -174,13 +180,37 @@ impl RequestGuard {
         if matches!(self.phase, Phase::Prefill | Phase::Handoff) {
             self.phase = Phase::Decode;
         }
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        if let Some(timing) = self.server_timing() {
+            parts.headers.append(SERVER_TIMING, timing);
+        }
         let tracked = Tracked {
             inner: body,
             status: parts.status,
             guard: self,
         };
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(tracked))
+    }
+
+    /// `prefill;dur=…, decode;dur=…` (milliseconds) on a P/D response: the prefill leg until
+    /// the prefiller's whole reply, and the decode leg until the decoder's response head.
+    fn server_timing(&self) -> Option<http::HeaderValue> {
+        if self.route != Route::Pd {
+            return None;
+        }
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let prefill = self
+            .prefill_took
+            .map(|d| format!("prefill;dur={:.3}", ms(d)));
+        let decode = self
+            .decode_sent
+            .map(|sent| format!("decode;dur={:.3};desc=\"first byte\"", ms(sent.elapsed())));
+        let value = match (prefill, decode) {
+            (Some(p), Some(d)) => format!("{p}, {d}"),
+            (Some(one), None) | (None, Some(one)) => one,
+            (None, None) => return None,
+        };
+        http::HeaderValue::try_from(value).ok()
     }
 
     fn finish(&mut self, outcome: Outcome) {

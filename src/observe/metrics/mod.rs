@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `requests_total` | counter | `connector`, `route`, `outcome` |
 //! | `in_flight_requests` | gauge | `route` |
+//! | `ready` | gauge | |
 //! | `prefill_duration_seconds` | histogram | `connector` |
 //! | `decode_first_byte_seconds` | histogram | `connector` |
 //! | `upstream_errors_total` | counter | `leg`, `kind` |
@@ -16,6 +17,7 @@
 //! | `rejected_requests_total` | counter | `reason` |
 //! | `trace_spans_total` | counter | `outcome` |
 //! | `data_parallel_requests_total` | counter | `rank`, `via` |
+//! | `client_params_removed_total` | counter | `field` |
 //!
 //! pd-sidecar's families (llm-d-router#1677), under their own prefix `llm_d_disagg_sidecar_`, so
 //! dashboards built for it work unchanged: `requests_total{api_type}`,
@@ -59,9 +61,10 @@ pub use guard::{CountedRequest, RequestGuard};
 pub const PREFIX: &str = "llm_d_sidecar";
 
 /// Every exposed metric family, as scraped (docs/operating.md's list is checked against this).
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 23] = [
     "llm_d_sidecar_requests_total",
     "llm_d_sidecar_in_flight_requests",
+    "llm_d_sidecar_ready",
     "llm_d_sidecar_prefill_duration_seconds",
     "llm_d_sidecar_decode_first_byte_seconds",
     "llm_d_sidecar_upstream_errors_total",
@@ -73,6 +76,9 @@ pub const NAMES: [&str; 19] = [
     "llm_d_sidecar_trace_spans_total",
     "llm_d_sidecar_data_parallel_requests_total",
     "llm_d_sidecar_encoders_denied_total",
+    "llm_d_sidecar_client_params_removed_total",
+    "llm_d_sidecar_prefiller_breakers",
+    "llm_d_sidecar_degraded_requests_total",
     "llm_d_disagg_sidecar_requests_total",
     "llm_d_disagg_sidecar_disagg_requests_total",
     "llm_d_disagg_sidecar_encode_duration_seconds",
@@ -179,8 +185,9 @@ const OUTCOMES: [&str; 7] = [
     "stream_error",
     "cancelled",
 ];
-const ERROR_KINDS: [&str; 6] = [
+const ERROR_KINDS: [&str; 7] = [
     "unreachable",
+    "circuit_open",
     "http_5xx",
     "bad_reply",
     "timeout",
@@ -189,20 +196,10 @@ const ERROR_KINDS: [&str; 6] = [
 ];
 
 /// The `kind` label of an upstream error.
-fn error_kind(e: &ProxyError) -> &'static str {
-    match e {
-        ProxyError::PrefillUnreachable { .. } | ProxyError::DecoderUnreachable { .. } => {
-            "unreachable"
-        }
-        ProxyError::EncoderFailed { status: None, .. } => "unreachable",
-        ProxyError::EncoderFailed {
-            status: Some(s), ..
-        } if s.is_server_error() => "http_5xx",
-        ProxyError::EncoderFailed { .. } => "http_4xx",
-        ProxyError::PrefillFailed { .. } => "http_5xx",
-        ProxyError::PrefillBadReply { .. } => "bad_reply",
-        ProxyError::Timeout { .. } => "timeout",
-        // Errors added later land here until they get a kind of their own.
+pub(crate) fn error_kind(e: &ProxyError) -> &'static str {
+    match e.kind() {
+        // Upstream failures only; anything else counted here is a kind of its own to add.
+        kind if ERROR_KINDS.contains(&kind) || kind == "http_4xx" => kind,
         _ => "other",
     }
 }
@@ -242,6 +239,15 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Why a P/D request was served without a KV hand-off (`degraded_requests_total`'s reason,
+/// and the `x-prefill-fallback` header's value with `_` as `-`).
+pub const DEGRADED_REASONS: [&str; 2] = ["decode_local", "no_kv_params"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -262,6 +268,12 @@ struct RankLabels {
     /// A number below `-data-parallel-size`: bounded by the operator, not by requests.
     rank: String,
     via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FieldLabels {
+    /// One of [`crate::security::client_params::Field`]'s labels.
+    field: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -364,6 +376,7 @@ pub struct Metrics(Arc<Inner>);
 
 struct Inner {
     registry: Registry,
+    ready: Gauge,
     requests: Family<RequestLabels, Counter>,
     in_flight: Family<RouteLabels, Gauge>,
     prefill_duration: Histograms,
@@ -377,6 +390,9 @@ struct Inner {
     trace_spans: Family<OutcomeLabels, Counter>,
     data_parallel: Family<RankLabels, Counter>,
     encoders_denied: Counter,
+    client_params_removed: Family<FieldLabels, Counter>,
+    prefiller_breakers: Family<StateLabels, Gauge>,
+    degraded: Family<ReasonLabels, Counter>,
     pd_sidecar: PdSidecar,
 }
 
@@ -426,8 +442,15 @@ impl Metrics {
         registry.register(
             "requests",
             "Requests served, by connector, route (pd, pass_through) and outcome (2xx, 4xx, 5xx, \
-             stream_error, cancelled); /health is not counted",
+             stream_error, cancelled); /health and /readyz are not counted",
             requests.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (every vLLM rank's /health answers 2xx and the sidecar \
+             is not draining), else 0",
+            ready.clone(),
         );
         let in_flight = Family::<RouteLabels, Gauge>::default();
         registry.register(
@@ -452,7 +475,7 @@ impl Metrics {
         registry.register(
             "upstream_errors",
             "Upstream failures, by leg (encode, prefill, decode) and kind (unreachable, \
-             http_4xx, http_5xx, bad_reply, stream_broken, other)",
+             circuit_open, http_4xx, http_5xx, bad_reply, stream_broken, other)",
             upstream_errors.clone(),
         );
         let cancellations = Family::default();
@@ -512,6 +535,43 @@ impl Metrics {
              dropped from their request",
             encoders_denied.clone(),
         );
+        let prefiller_breakers = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "prefiller_breakers",
+            "Prefillers whose circuit breaker is not closed, by state: open (skipped until its \
+             backoff ends) or half_open (one request is trying it)",
+            prefiller_breakers.clone(),
+        );
+        for state in ["open", "half_open"] {
+            prefiller_breakers
+                .get_or_create(&StateLabels { state })
+                .set(0);
+        }
+        let degraded = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "degraded_requests",
+            "P/D requests answered without the prefiller's KV cache, by reason: decode_local \
+             (the prefill failed; -prefill-failure-policy=decode-local) or no_kv_params (the \
+             prefiller returned no usable kv_transfer_params: the decoder recomputes the prompt)",
+            degraded.clone(),
+        );
+        for reason in DEGRADED_REASONS {
+            let _ = degraded.get_or_create(&ReasonLabels { reason });
+        }
+        let client_params_removed = Family::default();
+        registry.register(
+            "client_params_removed",
+            "Transfer parameters a client sent, removed before its request reached vLLM \
+             (-trust-client-kv-params=false), by field: kv_transfer_params, ec_transfer_params, \
+             v1_remote_fields (top-level remote_*/do_remote_*), extra_args (generate's \
+             sampling_params.extra_args), vllm_xargs",
+            client_params_removed.clone(),
+        );
+        for field in crate::security::client_params::Field::ALL {
+            let _ = client_params_removed.get_or_create(&FieldLabels {
+                field: field.label(),
+            });
+        }
         // Series with known label values exist from the start: 0 rather than nothing.
         for route in [Route::Pd, Route::PassThrough] {
             let route = route.as_str();
@@ -557,6 +617,7 @@ impl Metrics {
         let pd_sidecar = PdSidecar::register(root.sub_registry_with_prefix(PD_SIDECAR_PREFIX));
         Self(Arc::new(Inner {
             registry: root,
+            ready,
             requests,
             in_flight,
             prefill_duration,
@@ -570,6 +631,9 @@ impl Metrics {
             trace_spans,
             data_parallel,
             encoders_denied,
+            client_params_removed,
+            prefiller_breakers,
+            degraded,
             pd_sidecar,
         }))
     }
@@ -580,6 +644,11 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.0.registry);
         text
+    }
+
+    /// Sets `ready` (see [`crate::readiness`]).
+    pub fn set_ready(&self, ready: bool) {
+        self.0.ready.set(i64::from(ready));
     }
 
     /// Starts tracking one request: in flight until the returned guard is finished or dropped.
@@ -618,8 +687,36 @@ impl Metrics {
     }
 
     /// Encoders the request named that SSRF protection does not allow (dropped from it).
+    /// A prefiller's breaker moved between states (`None`: closed, not counted).
+    pub fn prefiller_breaker(&self, from: Option<&'static str>, to: Option<&'static str>) {
+        let family = &self.0.prefiller_breakers;
+        if let Some(state) = from {
+            family.get_or_create(&StateLabels { state }).dec();
+        }
+        if let Some(state) = to {
+            family.get_or_create(&StateLabels { state }).inc();
+        }
+    }
+
+    /// A P/D request was answered without a KV hand-off (`reason`: one of
+    /// [`DEGRADED_REASONS`]).
+    pub fn degraded(&self, reason: &'static str) {
+        self.0
+            .degraded
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     pub fn encoders_denied(&self, n: usize) {
         self.0.encoders_denied.inc_by(n as u64);
+    }
+
+    /// Counts one request's removal of a client's transfer parameters, by `field` label.
+    pub fn client_param_removed(&self, field: &'static str) {
+        self.0
+            .client_params_removed
+            .get_or_create(&FieldLabels { field })
+            .inc();
     }
 
     /// Rank `rank`'s request counters (created at zero): arrived on its listener, and sent to

@@ -1,5 +1,6 @@
 //! A raw HTTP/1.1 upstream that records each request's bytes exactly as they arrived and
-//! answers with a canned response: for assertions about what went over the wire.
+//! answers with a canned response: for assertions about what went over the wire. `GET
+//! /health` (the sidecar's readiness check of vLLM) is answered 200 and not recorded.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -67,6 +68,14 @@ impl Recorder {
                 let responses = Arc::clone(&responses);
                 tokio::spawn(async move {
                     while let Some(rec) = read_request(&mut sock).await {
+                        // The sidecar's readiness check, answered as vLLM does and not
+                        // recorded: tests see only the requests the sidecar relays.
+                        if rec.head.starts_with("GET /health ") {
+                            if sock.write_all(HEALTHY).await.is_err() || close_after {
+                                return;
+                            }
+                            continue;
+                        }
                         let response = {
                             let mut seen = counter.lock().expect("lock");
                             *seen += 1;
@@ -107,6 +116,9 @@ impl Drop for Recorder {
         self.task.abort();
     }
 }
+
+/// vLLM's answer to `GET /health`.
+const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
 
 /// Reads one request with a Content-Length or chunked body; None at EOF.
 async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Recorded> {
