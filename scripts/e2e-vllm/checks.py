@@ -151,14 +151,14 @@ class Sidecar:
 
     started = 0
 
-    def __init__(self, binary, connector, vllm_port, logdir):
+    def __init__(self, binary, connector, vllm_port, logdir, extra=()):
         Sidecar.started += 1
         self.name = f"sidecar{Sidecar.started}-{connector}-vllm{vllm_port}"
         self.log_path = os.path.join(logdir, self.name + ".log")
         self.log = Log(self.log_path)
         self.args = [
             binary, "-port=0", "-bind-address=127.0.0.1", "-vllm-host=127.0.0.1",
-            f"-vllm-port={vllm_port}", f"-connector={connector}", "-v=4",
+            f"-vllm-port={vllm_port}", f"-connector={connector}", "-v=4", *extra,
         ]
         self.proc = None
         self.port = None
@@ -240,8 +240,8 @@ class Ctx:
         self.n += 1
         return f"Request {self.n} ({what}): San Francisco is a city where the fog"
 
-    def sidecar(self, connector, vllm_port=None):
-        return Sidecar(self.args.sidecar, connector, vllm_port or self.decode, self.args.logs)
+    def sidecar(self, connector, vllm_port=None, extra=()):
+        return Sidecar(self.args.sidecar, connector, vllm_port or self.decode, self.args.logs, extra)
 
     def plain(self, path, body):
         status, _, reply, raw = post_json(self.decode, path, body)
@@ -429,6 +429,103 @@ def c_latency(ctx, sc, reps=7):
             f"without P/D {show('pass_through')}, P/D via sidecar {show('pd')}")
 
 
+def long_chat(ctx, what, budget=440):
+    """A multi-turn chat of at most `budget` tokens (the servers' context is 512), as long as
+    fits: templating and tokenizing it is the work tokenize-once saves the decoder. Fresh per
+    call (no cache hits)."""
+    for turns in range(12, 0, -1):
+        body = chat_turns(ctx.prompt(what), turns)
+        status, _, counted, _ = post_json(ctx.decode, "/tokenize", {"model": MODEL, "messages": body["messages"]})
+        if status == 200 and counted["count"] <= budget:
+            return body
+    raise CheckFailed("no chat fits the context")
+
+
+def chat_turns(n, turns):
+    filler = ("The harbour fog rolled over the hills while the cable cars climbed past the old "
+              "brick warehouses and the bay lights came on one by one. ")
+    messages = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"{n} turn {i}: {filler}"})
+        messages.append({"role": "assistant", "content": f"Noted {i}. {filler[:60]}"})
+    messages.append({"role": "user", "content": f"{n}: and then?"})
+    return {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+def first_token_ms(port, body, headers):
+    """Time to the first content event of a streamed chat, in ms."""
+    t0 = time.perf_counter()
+    s = Stream(port, "/v1/chat/completions", dict(body, stream=True), headers)
+    try:
+        need(s.status == 200, f"stream: {s.status}")
+        for data in s.events():
+            if data == "[DONE]":
+                break
+            delta = json.loads(data)["choices"][0].get("delta", {})
+            if delta.get("content"):
+                return (time.perf_counter() - t0) * 1e3
+        raise CheckFailed("no content event")
+    finally:
+        s.close()
+
+
+def c_tokenize_once(ctx, once, plain_sc, rounds=9):
+    """-tokenize-once on a long chat: the prefill leg asks for the prompt's token ids and the
+    decode leg's kv_transfer_params start with them (both sidecars run with -v=5, which traces
+    the legs' bodies), they are the ids the decoder renders itself (/tokenize), the decoder uses
+    such ids in place of the messages, the output equals plain decoding and P/D without it, the
+    client sees no token ids, and time to first token with and without. (vLLM logs an ignored
+    key only at DEBUG, so the servers' INFO logs cannot show it.)"""
+    body = long_chat(ctx, "tokenize-once")
+    status, _, rendered, raw = post_json(ctx.decode, "/tokenize", {"model": MODEL, "messages": body["messages"]})
+    need(status == 200, f"/tokenize: {status} {raw[:200]!r}")
+    once.log.mark()
+    reply, _ = pd_matches_plain(ctx, once, "/v1/chat/completions", body, "tokenize-once")
+    need(reply.get("prompt_token_ids") is None, f"the client got prompt_token_ids: {str(reply)[:200]}")
+    legs = once.log.since().splitlines()
+    prefill_leg = next((l for l in legs if "prefill request" in l and "body=" in l), None)
+    need(prefill_leg, f"no 'prefill request' trace in {once.log_path}")
+    need('"return_token_ids":true' in prefill_leg, f"the prefill leg has no return_token_ids: {prefill_leg[-300:]!r}")
+    decode_leg = next((l for l in legs if "decode request" in l and "body=" in l), None)
+    need(decode_leg, f"no 'decode request' trace in {once.log_path}")
+    m = re.search(r'"kv_transfer_params":\{"prompt_token_ids":\[([0-9, ]*)\]', decode_leg)
+    need(m, f"the decode leg's kv_transfer_params do not start with prompt_token_ids: {decode_leg[-300:]!r}")
+    sent = [int(x) for x in m.group(1).split(",") if x.strip()]
+    need(sent == rendered["tokens"], f"the decode leg's {len(sent)} ids != the decoder's own rendering "
+                                     f"({rendered['count']} tokens)")
+    status, _, without, raw = post_json(plain_sc.port, "/v1/chat/completions", body, pd_headers(ctx.prefill))
+    need(status == 200 and text_of(without) == text_of(reply), f"without tokenize-once: {status} {raw[:200]!r}")
+    # The decoder serves the ids, not the messages: another chat's ids under this chat's
+    # messages give the other chat's plain output.
+    other = long_chat(ctx, "other ids")
+    status, _, other_ids, raw = post_json(ctx.decode, "/tokenize", {"model": MODEL, "messages": other["messages"]})
+    need(status == 200, f"/tokenize: {status} {raw[:200]!r}")
+    swapped = ctx.plain("/v1/chat/completions", dict(body, kv_transfer_params={"prompt_token_ids": other_ids["tokens"]}))
+    need(swapped["usage"]["prompt_tokens"] == other_ids["count"]
+         and text_of(swapped) == text_of(ctx.plain("/v1/chat/completions", other)),
+         f"ids of another chat: {swapped['usage']['prompt_tokens']} prompt tokens (ids: {other_ids['count']}), "
+         "text != that chat's plain text")
+    # Malformed ids straight to the decoder are refused: vLLM reads the key (and so would have
+    # refused the sidecar's if they were wrong).
+    bad = dict(body, kv_transfer_params={"prompt_token_ids": [-1]})
+    status, _, _, raw = post_json(ctx.decode, "/v1/chat/completions", bad)
+    need(status == 400 and b"prompt_token_ids" in raw, f"malformed ids: {status} {raw[:200]!r}")
+    samples = {"tokenize_once": [], "plain_pd": []}
+    for r in range(rounds + 1):
+        order = [("tokenize_once", once), ("plain_pd", plain_sc)]
+        for name, sc in (order if r % 2 else order[::-1]):
+            ms = first_token_ms(sc.port, long_chat(ctx, "ttft"), pd_headers(ctx.prefill))
+            if r:
+                samples[name].append(ms)
+    fig = {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in samples.items()}
+    ctx.figures["tokenize_once_ttft_ms"] = fig
+    usage = reply["usage"]["prompt_tokens"]
+    show = lambda k: f"{fig[k]['min']:.1f}/{fig[k]['median']:.1f}/{fig[k]['max']:.1f} ms"
+    return (f"{usage}-token chat prompt, decode leg carried its {len(sent)} ids (= decoder's /tokenize), "
+            f"another chat's ids served as that chat; {rounds} rounds alternating, TTFT min/median/max: with "
+            f"{show('tokenize_once')}, without {show('plain_pd')}; output equal")
+
+
 def c_legacy_nixl(ctx, sc):
     """-connector=nixl sends top-level do_remote_decode, which upstream vLLM ignores."""
     sc.log.mark()
@@ -558,6 +655,15 @@ def main():
             check("nixlv2: latency", c_latency, ctx, sc)
     except CheckFailed as e:
         report("FAIL", "nixlv2 sidecar", str(e))
+
+    try:
+        # -v=5 (trace: the legs' bodies) on both, so that logging weighs the same on each TTFT.
+        with ctx.sidecar("nixlv2", extra=["-tokenize-once=true", "-v=5"]) as once, \
+                ctx.sidecar("nixlv2", extra=["-v=5"]) as sc:
+            check("nixlv2 -tokenize-once: decoder reuses the prefill's token ids, output = plain, TTFT",
+                  c_tokenize_once, ctx, once, sc)
+    except CheckFailed as e:
+        report("FAIL", "tokenize-once sidecars", str(e))
 
     try:
         with ctx.sidecar("nixl") as sc:

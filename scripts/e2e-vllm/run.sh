@@ -122,6 +122,15 @@ main() {
   export UCX_TLS=tcp,self UCX_NET_DEVICES=lo
   # vLLM's CPU default pins every server's OpenMP threads to the same core.
   export VLLM_CPU_OMP_THREADS_BIND=nobind
+  # vLLM 0.32's AMX bf16 attention uses tile registers without asking Linux for them (only oneDNN GEMMs
+  # over 4 tokens ask): a 1-token first step (a P/D decode) dies of SIGILL. Ask at start: one syscall.
+  AMX_HOOK="$E2E_CACHE/amx-perm"
+  mkdir -p "$AMX_HOOK"
+  cat > "$AMX_HOOK/sitecustomize.py" <<'PY'
+import ctypes, platform, sys
+if sys.platform == "linux" and platform.machine() == "x86_64":
+    ctypes.CDLL(None).syscall(158, 0x1023, 18)  # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+PY
   KV_CONFIG='{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}'
   # The prefiller's lease on KV blocks no decoder has pulled (vLLM 0.32 default 30 s).
   PREFILL_KV_CONFIG='{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu","kv_connector_extra_config":{"kv_lease_duration":'"$E2E_LEASE"'}}'
@@ -129,7 +138,7 @@ main() {
   start_server() { # name http_port side_channel_port kv_transfer_config
     local name=$1 port=$2 side=$3 kv=$4
     # vllm-cpu 0.32.0's `vllm` CLI looks up the wrong distribution name; the module works.
-    VLLM_NIXL_SIDE_CHANNEL_PORT="$side" timeout "$SERVER_TTL" \
+    PYTHONPATH="$AMX_HOOK${PYTHONPATH:+:$PYTHONPATH}" VLLM_NIXL_SIDE_CHANNEL_PORT="$side" timeout "$SERVER_TTL" \
       "$PY" -m vllm.entrypoints.openai.api_server \
         --model "$MODEL_DIR" --served-model-name tiny --host 127.0.0.1 --port "$port" \
         --max-model-len 512 -O0 --kv-cache-memory-bytes 67108864 \

@@ -90,8 +90,8 @@ pub struct Args {
     pub enable_prefiller_sampling: bool,
 
     /// Retries of a failed prefill that cannot have pinned KV blocks (connect failure, or
-    /// 502/503/504) once every prefiller of the header's list was tried (each is tried once
-    /// anyway, in order: failover)
+    /// 502/503/504), each on the next prefiller of the header's list. A prefiller refusing the
+    /// connection is followed by the next untried one at once, without using a retry
     #[arg(long = "prefill-max-retries", default_value_t = 0, value_name = "N", help_heading = PD)]
     pub prefill_max_retries: u32,
 
