@@ -233,7 +233,10 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let scrub = match parts.method {
-            Method::POST if !self.pd.trust_client_kv_params => Api::for_path(parts.uri.path()),
+            Method::POST if !self.pd.trust_client_kv_params => client_params::pass_through_rules(
+                parts.uri.path(),
+                parts.headers.get(http::header::CONTENT_TYPE),
+            ),
             _ => None,
         };
         headers::for_upstream(&mut parts.headers);

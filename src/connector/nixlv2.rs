@@ -66,7 +66,7 @@ pub(super) fn decode_plan(
 /// key, unless it has the key already. `None`: nothing to add.
 fn with_prompt_token_ids(params: &str, reply: &JsonObject<'_>) -> Option<String> {
     let ids = reply.get("prompt_token_ids")?.get();
-    if !ids.starts_with('[') || ids == "[]" {
+    if !ids.starts_with('[') || ids[1..].trim_start().starts_with(']') {
         return None;
     }
     let rest = params.strip_prefix('{')?.trim_start();

@@ -7,6 +7,7 @@
 //! and counted in a gauge without it (addresses are not bounded, label values must be).
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -64,41 +65,94 @@ impl State {
 /// The breakers of every prefiller that failed recently.
 pub struct Breakers {
     policy: BreakerPolicy,
-    /// A probe that never reported (its client left mid-attempt) frees the half-open slot
-    /// after this long: the prefill deadline, which bounds any attempt.
+    /// A probe that never reported frees the half-open slot after this long (a safety net:
+    /// a dropped [`Admission`] frees it at once).
     probe_timeout: Duration,
     states: Mutex<LruCache<String, State>>,
+    /// How many prefillers `states` holds: 0 (a healthy fleet) skips the lock.
+    tracked: AtomicUsize,
     metrics: Metrics,
 }
 
+/// A request let through to a prefiller. Report its outcome with [`Admission::succeeded`] or
+/// [`Admission::failed`]; dropped without one (the client left, the attempt was cancelled), a
+/// half-open probe hands its slot to the next request.
+pub struct Admission<'a> {
+    breakers: &'a Breakers,
+    prefiller: &'a Target,
+    /// This request is the half-open breaker's one trial.
+    probe: bool,
+    settled: bool,
+}
+
+impl Admission<'_> {
+    /// The prefiller answered (2xx, or a 4xx that judged the client's request).
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        self.breakers.success(self.prefiller);
+    }
+
+    /// The prefiller failed: no connection, a 5xx, or an unreadable reply.
+    pub fn failed(mut self) {
+        self.settled = true;
+        self.breakers
+            .failure_at(self.prefiller, self.probe, Instant::now());
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.settled {
+            self.breakers.release_probe(self.prefiller, Instant::now());
+        }
+    }
+}
+
 impl Breakers {
+    /// `probe_timeout`: the prefill deadline, which bounds any attempt (0: no deadline, then
+    /// two minutes).
     pub fn new(policy: BreakerPolicy, probe_timeout: Duration, metrics: Metrics) -> Self {
         let capacity = NonZeroUsize::new(policy.capacity).unwrap_or(NonZeroUsize::MIN);
+        let probe_timeout = match probe_timeout {
+            Duration::ZERO => Duration::from_secs(120),
+            t => t,
+        };
         Self {
-            policy,
+            policy: BreakerPolicy {
+                backoff: policy.backoff.min(MAX_BACKOFF),
+                ..policy
+            },
             probe_timeout,
             states: Mutex::new(LruCache::new(capacity)),
+            tracked: AtomicUsize::new(0),
             metrics,
         }
     }
 
     /// May a request be sent to `prefiller` now? An expired open breaker turns half-open and
     /// this caller is its probe.
-    pub fn admit(&self, prefiller: &Target) -> bool {
+    pub fn admit<'a>(&'a self, prefiller: &'a Target) -> Option<Admission<'a>> {
         self.admit_at(prefiller, Instant::now())
+            .map(|probe| Admission {
+                breakers: self,
+                prefiller,
+                probe,
+                settled: false,
+            })
     }
 
-    fn admit_at(&self, prefiller: &Target, now: Instant) -> bool {
-        if self.policy.failures == 0 {
-            return true;
+    /// `Some(probe)` if admitted.
+    fn admit_at(&self, prefiller: &Target, now: Instant) -> Option<bool> {
+        if self.policy.failures == 0 || self.tracked.load(Ordering::Relaxed) == 0 {
+            return Some(false);
         }
         let mut states = self.lock();
         // `peek`: asking does not make a prefiller recent, failing does.
         let Some(state) = states.peek(prefiller.authority()).copied() else {
-            return true;
+            return Some(false);
         };
         let next = match state {
-            State::Closed { .. } => return true,
+            State::Closed { .. } => return Some(false),
             State::Open { until, backoff } if now >= until => State::HalfOpen {
                 since: now,
                 backoff,
@@ -109,7 +163,7 @@ impl Breakers {
                     backoff,
                 }
             }
-            State::Open { .. } | State::HalfOpen { .. } => return false,
+            State::Open { .. } | State::HalfOpen { .. } => return None,
         };
         if let Some(slot) = states.peek_mut(prefiller.authority()) {
             *slot = next;
@@ -120,7 +174,7 @@ impl Breakers {
             prefiller = prefiller.authority(),
             "prefiller circuit half-open: one request tries it"
         );
-        true
+        Some(true)
     }
 
     /// Would [`Breakers::admit`] let a request through now? (It changes nothing: for picking
@@ -130,6 +184,9 @@ impl Breakers {
     }
 
     fn usable_at(&self, prefiller: &Target, now: Instant) -> bool {
+        if self.policy.failures == 0 || self.tracked.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
         match self.lock().peek(prefiller.authority()) {
             None | Some(State::Closed { .. }) => true,
             Some(State::Open { until, .. }) => now >= *until,
@@ -137,12 +194,16 @@ impl Breakers {
         }
     }
 
-    /// The prefiller answered (2xx, or a 4xx that judged the client's request).
-    pub fn success(&self, prefiller: &Target) {
-        if self.policy.failures == 0 {
+    /// The prefiller answered: whatever its state, it is closed again.
+    fn success(&self, prefiller: &Target) {
+        if self.policy.failures == 0 || self.tracked.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let Some(state) = self.lock().pop(prefiller.authority()) else {
+        let mut states = self.lock();
+        let popped = states.pop(prefiller.authority());
+        self.tracked.store(states.len(), Ordering::Relaxed);
+        drop(states);
+        let Some(state) = popped else {
             return;
         };
         self.moved(state, State::Closed { failures: 0 });
@@ -154,12 +215,10 @@ impl Breakers {
         }
     }
 
-    /// The prefiller failed: no connection, a 5xx, or an unreadable reply.
-    pub fn failure(&self, prefiller: &Target) {
-        self.failure_at(prefiller, Instant::now())
-    }
-
-    fn failure_at(&self, prefiller: &Target, now: Instant) {
+    /// A failed request. Failures of requests sent before the breaker opened (they arrive
+    /// while it is open or probing) change nothing: only the probe's failure doubles the
+    /// backoff.
+    fn failure_at(&self, prefiller: &Target, probe: bool, now: Instant) {
         if self.policy.failures == 0 {
             return;
         }
@@ -176,15 +235,17 @@ impl Breakers {
                 until: now + self.policy.backoff,
                 backoff: self.policy.backoff,
             },
-            State::HalfOpen { backoff, .. } | State::Open { backoff, .. } => {
+            State::HalfOpen { backoff, .. } if probe => {
                 let backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
                 State::Open {
                     until: now + backoff,
                     backoff,
                 }
             }
+            State::HalfOpen { .. } | State::Open { .. } => return,
         };
         let evicted = states.push(prefiller.authority().to_string(), next);
+        self.tracked.store(states.len(), Ordering::Relaxed);
         drop(states);
         if let Some((key, old)) = evicted.filter(|(key, _)| key != prefiller.authority()) {
             // The least recently failed prefiller is forgotten: it starts closed again.
@@ -193,18 +254,40 @@ impl Breakers {
         }
         self.moved(state, next);
         if let State::Open { backoff, .. } = next {
-            if !matches!(state, State::Open { .. }) {
-                warn!(
-                    prefiller = prefiller.authority(),
-                    backoff_ms = backoff.as_millis() as u64,
-                    "prefiller circuit open: skipped until the backoff ends"
-                );
-            }
+            warn!(
+                prefiller = prefiller.authority(),
+                backoff_ms = backoff.as_millis() as u64,
+                "prefiller circuit open: skipped until the backoff ends"
+            );
         }
+    }
+
+    /// A probe ended without an answer: the next request may try at once.
+    fn release_probe(&self, prefiller: &Target, now: Instant) {
+        let mut states = self.lock();
+        let Some(slot) = states.peek_mut(prefiller.authority()) else {
+            return;
+        };
+        let State::HalfOpen { backoff, .. } = *slot else {
+            return;
+        };
+        let (from, to) = (
+            *slot,
+            State::Open {
+                until: now,
+                backoff,
+            },
+        );
+        *slot = to;
+        drop(states);
+        self.moved(from, to);
     }
 
     /// How long `prefiller`'s breaker stays open, if it is.
     pub fn open_for(&self, prefiller: &Target) -> Option<Duration> {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         self.open_for_at(prefiller, Instant::now())
     }
 
@@ -256,42 +339,94 @@ mod tests {
             .to_string()
     }
 
+    /// `admit_at` as a boolean, and whether it was the probe.
+    fn admit(b: &Breakers, p: &Target, at: Instant) -> Option<bool> {
+        b.admit_at(p, at)
+    }
+
     #[test]
     fn opens_after_consecutive_failures_then_half_opens_and_closes() {
         let (b, m) = breakers(3, 16);
         let p = target("10.0.0.1:8000");
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        b.failure_at(&p, t0);
-        b.failure_at(&p, t0);
+        b.failure_at(&p, false, t0);
+        b.failure_at(&p, false, t0);
         b.success(&p); // the streak is broken
-        b.failure_at(&p, t0);
-        b.failure_at(&p, t0);
-        assert!(b.admit_at(&p, t0));
-        b.failure_at(&p, t0);
-        assert!(!b.admit_at(&p, at(9)), "three in a row open it");
+        b.failure_at(&p, false, t0);
+        b.failure_at(&p, false, t0);
+        assert_eq!(admit(&b, &p, t0), Some(false));
+        b.failure_at(&p, false, t0);
+        assert_eq!(admit(&b, &p, at(9)), None, "three in a row open it");
         assert_eq!(gauge(&m, "open"), "1");
         assert!(
             b.usable_at(&p, at(10)) && b.usable_at(&p, at(10)),
             "asking takes no probe"
         );
-        assert!(b.admit_at(&p, at(10)), "the backoff is over: one probe");
+        assert_eq!(
+            admit(&b, &p, at(10)),
+            Some(true),
+            "the backoff is over: one probe"
+        );
         assert!(!b.usable_at(&p, at(10)));
-        assert!(!b.admit_at(&p, at(11)), "only one probe at a time");
+        assert_eq!(admit(&b, &p, at(11)), None, "only one probe at a time");
         assert_eq!(
             (gauge(&m, "open"), gauge(&m, "half_open")),
             ("0".into(), "1".into())
         );
-        b.failure_at(&p, at(11));
+        b.failure_at(&p, true, at(11));
         assert_eq!(
             b.open_for_at(&p, at(11)),
             Some(Duration::from_secs(20)),
             "doubled"
         );
-        assert!(!b.admit_at(&p, at(30)));
-        assert!(b.admit_at(&p, at(31)));
+        assert_eq!(admit(&b, &p, at(30)), None);
+        assert_eq!(admit(&b, &p, at(31)), Some(true));
         b.success(&p);
-        assert!(b.admit_at(&p, at(31)) && b.admit_at(&p, at(31)));
+        assert_eq!(admit(&b, &p, at(31)), Some(false));
+        assert_eq!(
+            (gauge(&m, "open"), gauge(&m, "half_open")),
+            ("0".into(), "0".into())
+        );
+        assert_eq!(b.tracked.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn failures_of_requests_sent_before_it_opened_do_not_lengthen_the_backoff() {
+        let (b, _) = breakers(5, 16);
+        let p = target("10.0.0.1:8000");
+        let t0 = Instant::now();
+        // A prefiller dies under load: 20 requests in flight fail at once.
+        for _ in 0..20 {
+            b.failure_at(&p, false, t0);
+        }
+        assert_eq!(b.open_for_at(&p, t0), Some(Duration::from_secs(10)));
+        // Stale failures while the probe runs change nothing either; the probe's own does.
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(10)), Some(true));
+        b.failure_at(&p, false, t0 + Duration::from_secs(10));
+        assert_eq!(
+            admit(&b, &p, t0 + Duration::from_secs(11)),
+            None,
+            "still probing"
+        );
+        b.failure_at(&p, true, t0 + Duration::from_secs(11));
+        assert_eq!(
+            b.open_for_at(&p, t0 + Duration::from_secs(11)),
+            Some(Duration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn a_probe_dropped_without_an_answer_lets_the_next_request_try() {
+        let (b, m) = breakers(1, 16);
+        let p = target("10.0.0.1:8000");
+        b.failure_at(&p, false, Instant::now() - Duration::from_secs(10));
+        let probe = b.admit(&p).expect("the backoff is over");
+        assert!(b.admit(&p).is_none(), "one probe at a time");
+        drop(probe); // its client left
+        assert_eq!(gauge(&m, "half_open"), "0");
+        let next = b.admit(&p).expect("the slot is free again");
+        next.succeeded();
         assert_eq!(
             (gauge(&m, "open"), gauge(&m, "half_open")),
             ("0".into(), "0".into())
@@ -303,22 +438,39 @@ mod tests {
         let (b, _) = breakers(1, 16);
         let p = target("10.0.0.1:8000");
         let t0 = Instant::now();
-        b.failure_at(&p, t0);
-        assert!(b.admit_at(&p, t0 + Duration::from_secs(10)));
-        assert!(!b.admit_at(&p, t0 + Duration::from_secs(39)));
-        assert!(b.admit_at(&p, t0 + Duration::from_secs(40)));
+        b.failure_at(&p, false, t0);
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(10)), Some(true));
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(39)), None);
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(40)), Some(true));
+        // Without a prefill deadline the safety net is two minutes, not zero.
+        let b = Breakers::new(
+            BreakerPolicy {
+                failures: 1,
+                ..BreakerPolicy::default()
+            },
+            Duration::ZERO,
+            Metrics::new(),
+        );
+        b.failure_at(&p, false, t0);
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(5)), Some(true));
+        assert_eq!(admit(&b, &p, t0 + Duration::from_secs(6)), None);
     }
 
     #[test]
     fn memory_is_bounded_and_the_gauge_forgets_evicted_breakers() {
         let (b, m) = breakers(1, 4);
+        let t0 = Instant::now();
         for i in 0..100 {
-            b.failure(&target(&format!("10.0.0.{i}:8000")));
+            b.failure_at(&target(&format!("10.0.0.{i}:8000")), false, t0);
         }
         assert_eq!(b.lock().len(), 4);
         assert_eq!(gauge(&m, "open"), "4");
-        assert!(b.admit(&target("10.0.0.0:8000")), "forgotten: closed");
-        assert!(!b.admit(&target("10.0.0.99:8000")));
+        assert_eq!(
+            admit(&b, &target("10.0.0.0:8000"), t0),
+            Some(false),
+            "forgotten: closed"
+        );
+        assert_eq!(admit(&b, &target("10.0.0.99:8000"), t0), None);
     }
 
     #[test]
@@ -326,9 +478,9 @@ mod tests {
         let (b, m) = breakers(0, 4);
         let p = target("10.0.0.1:8000");
         for _ in 0..10 {
-            b.failure(&p);
+            b.failure_at(&p, false, Instant::now());
         }
-        assert!(b.admit(&p));
+        assert!(b.admit(&p).is_some());
         assert_eq!(gauge(&m, "open"), "0");
     }
 }

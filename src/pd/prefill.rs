@@ -57,48 +57,59 @@ pub async fn prefill(
 ) -> Result<Prefilled, ProxyError> {
     let list = attempts.prefillers;
     let breakers = attempts.breakers;
-    let mut tried = vec![false; list.len()];
-    // The admitted prefiller from position `from` on (cycling), preferring untried ones.
-    let pick = |from: usize, tried: &[bool], untried_only: bool| {
+    // Which entries were tried, as bits (a header names a handful; past 64 none is "untried").
+    let mut tried = 0u64;
+    let untried = |tried: u64, i: usize| i >= 64 || tried & (1 << i) == 0;
+    // The first prefiller from position `from` on (cycling) whose breaker admits a request.
+    let pick = |from: usize, tried: u64, untried_only: bool| {
         (0..list.len())
             .map(|k| (from + k) % list.len())
-            .filter(|&i| !(untried_only && tried[i]))
-            .find(|&i| breakers.admit(&list[i]))
+            .filter(|&i| !untried_only || untried(tried, i))
+            .find_map(|i| breakers.admit(&list[i]).map(|admission| (i, admission)))
     };
-    let Some(mut at) = pick(0, &tried, false) else {
+    let Some(mut current) = pick(0, tried, false) else {
         return Err(all_open(list, breakers));
     };
     let mut retries = 0;
     loop {
+        let (at, admission) = current;
         let prefiller = &list[at];
-        tried[at] = true;
+        if at < 64 {
+            tried |= 1 << at;
+        }
         // Each attempt sends the same bytes: the pieces are shared, not copied.
         let (body, sent) = SentSignal::new(attempts.body.clone());
         let mut req = request(prefiller, body::boxed(body));
         attempts.abandoned.track(capture_connection(&mut req), sent);
         let failure = match once(attempts.upstream, req, prefiller, attempts.abandoned).await {
             Ok(prefilled) => {
-                breakers.success(prefiller);
+                admission.succeeded();
                 return Ok(prefilled);
             }
             Err(failure) => failure,
         };
-        breakers.failure(prefiller);
-        let Some(reason) = failure
-            .retry_reason
-            .filter(|_| !attempts.abandoned.is_set())
-        else {
+        if attempts.abandoned.is_set() {
+            // The sidecar closed the attempt itself: no verdict on the prefiller.
+            drop(admission);
+            return Err(failure.error);
+        }
+        admission.failed();
+        let Some(reason) = failure.retry_reason else {
             return Err(failure.error);
         };
         let next = (at + 1) % list.len();
         // No connection: nothing reached vLLM, and another prefiller costs nobody a wait.
         let failover = (reason == "connect")
-            .then(|| pick(next, &tried, true))
+            .then(|| pick(next, tried, true))
             .flatten();
-        if let Some(untried) = failover {
-            info!(error = %failure.error, to = list[untried].authority(), "prefill failed before pinning KV blocks; failing over to the next prefiller");
+        if let Some(other) = failover {
+            info!(
+                error = %failure.error,
+                to = list[other.0].authority(),
+                "prefill failed before pinning KV blocks; failing over to the next prefiller"
+            );
             attempts.metrics.prefill_retry(reason);
-            at = untried;
+            current = other;
             continue;
         }
         if retries >= attempts.policy.max_retries {
@@ -117,8 +128,8 @@ pub async fn prefill(
         if attempts.abandoned.is_set() {
             return Err(failure.error);
         }
-        at = match pick(next, &tried, false) {
-            Some(i) => i,
+        current = match pick(next, tried, false) {
+            Some(picked) => picked,
             None => return Err(failure.error),
         };
     }

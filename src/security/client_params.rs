@@ -149,6 +149,32 @@ pub fn strip(api: Api, body: &Bytes) -> Outcome {
     parsed(api, body)
 }
 
+/// The rules a pass-through POST to `path` is stripped by, if any: the inference routes,
+/// found as vLLM's server finds them, on the percent-decoded path (`/v1/%63ompletions` is
+/// completions there), plus the two other routes that hand a body with `kv_transfer_params`
+/// to the engine: batch chat, and `/invocations` (dispatched on the body). Form uploads keep
+/// streaming.
+pub fn pass_through_rules(path: &str, content_type: Option<&http::HeaderValue>) -> Option<Api> {
+    let decoded;
+    let path = if path.contains('%') {
+        decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        decoded.as_ref()
+    } else {
+        path
+    };
+    if let Some(api) = Api::for_path(path) {
+        return Some(api);
+    }
+    let form = content_type.is_some_and(|ct| {
+        let ct = ct.as_bytes();
+        ct.len() >= 10 && ct[..10].eq_ignore_ascii_case(b"multipart/")
+    });
+    match path {
+        "/v1/chat/completions/batch" | "/invocations" if !form => Some(Api::ChatCompletions),
+        _ => None,
+    }
+}
+
 /// [`strip`] past its byte checks: the body parsed, its fields looked up by name.
 fn parsed(api: Api, body: &Bytes) -> Outcome {
     let object = match JsonObject::parse(body) {
@@ -265,6 +291,29 @@ fn foreign_encoding(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pass_through_rules_follow_vllms_routing() {
+        let json = http::HeaderValue::from_static("application/json; charset=utf-8");
+        let form = http::HeaderValue::from_static("multipart/form-data; boundary=x");
+        let rules = |path, ct| pass_through_rules(path, ct);
+        assert_eq!(rules("/v1/completions", None), Some(Api::Completions));
+        assert_eq!(
+            rules("/v1/%63ompletions", Some(&json)),
+            Some(Api::Completions)
+        );
+        assert_eq!(rules("/inference/v1/%67enerate", None), Some(Api::Generate));
+        assert_eq!(rules("/invocations", None), Some(Api::ChatCompletions));
+        assert_eq!(
+            rules("/v1/chat/completions/batch", Some(&json)),
+            Some(Api::ChatCompletions)
+        );
+        assert_eq!(rules("/invocations", Some(&form)), None);
+        assert_eq!(rules("/v1/audio/transcriptions", Some(&form)), None);
+        assert_eq!(rules("/v1/embeddings", Some(&json)), None);
+        assert_eq!(rules("/metrics", None), None);
+        assert_eq!(rules("/tokenize", Some(&json)), None);
+    }
 
     fn stripped(api: Api, body: &str) -> (String, Removed) {
         match strip(api, &Bytes::copy_from_slice(body.as_bytes())) {

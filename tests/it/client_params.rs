@@ -307,3 +307,39 @@ async fn a_body_vllm_would_read_and_we_cannot_is_refused_not_forwarded() {
     assert_eq!(resp.status(), 201);
     assert_eq!(next(&mut d).await.body, br#"{"prompt":"y"}"#);
 }
+
+#[tokio::test]
+async fn spelled_or_dispatched_otherwise_an_inference_route_is_stripped_too() {
+    // vLLM routes on the percent-decoded path, dispatches /invocations on the body, and has
+    // routes beyond the five P/D ones (batch chat) that read kv_transfer_params as well.
+    let mut d = Recorder::start(OK).await;
+    let (sidecar, metrics) = start(config(d.addr)).await;
+    let body = format!(r#"{{"prompt":"a","kv_transfer_params":{FORGED}}}"#);
+    let paths = [
+        "/v1/%63ompletions",
+        "/v1/chat%2Fcompletions",
+        "/invocations",
+        "/v1/chat/completions/batch",
+    ];
+    for path in paths {
+        let (resp, _) = call(sidecar.addr, post(path, None, &body)).await;
+        assert_eq!(resp.status(), 201, "{path}");
+        let got = next(&mut d).await;
+        assert!(
+            got.head.starts_with(&format!("POST {path} ")),
+            "{}",
+            got.head
+        );
+        assert_eq!(got.body, br#"{"prompt":"a"}"#, "{path}");
+    }
+    assert_eq!(removed(&metrics, "kv_transfer_params"), paths.len() as u64);
+    // A form upload keeps streaming, untouched.
+    let mut form = post("/invocations", None, &body);
+    form.headers_mut().insert(
+        "content-type",
+        "multipart/form-data; boundary=x".parse().unwrap(),
+    );
+    let (resp, _) = call(sidecar.addr, form).await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(next(&mut d).await.body, body.as_bytes());
+}

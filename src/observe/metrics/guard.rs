@@ -198,18 +198,24 @@ impl RequestGuard {
         if self.route != Route::Pd {
             return None;
         }
+        use std::fmt::Write;
+        if self.prefill_took.is_none() && self.decode_sent.is_none() {
+            return None;
+        }
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        let prefill = self
-            .prefill_took
-            .map(|d| format!("prefill;dur={:.3}", ms(d)));
-        let decode = self
-            .decode_sent
-            .map(|sent| format!("decode;dur={:.3};desc=\"first byte\"", ms(sent.elapsed())));
-        let value = match (prefill, decode) {
-            (Some(p), Some(d)) => format!("{p}, {d}"),
-            (Some(one), None) | (None, Some(one)) => one,
-            (None, None) => return None,
-        };
+        // One allocation: this is on every P/D response.
+        let mut value = String::with_capacity(64);
+        if let Some(took) = self.prefill_took {
+            let _ = write!(value, "prefill;dur={:.3}", ms(took));
+        }
+        if let Some(sent) = self.decode_sent {
+            let sep = if value.is_empty() { "" } else { ", " };
+            let _ = write!(
+                value,
+                "{sep}decode;dur={:.3};desc=\"first byte\"",
+                ms(sent.elapsed())
+            );
+        }
         http::HeaderValue::try_from(value).ok()
     }
 

@@ -686,7 +686,6 @@ impl Metrics {
         }
     }
 
-    /// Encoders the request named that SSRF protection does not allow (dropped from it).
     /// A prefiller's breaker moved between states (`None`: closed, not counted).
     pub fn prefiller_breaker(&self, from: Option<&'static str>, to: Option<&'static str>) {
         let family = &self.0.prefiller_breakers;
@@ -707,6 +706,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Encoders the request named that SSRF protection does not allow (dropped from it).
     pub fn encoders_denied(&self, n: usize) {
         self.0.encoders_denied.inc_by(n as u64);
     }
