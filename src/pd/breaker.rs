@@ -235,7 +235,7 @@ impl Breakers {
                 until: now + self.policy.backoff,
                 backoff: self.policy.backoff,
             },
-            State::HalfOpen { backoff, .. } if probe => {
+            State::HalfOpen { backoff, .. } | State::Open { backoff, .. } if probe => {
                 let backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
                 State::Open {
                     until: now + backoff,
@@ -260,6 +260,22 @@ impl Breakers {
                 "prefiller circuit open: skipped until the backoff ends"
             );
         }
+    }
+
+    /// An attempt on `prefiller` ran past `-prefill-timeout` (the sidecar closes it, so its
+    /// [`Admission`] reports nothing): a failure, and if the breaker was trying the prefiller
+    /// (half-open, or its probe just released), the probe's.
+    pub fn timed_out(&self, prefiller: &Target) {
+        if self.policy.failures == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let probing = match self.lock().peek(prefiller.authority()) {
+            Some(State::HalfOpen { .. }) => true,
+            Some(State::Open { until, .. }) => now >= *until,
+            _ => false,
+        };
+        self.failure_at(prefiller, probing, now);
     }
 
     /// A probe ended without an answer: the next request may try at once.
@@ -430,6 +446,35 @@ mod tests {
         assert_eq!(
             (gauge(&m, "open"), gauge(&m, "half_open")),
             ("0".into(), "0".into())
+        );
+    }
+
+    #[test]
+    fn a_timeout_counts_and_a_probe_that_timed_out_reopens_the_breaker() {
+        let (b, _) = breakers(2, 16);
+        let p = target("10.0.0.1:8000");
+        b.timed_out(&p);
+        b.timed_out(&p);
+        assert_eq!(
+            b.open_for(&p).map(|d| d > Duration::from_secs(9)),
+            Some(true)
+        );
+        // The probe hangs: its admission is dropped (released), then the timeout is reported.
+        b.failure_at(&p, false, Instant::now()); // open: unchanged
+        let t0 = Instant::now() - Duration::from_secs(10);
+        b.lock().put(
+            p.authority().to_string(),
+            State::Open {
+                until: t0,
+                backoff: Duration::from_secs(10),
+            },
+        );
+        drop(b.admit(&p).expect("probe"));
+        b.timed_out(&p);
+        assert_eq!(
+            b.open_for(&p).map(|d| d > Duration::from_secs(19)),
+            Some(true),
+            "doubled"
         );
     }
 

@@ -64,11 +64,14 @@ pub(super) async fn serve(
             });
             match crate::runtime::within(timeout, prefilled).await {
                 Ok(result) => result,
-                Err(_) => Err(ProxyError::Timeout {
-                    leg: Leg::Prefill,
-                    target: prefiller.authority().to_string(),
-                    after: timeout,
-                }),
+                Err(_) => {
+                    breakers.timed_out(&prefiller);
+                    Err(ProxyError::Timeout {
+                        leg: Leg::Prefill,
+                        target: prefiller.authority().to_string(),
+                        after: timeout,
+                    })
+                }
             }
         }
         .instrument(info_span!("prefill"))

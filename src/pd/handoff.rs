@@ -108,6 +108,8 @@ pub struct Abandoned {
 /// The current attempt's connection (until its response head arrives), and whether its
 /// request was written out in full.
 struct Attempt {
+    /// Where it went (a failover moves on), for the breaker when the deadline ends it.
+    prefiller: Target,
     connection: Option<CaptureConnection>,
     sent: oneshot::Receiver<Instant>,
     was_sent: bool,
@@ -123,14 +125,26 @@ impl Abandoned {
     }
 
     /// Notes the connection the next attempt goes out on, and its body's sent signal.
-    pub fn track(&self, connection: CaptureConnection, sent: oneshot::Receiver<Instant>) {
+    pub fn track(
+        &self,
+        prefiller: &Target,
+        connection: CaptureConnection,
+        sent: oneshot::Receiver<Instant>,
+    ) {
         if let Ok(mut slot) = self.attempt.lock() {
             *slot = Some(Attempt {
+                prefiller: prefiller.clone(),
                 connection: Some(connection),
                 sent,
                 was_sent: false,
             });
         }
+    }
+
+    /// The prefiller the current attempt went to, if one was sent.
+    pub fn in_flight(&self) -> Option<Target> {
+        let slot = self.attempt.lock().ok()?;
+        slot.as_ref().map(|a| a.prefiller.clone())
     }
 
     /// Forgets the current attempt's connection: its response head arrived, so a half-close

@@ -250,15 +250,21 @@ pub async fn serve(
         }
         .instrument(info_span!("prefill"))
     };
+    let watch = abandoned.clone();
     let pending = handoff::send_prefill(prefill_leg, release, abandoned, cx.late_reply_window);
     let prefilled = match crate::runtime::within(cx.prefill_timeout, pending.result()).await {
         Ok(Ok(prefilled)) => prefilled,
         Ok(Err(task)) => Err(ProxyError::Internal(task)),
-        Err(_) => Err(ProxyError::Timeout {
-            leg: Leg::Prefill,
-            target: prefiller.authority().to_string(),
-            after: cx.prefill_timeout,
-        }),
+        Err(_) => {
+            // The sidecar ends the attempt itself: its breaker hears of it here.
+            let in_flight = watch.in_flight().unwrap_or_else(|| prefiller.clone());
+            cx.breakers.timed_out(&in_flight);
+            Err(ProxyError::Timeout {
+                leg: Leg::Prefill,
+                target: in_flight.authority().to_string(),
+                after: cx.prefill_timeout,
+            })
+        }
     };
     let (reply, answered) = match prefilled {
         Ok(Prefilled::Reply { body, from }) => {

@@ -80,7 +80,9 @@ pub async fn prefill(
         // Each attempt sends the same bytes: the pieces are shared, not copied.
         let (body, sent) = SentSignal::new(attempts.body.clone());
         let mut req = request(prefiller, body::boxed(body));
-        attempts.abandoned.track(capture_connection(&mut req), sent);
+        attempts
+            .abandoned
+            .track(prefiller, capture_connection(&mut req), sent);
         let failure = match once(attempts.upstream, req, prefiller, attempts.abandoned).await {
             Ok(prefilled) => {
                 admission.succeeded();

@@ -246,3 +246,24 @@ async fn a_local_decode_after_a_failed_prefill_says_so_and_is_counted() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_prefiller_hanging_past_the_prefill_timeout_opens_its_breaker() {
+    let p = sim(|_| {}).await;
+    sim_config(&p, r#"{"faults":["stall_ms:5000"]}"#).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+        c.prefill_timeout = Duration::from_millis(100);
+        c.prefiller_breaker.failures = 1;
+    })
+    .await;
+    let only = p.api_addr().to_string();
+    let (resp, _) = call_naming(sidecar.addr, &only).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(header(&resp, "x-llm-d-error-kind"), Some("timeout"));
+    assert_eq!(breakers(&metrics, "open"), 1);
+    let (resp, _) = call_naming(sidecar.addr, &only).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, "x-llm-d-error-kind"), Some("circuit_open"));
+    assert_eq!(prefills(&p).await, 1, "the second request sent nothing");
+}
