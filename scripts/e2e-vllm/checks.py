@@ -7,6 +7,12 @@ run.sh starts both vLLM servers (NixlConnector, CPU KV buffer) on 127.0.0.1 and 
 This script starts and stops the sidecar processes itself, one per connector, and talks to
 everything over loopback with http.client; every request has a timeout. Stdlib only.
 
+The proof of a hand-off is the decoder's
+vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} rising by the prompt's token
+count, with vllm:nixl_xfer_time_seconds_count +1 as a second signal, and greedy output equal to
+the same request sent plainly to the decoder. The checks expect vLLM EXPECTED_VLLM (the
+decoder's GET /version) and fail the first check on another.
+
 It prints one line per check and ends with "N passed, N failed, N skipped"; the exit status is
 1 if any check failed. Observations that are not pass/fail (the legacy `nixl` connector's
 expected degradation, what happens to the prefiller's blocks when the decoder is down) are
@@ -27,7 +33,12 @@ import time
 TIMEOUT = 60.0  # seconds, any single HTTP request
 MODEL = "tiny"
 
-# Decoder-side metric that counts completed NIXL KV transfers (one per P/D request).
+EXPECTED_VLLM = "0.32.0"  # what these checks were written against (the decoder's GET /version)
+MIN_PROMPT_TOKENS = 64  # newer vLLM recomputes, instead of transferring, prompts under kv_recompute_threshold
+# Decoder-side proof of a hand-off: prompt tokens whose KV came from the prefiller (connector-agnostic).
+EXTERNAL = "vllm:prompt_tokens_by_source_total"
+EXTERNAL_LABELS = {"source": "external_kv_transfer"}
+# Decoder-side metric that counts completed NIXL KV transfers (one per P/D request): the second signal.
 XFER = "vllm:nixl_xfer_time_seconds_count"
 FAILED_XFER = "vllm:nixl_num_failed_transfers_total"
 KV_USAGE = "vllm:kv_cache_usage_perc"
@@ -46,6 +57,10 @@ def report(status, name, detail=""):
 
 class CheckFailed(Exception):
     pass
+
+
+class CheckSkipped(Exception):
+    """The vLLM under test does not serve what the check needs (the reason says exactly why)."""
 
 
 def need(cond, msg):
@@ -240,6 +255,25 @@ class Ctx:
         self.n += 1
         return f"Request {self.n} ({what}): San Francisco is a city where the fog"
 
+    def pd_prompt(self, what, low=MIN_PROMPT_TOKENS, high=120):
+        """A fresh prompt of `low`..`high` tokens (counted by the decoder's /tokenize): long enough
+        to be transferred rather than recomputed, under one 128-token CPU block (no full block is
+        cached locally, so the plain comparison recomputes it), and far inside the 512 context."""
+        text = self.prompt(what)
+        filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
+        for _ in range(20):
+            n = self.count_tokens(text)
+            if n >= low:
+                need(n <= high, f"prompt of {n} tokens, more than {high}")
+                return text
+            text += filler
+        raise CheckFailed(f"no prompt of {low} tokens")
+
+    def count_tokens(self, text):
+        status, _, reply, raw = post_json(self.decode, "/tokenize", {"model": MODEL, "prompt": text})
+        need(status == 200, f"/tokenize: {status} {raw[:200]!r}")
+        return reply["count"]
+
     def sidecar(self, connector, vllm_port=None, extra=()):
         return Sidecar(self.args.sidecar, connector, vllm_port or self.decode, self.args.logs, extra)
 
@@ -268,19 +302,57 @@ def chat_body(prompt, max_tokens=16, **extra):
     return body
 
 
-def pd_matches_plain(ctx, sc, path, body, label):
-    """One P/D request through the sidecar: 200, same greedy text as plain, one KV transfer."""
-    xfer0 = metric(ctx.decode, XFER)
+class Handoff:
+    """The decoder's hand-off counters before a request; check() after it: exactly one hand-off,
+    i.e. `vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}` rose (by the prompt's
+    token count when known) and `vllm:nixl_xfer_time_seconds_count` rose by exactly 1."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.ext0 = metric(ctx.decode, EXTERNAL, **EXTERNAL_LABELS)
+        self.xfer0 = metric(ctx.decode, XFER)
+
+    def deltas(self):
+        return (metric(self.ctx.decode, EXTERNAL, **EXTERNAL_LABELS) - self.ext0,
+                metric(self.ctx.decode, XFER) - self.xfer0)
+
+    def check(self, label, prompt_tokens=None):
+        # vLLM updates its Prometheus counters a moment after the reply: poll, then settle.
+        wait_for(lambda: all(d > 0 for d in self.deltas()), 10)
+        time.sleep(0.3)
+        ext, xfer = self.deltas()
+        need(ext > 0, f"{label}: decoder's {EXTERNAL}{{source=\"external_kv_transfer\"}} did not rise: no hand-off")
+        need(xfer == 1, f"{label}: decoder's {XFER} +{xfer:.0f}, expected exactly 1")
+        if prompt_tokens is not None:
+            need(ext == prompt_tokens, f"{label}: {ext:.0f} external KV tokens for a {prompt_tokens}-token prompt")
+        return f"external_kv_transfer +{ext:.0f}, {XFER} +{xfer:.0f}"
+
+
+def pd_matches_plain(ctx, sc, path, body, label, text=None, prompt_tokens=None):
+    """One P/D request through the sidecar: 200, same greedy text as the same request sent plainly
+    to the decoder, exactly one hand-off (Handoff). `text` reads the output of a reply,
+    `prompt_tokens` the prompt's token count (both default to the OpenAI shapes)."""
+    text = text or text_of
+    prompt_tokens = prompt_tokens or (lambda r: (r.get("usage") or {}).get("prompt_tokens"))
+    handoff = Handoff(ctx)
     pre0 = metric(ctx.prefill, SUCCESS)
     status, hdrs, reply, raw = post_json(sc.port, path, body, pd_headers(ctx.prefill))
+    if status != 200:
+        # Not the sidecar's fault if the decoder itself does not serve the route (not registered,
+        # disabled, or no chat template for the tiny model): then SKIP with vLLM's own words.
+        p_status, _, _, p_raw = post_json(ctx.decode, path, body)
+        if p_status in (403, 404, 405, 501) or (p_status == 400 and b"template" in p_raw):
+            raise CheckSkipped(f"vLLM {EXPECTED_VLLM} does not serve {path} here: plain request to the decoder "
+                               f"answered {p_status} {p_raw[:300]!r}")
     need(status == 200, f"{label}: sidecar answered {status}: {raw[:400]!r}")
     need("x-request-id" in hdrs, f"{label}: no x-request-id on the reply")
-    xfer = wait_for(lambda: metric(ctx.decode, XFER) - xfer0 >= 1 and metric(ctx.decode, XFER), 10)
-    need(xfer, f"{label}: decoder's {XFER} did not rise (still {xfer0:.0f})")
+    n = prompt_tokens(reply)
+    need(n is None or n >= MIN_PROMPT_TOKENS, f"{label}: {n}-token prompt, under {MIN_PROMPT_TOKENS}")
+    proof = handoff.check(label, n)
     need(metric(ctx.prefill, SUCCESS) - pre0 >= 1, f"{label}: the prefiller served no request")
     plain = ctx.plain(path, body)
-    need(text_of(reply) == text_of(plain), f"{label}: P/D text {text_of(reply)!r} != plain {text_of(plain)!r}")
-    return reply, xfer - xfer0
+    need(text(reply) == text(plain), f"{label}: P/D text {text(reply)!r} != plain {text(plain)!r}")
+    return reply, proof
 
 
 def check(name, fn, *a):
@@ -289,23 +361,77 @@ def check(name, fn, *a):
         report("PASS", name, detail or "")
     except CheckFailed as e:
         report("FAIL", name, str(e))
+    except CheckSkipped as e:
+        report("SKIP", name, str(e))
     except Exception as e:  # a crash in a check is a failure of that check, not of the run
         report("FAIL", name, f"{type(e).__name__}: {e}")
 
 
+def c_vllm_version(ctx):
+    status, _, raw = request(ctx.decode, "GET", "/version", timeout=10)
+    need(status == 200, f"decoder GET /version: {status} {raw[:200]!r}")
+    version = json.loads(raw).get("version")
+    need(version == EXPECTED_VLLM, f"these checks expect vLLM {EXPECTED_VLLM}; the decoder runs {version!r}: "
+                                   "re-verify the routes, metrics and log lines they rely on before changing EXPECTED_VLLM")
+    return f"decoder /version {version}"
+
+
 def c_pd_completion(ctx, sc):
-    reply, n = pd_matches_plain(ctx, sc, "/v1/completions", completion_body(ctx.prompt("completion")), "completion")
-    return f"{reply['usage']['completion_tokens']} tokens {text_of(reply)!r} = plain; {XFER} +{n:.0f}"
+    reply, proof = pd_matches_plain(ctx, sc, "/v1/completions", completion_body(ctx.pd_prompt("completion")), "completion")
+    return (f"{reply['usage']['prompt_tokens']}-token prompt, {reply['usage']['completion_tokens']} tokens "
+            f"{text_of(reply)!r} = plain; {proof}")
 
 
 def c_pd_chat(ctx, sc):
-    reply, n = pd_matches_plain(ctx, sc, "/v1/chat/completions", chat_body(ctx.prompt("chat")), "chat")
-    return f"{reply['usage']['completion_tokens']} tokens = plain; {XFER} +{n:.0f}"
+    reply, proof = pd_matches_plain(ctx, sc, "/v1/chat/completions", chat_body(ctx.pd_prompt("chat")), "chat")
+    return f"{reply['usage']['prompt_tokens']}-token prompt, {reply['usage']['completion_tokens']} tokens = plain; {proof}"
+
+
+def responses_text(reply):
+    return "".join(c.get("text", "") for item in reply.get("output", []) if item.get("type") == "message"
+                   for c in item.get("content", []) if c.get("type") == "output_text")
+
+
+def c_pd_responses(ctx, sc):
+    body = {"model": MODEL, "input": ctx.pd_prompt("responses"), "max_output_tokens": 16, "temperature": 0}
+    reply, proof = pd_matches_plain(ctx, sc, "/v1/responses", body, "responses", responses_text,
+                                    lambda r: (r.get("usage") or {}).get("input_tokens"))
+    return (f"{reply['usage']['input_tokens']}-token input, {reply['usage']['output_tokens']} tokens "
+            f"{responses_text(reply)!r} = plain; {proof}")
+
+
+def messages_text(reply):
+    return "".join(c.get("text", "") for c in reply.get("content", []) if c.get("type") == "text")
+
+
+def c_pd_messages(ctx, sc):
+    body = {"model": MODEL, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": ctx.pd_prompt("messages")}]}
+    reply, proof = pd_matches_plain(ctx, sc, "/v1/messages", body, "messages", messages_text,
+                                    lambda r: (r.get("usage") or {}).get("input_tokens"))
+    return (f"{reply['usage']['input_tokens']}-token input, {reply['usage']['output_tokens']} tokens "
+            f"{messages_text(reply)!r} = plain; {proof}")
+
+
+def generate_ids(reply):
+    return reply["choices"][0]["token_ids"]
+
+
+def c_pd_generate(ctx, sc):
+    """vLLM's token-in/token-out API (served with --enable-scale-out): token ids in, the limits
+    in sampling_params, kv_transfer_params top-level; the reply's output is token ids."""
+    status, _, tok, raw = post_json(ctx.decode, "/tokenize", {"model": MODEL, "prompt": ctx.pd_prompt("generate")})
+    need(status == 200, f"/tokenize: {status} {raw[:200]!r}")
+    body = {"model": MODEL, "token_ids": tok["tokens"],
+            "sampling_params": {"max_tokens": 16, "temperature": 0, "ignore_eos": True}}
+    reply, proof = pd_matches_plain(ctx, sc, "/inference/v1/generate", body, "generate", generate_ids,
+                                    lambda r: tok["count"])
+    return f"{tok['count']} token ids in, {len(generate_ids(reply))} ids out = plain; {proof}"
 
 
 def c_pd_stream(ctx, sc):
-    body = completion_body(ctx.prompt("stream"), 24, stream=True, stream_options={"include_usage": True})
-    xfer0 = metric(ctx.decode, XFER)
+    body = completion_body(ctx.pd_prompt("stream"), 24, stream=True, stream_options={"include_usage": True})
+    handoff = Handoff(ctx)
     s = Stream(sc.port, "/v1/completions", body, pd_headers(ctx.prefill))
     try:
         need(s.status == 200, f"sidecar answered {s.status}")
@@ -329,8 +455,8 @@ def c_pd_stream(ctx, sc):
     need(usage and usage.get("completion_tokens") == 24, f"no final usage chunk (stream_options lost?): {usage}")
     plain = text_of(ctx.plain("/v1/completions", completion_body(body["prompt"], 24)))
     need("".join(pieces) == plain, f"streamed {''.join(pieces)!r} != plain {plain!r}")
-    need(wait_for(lambda: metric(ctx.decode, XFER) > xfer0, 10), f"{XFER} did not rise")
-    return f"{len(pieces)} content events + usage chunk + [DONE] for 24 tokens, text = plain, {XFER} +1"
+    proof = handoff.check("stream", usage.get("prompt_tokens"))
+    return f"{len(pieces)} content events + usage chunk + [DONE] for 24 tokens, text = plain; {proof}"
 
 
 def c_client_leaves_mid_stream(ctx, sc):
@@ -371,15 +497,16 @@ def c_client_leaves_mid_stream(ctx, sc):
 
 
 def c_passthrough(ctx, sc):
-    xfer0 = metric(ctx.decode, XFER)
-    body = completion_body(ctx.prompt("pass-through"))
+    handoff = Handoff(ctx)
+    body = completion_body(ctx.pd_prompt("pass-through"))
     status, _, reply, raw = post_json(sc.port, "/v1/completions", body)
     need(status == 200, f"{status} {raw[:200]!r}")
     need(text_of(reply) == text_of(ctx.plain("/v1/completions", body)), "text differs from plain")
     status, _, raw = request(sc.port, "GET", "/v1/models")
     need(status == 200 and json.loads(raw)["data"][0]["id"] == MODEL, f"/v1/models: {status} {raw[:200]!r}")
     time.sleep(0.5)
-    need(metric(ctx.decode, XFER) == xfer0, "a request without the prefiller header caused a KV transfer")
+    need(handoff.deltas() == (0, 0), f"a request without the prefiller header caused a hand-off: "
+                                     f"external_kv_transfer, {XFER} +{handoff.deltas()}")
     return "no prefiller header: served by the decoder alone, no KV transfer; GET /v1/models relayed"
 
 
@@ -529,16 +656,17 @@ def c_tokenize_once(ctx, once, plain_sc, rounds=9):
 def c_legacy_nixl(ctx, sc):
     """-connector=nixl sends top-level do_remote_decode, which upstream vLLM ignores."""
     sc.log.mark()
-    xfer0 = metric(ctx.decode, XFER)
-    body = completion_body(ctx.prompt("legacy nixl"))
+    handoff = Handoff(ctx)
+    body = completion_body(ctx.pd_prompt("legacy nixl"))
     status, _, reply, raw = post_json(sc.port, "/v1/completions", body, pd_headers(ctx.prefill))
     need(status == 200, f"sidecar answered {status}: {raw[:300]!r}")
     need(text_of(reply) == text_of(ctx.plain("/v1/completions", body)), "text differs from plain")
     time.sleep(1.0)
-    transfers = metric(ctx.decode, XFER) - xfer0
+    ext, transfers = handoff.deltas()
     freed = ctx.wait_prefiller_kv_free(5)
     warned = "prefill locally" in sc.log.since()
-    return (f"200, text = plain, decoder {XFER} +{transfers:.0f} (the decoder recomputed the prompt), "
+    return (f"200, text = plain, decoder external_kv_transfer +{ext:.0f}, {XFER} +{transfers:.0f} "
+            "(the decoder recomputed the prompt), "
             f"prefiller KV {'not pinned' if freed is not None else 'STILL PINNED'}, "
             f"sidecar warned 'decoder will prefill locally': {warned}")
 
@@ -645,10 +773,14 @@ def main():
     args = ap.parse_args()
     ctx = Ctx(args)
 
+    check(f"vLLM is the version these checks expect ({EXPECTED_VLLM})", c_vllm_version, ctx)
     try:
         with ctx.sidecar("nixlv2") as sc:
-            check("nixlv2: P/D completion = plain, one KV transfer", c_pd_completion, ctx, sc)
-            check("nixlv2: P/D chat completion = plain, one KV transfer", c_pd_chat, ctx, sc)
+            check("nixlv2: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
+            check("nixlv2: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
+            check("nixlv2: P/D /v1/responses = plain, one hand-off", c_pd_responses, ctx, sc)
+            check("nixlv2: P/D /v1/messages = plain, one hand-off", c_pd_messages, ctx, sc)
+            check("nixlv2: P/D /inference/v1/generate = plain, one hand-off", c_pd_generate, ctx, sc)
             check("nixlv2: P/D streaming", c_pd_stream, ctx, sc)
             check("nixlv2: client leaves mid-stream -> decoder aborts", c_client_leaves_mid_stream, ctx, sc)
             check("nixlv2: pass-through without prefiller header", c_passthrough, ctx, sc)

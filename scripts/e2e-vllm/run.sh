@@ -6,8 +6,9 @@
 #   2. model.py: the tiny random-weight model (cached next to the venv)
 #   3. cargo build --release --locked: the sidecar
 #   4. both vLLM servers, each wrapped in `timeout`, loopback only
-#   5. checks.py: P/D through the sidecar per connector, streaming, client abort,
-#      decoder down after prefill, latency
+#   5. checks.py: P/D through the sidecar per connector and per API (completions, chat,
+#      responses, messages, generate: the servers run --enable-scale-out for
+#      /inference/v1/generate), streaming, client abort, decoder down after prefill, latency
 #   6. everything started here is stopped (trap on exit), and that is verified
 #
 # Knobs (env): E2E_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/llm-d-sidecar-e2e),
@@ -142,7 +143,7 @@ PY
       "$PY" -m vllm.entrypoints.openai.api_server \
         --model "$MODEL_DIR" --served-model-name tiny --host 127.0.0.1 --port "$port" \
         --max-model-len 512 -O0 --kv-cache-memory-bytes 67108864 \
-        --enable-log-requests --kv-transfer-config "$kv" \
+        --enable-log-requests --enable-scale-out --kv-transfer-config "$kv" \
         > "$LOGS/$name.log" 2>&1 < /dev/null &
     PID[$name]=$!
     log "$name: pid ${PID[$name]}, http 127.0.0.1:$port, NIXL side channel 127.0.0.1:$side, log $LOGS/$name.log"
