@@ -66,7 +66,23 @@ async fn sglang_answers_a_failed_prefill_and_cancels_the_waiting_decode() {
         sidecar.addr,
         post("/v1/completions", Some(p.addr), r#"{"prompt":"hi"}"#),
     ));
-    let (mut decode, _) = decoder.accept().await.unwrap();
+    // The sidecar's readiness checks of vLLM (GET /health) come on connections of their own.
+    let mut decode = loop {
+        let (conn, _) = decoder.accept().await.unwrap();
+        let mut start = [0u8; 4];
+        let peeked = async {
+            loop {
+                match conn.peek(&mut start).await {
+                    Ok(n) if n >= 4 => break true,
+                    Ok(0) | Err(_) => break false,
+                    Ok(_) => tokio::task::yield_now().await,
+                }
+            }
+        };
+        if tokio::time::timeout(LIMIT, peeked).await.unwrap_or(false) && &start != b"GET " {
+            break conn;
+        }
+    };
     let (resp, reply) = client.await.unwrap();
     assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&reply));
     let error = json(&reply);
