@@ -2,37 +2,10 @@
 //! happened: the error kind, `Server-Timing`, and `x-prefill-fallback` when no KV was handed
 //! over.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::support::*;
 use sidecar::observe::metrics::Metrics;
-use sidecar::{App, Config};
-use vllm_sim::SimServer;
-
-async fn sidecar(decoder: SocketAddr, configure: impl FnOnce(&mut Config)) -> (Sidecar, Metrics) {
-    let mut cfg = config(decoder);
-    configure(&mut cfg);
-    let app = App::build(cfg).await.expect("the sidecar assembles");
-    let metrics = app.metrics().clone();
-    (Sidecar::serve(app).await, metrics)
-}
-
-/// A P/D completion naming `prefillers` (a comma-separated header value), answered in full.
-async fn call_naming(sidecar: SocketAddr, prefillers: &str) -> (http::Response<()>, bytes::Bytes) {
-    let mut req = post(
-        "/v1/completions",
-        None,
-        r#"{"prompt":"a b c","max_tokens":2}"#,
-    );
-    req.headers_mut()
-        .insert("x-prefiller-host-port", prefillers.parse().unwrap());
-    call(sidecar, req).await
-}
-
-async fn prefills(sim: &SimServer) -> i64 {
-    counter(&sim_state(sim).await, "requests_total")
-}
 
 fn breakers(metrics: &Metrics, state: &str) -> u64 {
     metric(
@@ -51,7 +24,7 @@ async fn a_prefiller_refusing_connections_fails_over_to_the_next_without_retries
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     // Default retry settings: -prefill-max-retries=0.
-    let (sidecar, metrics) = sidecar(d.api_addr(), |_| {}).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |_| {}).await;
     let (resp, body) = call_naming(sidecar.addr, &format!("{dead},{}", p.api_addr())).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(prefills(&p).await, 1);
@@ -81,7 +54,7 @@ async fn the_breaker_opens_skips_the_prefiller_then_a_probe_closes_it() {
     sim_config(&p1, r#"{"faults":["prefill_http_500"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefiller_breaker.failures = 2;
         c.prefiller_breaker.backoff = Duration::from_millis(200);
     })
@@ -147,7 +120,7 @@ async fn the_breaker_opens_skips_the_prefiller_then_a_probe_closes_it() {
 async fn errors_carry_their_kind_and_leg() {
     let dead = dead_addr().await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar(d.api_addr(), |_| {}).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), |_| {}).await;
     let (resp, _) = call_naming(sidecar.addr, &dead.to_string()).await;
     assert_eq!(resp.status(), 502);
     assert_eq!(header(&resp, "x-llm-d-error-kind"), Some("unreachable"));
@@ -173,7 +146,7 @@ async fn errors_carry_their_kind_and_leg() {
 async fn pd_responses_carry_server_timing_and_pass_through_does_not() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar(d.api_addr(), |_| {}).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), |_| {}).await;
     let (resp, _) = call_naming(sidecar.addr, &p.api_addr().to_string()).await;
     assert_eq!(resp.status(), 200);
     let timing = header(&resp, "server-timing").expect("Server-Timing on P/D");
@@ -204,7 +177,7 @@ async fn pd_responses_carry_server_timing_and_pass_through_does_not() {
 async fn a_decode_without_kv_params_says_so_and_is_counted() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |_| {}).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |_| {}).await;
     let degraded = |reason: &str| {
         metric(
             &metrics,
@@ -231,7 +204,7 @@ async fn a_decode_without_kv_params_says_so_and_is_counted() {
 async fn a_local_decode_after_a_failed_prefill_says_so_and_is_counted() {
     let dead = dead_addr().await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefill_failure_policy = sidecar::pd::PrefillFailurePolicy::DecodeLocal;
     })
     .await;
@@ -252,7 +225,7 @@ async fn a_prefiller_hanging_past_the_prefill_timeout_opens_its_breaker() {
     let p = sim(|_| {}).await;
     sim_config(&p, r#"{"faults":["stall_ms:5000"]}"#).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefill_timeout = Duration::from_millis(100);
         c.prefiller_breaker.failures = 1;
     })

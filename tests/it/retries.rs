@@ -1,7 +1,6 @@
 //! Prefiller choice and prefill retries (-enable-prefiller-sampling, -prefill-max-retries):
 //! which prefiller each attempt went to, counted on the simulators themselves.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,38 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 use sidecar::observe::metrics::Metrics;
-use sidecar::{App, Config};
-use vllm_sim::SimServer;
-
-/// A sidecar with `configure` applied, and its metrics.
-async fn sidecar(decoder: SocketAddr, configure: impl FnOnce(&mut Config)) -> (Sidecar, Metrics) {
-    let mut cfg = config(decoder);
-    configure(&mut cfg);
-    let app = App::build(cfg).await.expect("the sidecar assembles");
-    let metrics = app.metrics().clone();
-    (Sidecar::serve(app).await, metrics)
-}
-
-/// A P/D completion with `body`, naming `prefillers` (a comma-separated header value).
-fn naming(prefillers: &str, body: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let mut req = post("/v1/completions", None, body);
-    req.headers_mut()
-        .insert("x-prefiller-host-port", prefillers.parse().unwrap());
-    req
-}
-
-/// [`naming`] sent and answered in full.
-async fn call_with(sidecar: SocketAddr, prefillers: &str) -> (http::Response<()>, bytes::Bytes) {
-    call(
-        sidecar,
-        naming(prefillers, r#"{"prompt":"a b c","max_tokens":2}"#),
-    )
-    .await
-}
-
-async fn prefills(sim: &SimServer) -> i64 {
-    counter(&sim_state(sim).await, "requests_total")
-}
+use sidecar::Config;
 
 fn retries(metrics: &Metrics, reason: &str) -> u64 {
     metric(
@@ -64,8 +32,8 @@ async fn a_503_prefill_is_retried_on_the_next_prefiller() {
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), fast(1)).await;
-    let (resp, body) = call_with(
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_naming(
         sidecar.addr,
         &format!("{},{}", p1.api_addr(), p2.api_addr()),
     )
@@ -82,8 +50,8 @@ async fn retries_stop_at_the_limit_and_the_last_failure_is_answered() {
     let p = sim(|_| {}).await;
     sim_config(&p, r#"{"faults":["prefill_http_502"]}"#).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), fast(2)).await;
-    let (resp, body) = call_with(sidecar.addr, &p.api_addr().to_string()).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(2)).await;
+    let (resp, body) = call_naming(sidecar.addr, &p.api_addr().to_string()).await;
     assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
     // One prefiller in the list: every attempt goes to it.
     assert_eq!(prefills(&p).await, 3);
@@ -96,8 +64,8 @@ async fn without_retries_a_failed_prefill_is_sent_once() {
     let p = sim(|_| {}).await;
     sim_config(&p, r#"{"faults":["prefill_http_503"]}"#).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |_| {}).await;
-    let (resp, _) = call_with(sidecar.addr, &p.api_addr().to_string()).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |_| {}).await;
+    let (resp, _) = call_naming(sidecar.addr, &p.api_addr().to_string()).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(prefills(&p).await, 1);
     assert_eq!(retries(&metrics, "http_503"), 0);
@@ -111,8 +79,8 @@ async fn what_may_have_pinned_blocks_is_not_retried() {
         sim_config(&p1, &format!(r#"{{"faults":["{fault}"]}}"#)).await;
         let p2 = sim(|_| {}).await;
         let d = sim(|_| {}).await;
-        let (sidecar, _) = sidecar(d.api_addr(), fast(3)).await;
-        let (resp, _) = call_with(
+        let (sidecar, _) = sidecar_configured(d.api_addr(), fast(3)).await;
+        let (resp, _) = call_naming(
             sidecar.addr,
             &format!("{},{}", p1.api_addr(), p2.api_addr()),
         )
@@ -131,8 +99,8 @@ async fn a_prefiller_that_refuses_connections_is_skipped() {
     let dead = dead_addr().await;
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), fast(1)).await;
-    let (resp, body) = call_with(sidecar.addr, &format!("{dead}, {}", p.api_addr())).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_naming(sidecar.addr, &format!("{dead}, {}", p.api_addr())).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(prefills(&p).await, 1);
     assert_eq!(retries(&metrics, "connect"), 1);
@@ -144,7 +112,7 @@ async fn no_retry_is_sent_once_the_client_left() {
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefill_retry.max_retries = 1;
         c.prefill_retry.backoff = Duration::from_millis(300);
     })
@@ -177,18 +145,18 @@ async fn sampling_spreads_prefills_over_the_list() {
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let header = format!("{},{}", p1.api_addr(), p2.api_addr());
-    let (plain, _) = sidecar(d.api_addr(), |_| {}).await;
+    let (plain, _) = sidecar_configured(d.api_addr(), |_| {}).await;
     for _ in 0..10 {
-        assert_eq!(call_with(plain.addr, &header).await.0.status(), 200);
+        assert_eq!(call_naming(plain.addr, &header).await.0.status(), 200);
     }
     assert_eq!(
         (prefills(&p1).await, prefills(&p2).await),
         (10, 0),
         "first entry by default"
     );
-    let (sampled, _) = sidecar(d.api_addr(), |c| c.prefiller_sampling = true).await;
+    let (sampled, _) = sidecar_configured(d.api_addr(), |c| c.prefiller_sampling = true).await;
     for _ in 0..40 {
-        assert_eq!(call_with(sampled.addr, &header).await.0.status(), 200);
+        assert_eq!(call_naming(sampled.addr, &header).await.0.status(), 200);
     }
     // Uniform: all 40 on one prefiller has probability 2^-39.
     let (a, b) = (prefills(&p1).await - 10, prefills(&p2).await);
@@ -204,7 +172,7 @@ async fn no_retry_goes_out_in_the_late_reply_grace_either() {
     sim_config(&p1, r#"{"faults":["stall_ms:30","prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefill_retry.max_retries = 1;
         c.prefill_retry.backoff = Duration::from_millis(1);
     })
@@ -232,7 +200,7 @@ async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar(d.api_addr(), |c| {
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), |c| {
         c.prefill_retry.max_retries = 1;
         c.prefill_retry.backoff = Duration::from_millis(30);
     })
@@ -259,14 +227,14 @@ async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
 async fn a_malformed_entry_counts_only_if_picked() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar(d.api_addr(), fast(2)).await;
-    let (resp, _) = call_with(sidecar.addr, &format!("{}, bad:port", p.api_addr())).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), fast(2)).await;
+    let (resp, _) = call_naming(sidecar.addr, &format!("{}, bad:port", p.api_addr())).await;
     assert_eq!(
         resp.status(),
         200,
         "as pd-sidecar: only the picked entry is parsed"
     );
-    let (resp, body) = call_with(sidecar.addr, &format!("bad:port, {}", p.api_addr())).await;
+    let (resp, body) = call_naming(sidecar.addr, &format!("bad:port, {}", p.api_addr())).await;
     assert_eq!(resp.status(), 400);
     assert!(String::from_utf8_lossy(&body).contains("bad:port"));
     assert_eq!(prefills(&p).await, 1);
@@ -280,8 +248,8 @@ async fn after_a_retry_errors_name_the_prefiller_that_answered() {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 4\r\n\r\nnope";
     let p2 = crate::support::recorder::Recorder::start(html).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar(d.api_addr(), fast(1)).await;
-    let (resp, body) = call_with(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.addr)).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (resp, body) = call_naming(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.addr)).await;
     assert_eq!(resp.status(), 502);
     let message = json(&body)["error"]["message"]
         .as_str()

@@ -397,3 +397,39 @@ pub fn insecure_tls() -> sidecar::security::tls::ClientTls {
         ca_file: None,
     }
 }
+
+/// A sidecar in front of `decoder` with `configure` applied to [`config`], and its metrics.
+pub async fn sidecar_configured(
+    decoder: SocketAddr,
+    configure: impl FnOnce(&mut Config),
+) -> (Sidecar, sidecar::observe::metrics::Metrics) {
+    let mut cfg = config(decoder);
+    configure(&mut cfg);
+    let app = App::build(cfg).await.expect("the sidecar assembles");
+    let metrics = app.metrics().clone();
+    (Sidecar::serve(app).await, metrics)
+}
+
+/// A P/D completion with `body`, naming `prefillers` (a comma-separated header value).
+pub fn naming(prefillers: &str, body: &str) -> Request<Full<Bytes>> {
+    let mut req = post("/v1/completions", None, body);
+    req.headers_mut().insert(
+        "x-prefiller-host-port",
+        prefillers.parse().expect("header value"),
+    );
+    req
+}
+
+/// A two-token P/D completion naming `prefillers`, sent and answered in full.
+pub async fn call_naming(sidecar: SocketAddr, prefillers: &str) -> (Response<()>, Bytes) {
+    call(
+        sidecar,
+        naming(prefillers, r#"{"prompt":"a b c","max_tokens":2}"#),
+    )
+    .await
+}
+
+/// How many requests a simulator served (its prefills, for a prefiller).
+pub async fn prefills(sim: &SimServer) -> i64 {
+    counter(&sim_state(sim).await, "requests_total")
+}
