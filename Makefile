@@ -43,7 +43,8 @@ clean:
 bench:
 	./scripts/bench.sh
 
-# Opt-in, not part of `test`: the sidecar against real vLLM (CPU build) with NixlConnector.
+# Opt-in, not part of `test`: the sidecar against real vLLM (CPU build), one server pair per KV
+# connector vLLM runs on CPU (NIXL pull and push, ExampleConnector; LMCache MP with E2E_LMCACHE=1).
 # The first run installs a ~6.7 GB venv under ${XDG_CACHE_HOME:-~/.cache}/llm-d-sidecar-e2e.
 .PHONY: e2e-vllm
 e2e-vllm:

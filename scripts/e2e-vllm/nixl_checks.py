@@ -1,240 +1,44 @@
 #!/usr/bin/env python3
-"""Checks for `make e2e-vllm`: the sidecar in front of a real vLLM prefiller and decoder.
+"""`make e2e-vllm`, NIXL pairs: the sidecar's nixlv2 flow in front of a real vLLM prefiller and
+decoder with NixlConnector (--mode pull, the decoder READs the blocks) or NixlPushConnector
+(--mode push, the prefiller WRITEs them into blocks the decoder registered), CPU KV buffer.
 
-    checks.py --sidecar BIN --prefill PORT --decode PORT --logs DIR
+    nixl_checks.py --mode pull|push --sidecar BIN --prefill PORT --decode PORT --logs DIR
 
-run.sh starts both vLLM servers (NixlConnector, CPU KV buffer) on 127.0.0.1 and calls this.
-This script starts and stops the sidecar processes itself, one per connector, and talks to
-everything over loopback with http.client; every request has a timeout. Stdlib only.
+run.sh starts both vLLM servers on 127.0.0.1 and calls this; this script starts and stops the
+sidecar processes itself and talks to everything over loopback (common.py). Stdlib only.
 
 The proof of a hand-off is the decoder's
-vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} rising by the prompt's token
-count, with vllm:nixl_xfer_time_seconds_count +1 as a second signal, and greedy output equal to
-the same request sent plainly to the decoder. The checks expect vLLM EXPECTED_VLLM (the
-decoder's GET /version) and fail the first check on another.
+vllm:prompt_tokens_by_source_total{source="external_kv_transfer"} rising by exactly the prompt's
+token count, with vllm:nixl_xfer_time_seconds_count +1 on the side that moved the blocks (the
+decoder when it pulls, the prefiller when it pushes) as a second signal, and greedy output
+equal to the same request sent plainly to the decoder. The first check fails on a vLLM other
+than common.EXPECTED_VLLM.
 
 It prints one line per check and ends with "N passed, N failed, N skipped"; the exit status is
 1 if any check failed. Observations that are not pass/fail (the legacy `nixl` connector's
 expected degradation, what happens to the prefiller's blocks when the decoder is down) are
-printed as INFO lines with
-what was measured.
+INFO lines with what was measured.
 """
 import argparse
+import concurrent.futures
 import http.client
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-TIMEOUT = 60.0  # seconds, any single HTTP request
-MODEL = "tiny"
+from common import (EXPECTED_VLLM, EXTERNAL, EXTERNAL_LABELS, GEN_TOKENS, KV_USAGE, MIN_PROMPT_TOKENS, MODEL, RUNNING, SUCCESS,
+                    TIMEOUT, WAITING, CheckFailed, CheckSkipped, Log, Sidecar, Stream, chat_body, check,
+                    completion_body, free_port, metric, need, pd_headers, post_json, report, request, summary,
+                    text_of, wait_for)
+from common import c_vllm_version
 
-EXPECTED_VLLM = "0.32.0"  # what these checks were written against (the decoder's GET /version)
-MIN_PROMPT_TOKENS = 64  # newer vLLM recomputes, instead of transferring, prompts under kv_recompute_threshold
-# Decoder-side proof of a hand-off: prompt tokens whose KV came from the prefiller (connector-agnostic).
-EXTERNAL = "vllm:prompt_tokens_by_source_total"
-EXTERNAL_LABELS = {"source": "external_kv_transfer"}
-# Decoder-side metric that counts completed NIXL KV transfers (one per P/D request): the second signal.
+# Counts completed NIXL KV transfers on the side that moved the blocks (one per P/D request).
 XFER = "vllm:nixl_xfer_time_seconds_count"
 FAILED_XFER = "vllm:nixl_num_failed_transfers_total"
-KV_USAGE = "vllm:kv_cache_usage_perc"
-SUCCESS = "vllm:request_success_total"
-GEN_TOKENS = "vllm:generation_tokens_total"
-RUNNING = "vllm:num_requests_running"
-WAITING = "vllm:num_requests_waiting"
-
-RESULTS = []  # (status, name, detail)
-
-
-def report(status, name, detail=""):
-    RESULTS.append((status, name, detail))
-    print(f"{status:5} {name}" + (f": {detail}" if detail else ""), flush=True)
-
-
-class CheckFailed(Exception):
-    pass
-
-
-class CheckSkipped(Exception):
-    """The vLLM under test does not serve what the check needs (the reason says exactly why)."""
-
-
-def need(cond, msg):
-    if not cond:
-        raise CheckFailed(msg)
-
-
-# ---------------------------------------------------------------- HTTP helpers
-
-
-def request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
-    """One request on a fresh connection: (status, headers dict, body bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        hdrs = {"content-type": "application/json"} if body is not None else {}
-        hdrs.update(headers or {})
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-def post_json(port, path, body, headers=None, timeout=TIMEOUT):
-    status, hdrs, raw = request(port, "POST", path, body, headers, timeout)
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = None
-    return status, hdrs, parsed, raw
-
-
-def pd_headers(prefill_port):
-    return {"x-prefiller-host-port": f"127.0.0.1:{prefill_port}"}
-
-
-def text_of(reply):
-    choice = reply["choices"][0]
-    return choice["text"] if "text" in choice else choice["message"]["content"]
-
-
-def metrics(port):
-    """Prometheus text -> list of (name, labels, value)."""
-    _, _, raw = request(port, "GET", "/metrics", timeout=10)
-    out = []
-    for line in raw.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)", line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        try:
-            out.append((m.group(1), labels, float(m.group(4))))
-        except ValueError:
-            pass
-    return out
-
-
-def metric(port, name, **labels):
-    """Sum of every sample of `name` whose labels include `labels`."""
-    return sum(v for n, l, v in metrics(port) if n == name and all(l.get(k) == w for k, w in labels.items()))
-
-
-def wait_for(pred, timeout, interval=0.2):
-    """Polls pred() until it returns a truthy value or timeout s pass; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Log:
-    """A server log file; mark() then since() gives only what was written in between."""
-
-    def __init__(self, path):
-        self.path = path
-        self.offset = 0
-
-    def mark(self):
-        self.offset = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-
-    def since(self):
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            return f.read().decode(errors="replace")
-
-
-# ---------------------------------------------------------------- the sidecar
-
-
-class Sidecar:
-    """One sidecar process on 127.0.0.1 (port picked by the OS), stopped on exit."""
-
-    started = 0
-
-    def __init__(self, binary, connector, vllm_port, logdir, extra=()):
-        Sidecar.started += 1
-        self.name = f"sidecar{Sidecar.started}-{connector}-vllm{vllm_port}"
-        self.log_path = os.path.join(logdir, self.name + ".log")
-        self.log = Log(self.log_path)
-        self.args = [
-            binary, "-port=0", "-bind-address=127.0.0.1", "-vllm-host=127.0.0.1",
-            f"-vllm-port={vllm_port}", f"-connector={connector}", "-v=4", *extra,
-        ]
-        self.proc = None
-        self.port = None
-
-    def __enter__(self):
-        self.logf = open(self.log_path, "wb")
-        # The readiness line ({"event":"listening","port":N}) comes on stdout; logs on stderr.
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.logf)
-        line = self.proc.stdout.readline() if self.proc.stdout else b""
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = {}
-        if event.get("event") == "listening":
-            self.port = int(event["port"])
-            return self
-        self.__exit__(None, None, None)
-        raise CheckFailed(f"{self.name} did not start; log {self.log_path}")
-
-    def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.logf.close()
-
-
-# ---------------------------------------------------------------- SSE streaming
-
-
-class Stream:
-    """A streaming request read event by event; close() drops the connection."""
-
-    def __init__(self, port, path, body, headers, timeout=TIMEOUT):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        hdrs = {"content-type": "application/json"}
-        hdrs.update(headers)
-        self.conn.request("POST", path, body=json.dumps(body).encode(), headers=hdrs)
-        self.resp = self.conn.getresponse()
-        self.headers = {k.lower(): v for k, v in self.resp.getheaders()}
-        self.status = self.resp.status
-
-    def events(self):
-        """Yields each `data:` payload (str) as it arrives."""
-        while True:
-            line = self.resp.readline()
-            if not line:
-                return
-            line = line.strip()
-            if line.startswith(b"data:"):
-                yield line[5:].strip().decode()
-
-    def close(self):
-        # Closing the socket, not just the response, is what a departing client does.
-        if self.conn.sock is not None:
-            self.conn.sock.close()
-        self.conn.close()
-
 
 # ---------------------------------------------------------------- the checks
 
@@ -248,6 +52,10 @@ class Ctx:
         self.dlog = Log(os.path.join(args.logs, "decode.log"))
         self.n = 0
         self.figures = {}
+        # Who moves the blocks: the decoder READs them (pull) or the prefiller WRITEs them (push).
+        self.push = args.mode == "push"
+        self.mover, self.other = (self.prefill, self.decode) if self.push else (self.decode, self.prefill)
+        self.mover_name = "prefiller" if self.push else "decoder"
 
     def prompt(self, what):
         # A fresh prompt per request so neither server's prefix cache can serve it, and short
@@ -269,8 +77,8 @@ class Ctx:
             text += filler
         raise CheckFailed(f"no prompt of {low} tokens")
 
-    def count_tokens(self, text):
-        status, _, reply, raw = post_json(self.decode, "/tokenize", {"model": MODEL, "prompt": text})
+    def count_tokens(self, text, port=None):
+        status, _, reply, raw = post_json(port or self.decode, "/tokenize", {"model": MODEL, "prompt": text})
         need(status == 200, f"/tokenize: {status} {raw[:200]!r}")
         return reply["count"]
 
@@ -289,43 +97,37 @@ class Ctx:
         return time.monotonic() - t0 if ok else None
 
 
-def completion_body(prompt, max_tokens=16, **extra):
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    body.update(extra)
-    return body
-
-
-def chat_body(prompt, max_tokens=16, **extra):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
-    body.update(extra)
-    return body
-
 
 class Handoff:
-    """The decoder's hand-off counters before a request; check() after it: exactly one hand-off,
-    i.e. `vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}` rose (by the prompt's
-    token count when known) and `vllm:nixl_xfer_time_seconds_count` rose by exactly 1."""
+    """The hand-off counters before a request; check() after it: exactly `n` hand-offs, i.e. the
+    decoder's `vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}` rose (by the
+    prompts' token count when known) and `vllm:nixl_xfer_time_seconds_count` rose by exactly `n`
+    on the side that moves the blocks (ctx.mover) and by 0 on the other."""
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, ctx, n=1):
+        self.ctx, self.n = ctx, n
         self.ext0 = metric(ctx.decode, EXTERNAL, **EXTERNAL_LABELS)
-        self.xfer0 = metric(ctx.decode, XFER)
+        self.xfer0 = metric(ctx.mover, XFER)
+        self.other0 = metric(ctx.other, XFER)
 
     def deltas(self):
+        """(external KV tokens on the decoder, transfers counted by the mover)"""
         return (metric(self.ctx.decode, EXTERNAL, **EXTERNAL_LABELS) - self.ext0,
-                metric(self.ctx.decode, XFER) - self.xfer0)
+                metric(self.ctx.mover, XFER) - self.xfer0)
 
     def check(self, label, prompt_tokens=None):
         # vLLM updates its Prometheus counters a moment after the reply: poll, then settle.
-        wait_for(lambda: all(d > 0 for d in self.deltas()), 10)
+        wait_for(lambda: self.deltas()[0] > 0 and self.deltas()[1] >= self.n, 10)
         time.sleep(0.3)
         ext, xfer = self.deltas()
+        other = metric(self.ctx.other, XFER) - self.other0
+        side = self.ctx.mover_name
         need(ext > 0, f"{label}: decoder's {EXTERNAL}{{source=\"external_kv_transfer\"}} did not rise: no hand-off")
-        need(xfer == 1, f"{label}: decoder's {XFER} +{xfer:.0f}, expected exactly 1")
+        need(xfer == self.n, f"{label}: the {side}'s {XFER} +{xfer:.0f}, expected exactly {self.n}")
+        need(other == 0, f"{label}: the other side's {XFER} +{other:.0f}: the {side} should have moved the blocks")
         if prompt_tokens is not None:
-            need(ext == prompt_tokens, f"{label}: {ext:.0f} external KV tokens for a {prompt_tokens}-token prompt")
-        return f"external_kv_transfer +{ext:.0f}, {XFER} +{xfer:.0f}"
+            need(ext == prompt_tokens, f"{label}: {ext:.0f} external KV tokens for {prompt_tokens} prompt tokens")
+        return f"decoder external_kv_transfer +{ext:.0f}, {side}'s {XFER} +{xfer:.0f}"
 
 
 def pd_matches_plain(ctx, sc, path, body, label, text=None, prompt_tokens=None):
@@ -354,26 +156,6 @@ def pd_matches_plain(ctx, sc, path, body, label, text=None, prompt_tokens=None):
     need(text(reply) == text(plain), f"{label}: P/D text {text(reply)!r} != plain {text(plain)!r}")
     return reply, proof
 
-
-def check(name, fn, *a):
-    try:
-        detail = fn(*a)
-        report("PASS", name, detail or "")
-    except CheckFailed as e:
-        report("FAIL", name, str(e))
-    except CheckSkipped as e:
-        report("SKIP", name, str(e))
-    except Exception as e:  # a crash in a check is a failure of that check, not of the run
-        report("FAIL", name, f"{type(e).__name__}: {e}")
-
-
-def c_vllm_version(ctx):
-    status, _, raw = request(ctx.decode, "GET", "/version", timeout=10)
-    need(status == 200, f"decoder GET /version: {status} {raw[:200]!r}")
-    version = json.loads(raw).get("version")
-    need(version == EXPECTED_VLLM, f"these checks expect vLLM {EXPECTED_VLLM}; the decoder runs {version!r}: "
-                                   "re-verify the routes, metrics and log lines they rely on before changing EXPECTED_VLLM")
-    return f"decoder /version {version}"
 
 
 def c_pd_completion(ctx, sc):
@@ -494,6 +276,86 @@ def c_client_leaves_mid_stream(ctx, sc):
     return (f"decoder log {line[line.index('Request'):]!r} {abort_s:.2f} s after the client left; "
             f"{GEN_TOKENS} +{generated:.0f} of max_tokens {max_tokens}; {RUNNING}+{WAITING} = 0; "
             f'({SUCCESS}{{finished_reason="abort"}} +{abort_metric:.0f}: 0.32 does not count aborts there)')
+
+
+def c_client_leaves_during_prefill(ctx, sc, want_tokens=1900):
+    """A client that leaves while the prefiller is still computing a long prompt: the sidecar
+    drops the prefill leg, vLLM aborts it (request log "Request <id> aborted.", nothing left in
+    vllm:num_requests_running), it never finishes, no KV stays held (vllm:kv_cache_usage_perc
+    back to 0) and the decoder never hears of it. run.sh gives the prefiller
+    --max-num-batched-tokens 256, so a ~1900-token prompt is prefilled in 8 steps (0.3-2.5 s
+    here): the abort lands between two of them. Run with -prefill-abandon-grace=0, so the
+    sidecar closes the leg as soon as the client leaves."""
+    text = ctx.prompt("leave during prefill")
+    filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
+    base = ctx.count_tokens(text, ctx.prefill)
+    per = (ctx.count_tokens(text + filler * 10, ctx.prefill) - base) / 10
+    text += filler * int((want_tokens - base) / per)
+    n = ctx.count_tokens(text, ctx.prefill)
+    need(want_tokens * 0.9 <= n <= 2000, f"a {n}-token prompt, wanted about {want_tokens} (the context is 2048)")
+    rid = f"e2e-leave-prefill-{int(time.time() * 1000)}"
+    need(ctx.wait_prefiller_kv_free(30) is not None, "prefiller KV not idle before the check")
+    done0 = metric(ctx.prefill, SUCCESS)
+    ctx.plog.mark()
+    ctx.dlog.mark()
+    conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/completions", body=json.dumps(completion_body(text, 16)).encode(),
+                 headers=dict(pd_headers(ctx.prefill), **{"x-request-id": rid, "content-type": "application/json"}))
+    t0 = time.monotonic()
+    running = wait_for(lambda: metric(ctx.prefill, RUNNING) >= 1, 30, 0.02)
+    started_s = time.monotonic() - t0
+    held = metric(ctx.prefill, KV_USAGE)
+    conn.sock.close()  # the client leaves; its request is still being prefilled
+    conn.close()
+    left_at = time.monotonic()
+    need(running, "the prefill never started running on the prefiller")
+    pattern = re.compile(r"Request cmpl-" + re.escape(rid) + r"\S* aborted")
+    line = wait_for(lambda: next((l.strip() for l in ctx.plog.since().splitlines() if pattern.search(l)), None), 20)
+    abort_s = time.monotonic() - left_at
+    idle = wait_for(lambda: metric(ctx.prefill, RUNNING) + metric(ctx.prefill, WAITING) == 0, 20)
+    freed_s = ctx.wait_prefiller_kv_free(20)
+    finished = metric(ctx.prefill, SUCCESS) - done0
+    need(line, f"no 'Request cmpl-{rid}-... aborted.' in the prefiller log within 20 s")
+    need(idle, "the prefiller still has the request running or waiting")
+    need(finished == 0, f"the prefiller finished {finished:.0f} request(s): the prefill ran to the end")
+    need(freed_s is not None, "the prefiller's KV usage did not return to 0 within 20 s: blocks held")
+    need(rid not in ctx.dlog.since(), "the decoder got a request the client had left")
+    ctx.figures["leave_during_prefill"] = {"prompt_tokens": n, "abort_s": abort_s, "kv_freed_s": freed_s}
+    return (f"{n}-token prompt, client left {started_s:.2f} s after sending, with the prefill running "
+            f"(prefiller KV usage {held:.3f}); prefiller log {line[line.index('Request'):]!r} {abort_s:.2f} s later, "
+            f"{RUNNING} 0, never finished, {KV_USAGE} 0 after {abort_s + freed_s:.2f} s; the decoder saw nothing")
+
+
+def c_pd_multi_block(ctx, sc):
+    """A prompt over two full 128-token blocks: every block is handed over (needs the decoder's
+    prefix cache off, as the push pair runs, so that the plain reference recomputes)."""
+    text = ctx.prompt("three blocks")
+    filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
+    while ctx.count_tokens(text) < 290:
+        text += filler
+    reply, proof = pd_matches_plain(ctx, sc, "/v1/completions", completion_body(text), "three blocks")
+    return f"{reply['usage']['prompt_tokens']}-token prompt (3 blocks) = plain; {proof}"
+
+
+def c_pd_concurrent(ctx, sc, n=8):
+    """n P/D requests at once: n hand-offs, every prompt token external, each text = plain."""
+    prompts = [ctx.pd_prompt(f"concurrent {i}") for i in range(n)]
+    tokens = sum(ctx.count_tokens(p) for p in prompts)
+    handoff = Handoff(ctx, n)
+
+    def one(p):
+        status, _, reply, raw = post_json(sc.port, "/v1/completions", completion_body(p), pd_headers(ctx.prefill))
+        need(status == 200, f"{status} {raw[:200]!r}")
+        return text_of(reply)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        texts = list(pool.map(one, prompts))
+    wall = time.perf_counter() - t0
+    proof = handoff.check(f"{n} at once", tokens)
+    bad = [i for i, (p, t) in enumerate(zip(prompts, texts)) if t != text_of(ctx.plain("/v1/completions", completion_body(p)))]
+    need(not bad, f"P/D text != plain for request(s) {bad} of {n}")
+    return f"{n} at once ({tokens} prompt tokens) in {wall:.2f} s, every text = plain; {proof}"
 
 
 def c_passthrough(ctx, sc):
@@ -737,7 +599,7 @@ def c_decoder_down(ctx):
         + (f"{freed_s:.1f} s" if freed_s is not None else f"> {lease + 60} s (NOT freed)")
         + f"; prefiller finished {served:.0f} request(s) ({aborts:.0f} counted as abort), {XFER} +{self_xfers:.0f}, "
         f"{FAILED_XFER} +{failed:.0f}; sidecar warned that the blocks wait for lease expiry: "
-        f"{'wait for lease expiry' in sidecar_log}")
+        f"{'wait for their lease' in sidecar_log}")
     findings.append(f"prefiller attempted a NIXL handshake with itself (expected: no): {handshake_failed}"
                     + (f"; {self_assert[self_assert.index('AssertionError'):][:130]}" if self_assert and "AssertionError" in self_assert else ""))
     findings.append("blocks released by: " + ("lease expiry ('Releasing expired KV blocks ... retrieved by 0 remote worker(s)')"
@@ -762,6 +624,8 @@ def c_decoder_down(ctx):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("pull", "push"), default="pull",
+                    help="the servers' connector: NixlConnector (pull) or NixlPushConnector (push)")
     ap.add_argument("--sidecar", required=True, help="path to llm-d-routing-sidecar")
     ap.add_argument("--prefill", type=int, required=True, help="prefiller's HTTP port on 127.0.0.1")
     ap.add_argument("--decode", type=int, required=True, help="decoder's HTTP port on 127.0.0.1")
@@ -772,21 +636,45 @@ def main():
                     help="skip the decoder-down check (it waits for a KV lease to expire, twice)")
     args = ap.parse_args()
     ctx = Ctx(args)
+    tag = "nixlv2" if args.mode == "pull" else "nixlv2 (push)"
 
     check(f"vLLM is the version these checks expect ({EXPECTED_VLLM})", c_vllm_version, ctx)
+    if args.mode == "push":
+        try:
+            with ctx.sidecar("nixlv2") as sc:
+                check(f"{tag}: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
+                check(f"{tag}: P/D of a 3-block prompt = plain, every block handed over", c_pd_multi_block, ctx, sc)
+                check(f"{tag}: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
+                check(f"{tag}: P/D streaming", c_pd_stream, ctx, sc)
+                check(f"{tag}: 8 P/D requests at once", c_pd_concurrent, ctx, sc)
+                check(f"{tag}: pass-through without prefiller header", c_passthrough, ctx, sc)
+        except CheckFailed as e:
+            report("FAIL", f"{tag} sidecar", str(e))
+        return finish(args, ctx)
+
     try:
         with ctx.sidecar("nixlv2") as sc:
-            check("nixlv2: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
-            check("nixlv2: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
-            check("nixlv2: P/D /v1/responses = plain, one hand-off", c_pd_responses, ctx, sc)
-            check("nixlv2: P/D /v1/messages = plain, one hand-off", c_pd_messages, ctx, sc)
-            check("nixlv2: P/D /inference/v1/generate = plain, one hand-off", c_pd_generate, ctx, sc)
-            check("nixlv2: P/D streaming", c_pd_stream, ctx, sc)
-            check("nixlv2: client leaves mid-stream -> decoder aborts", c_client_leaves_mid_stream, ctx, sc)
-            check("nixlv2: pass-through without prefiller header", c_passthrough, ctx, sc)
-            check("nixlv2: latency", c_latency, ctx, sc)
+            check(f"{tag}: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
+            check(f"{tag}: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
+            check(f"{tag}: P/D /v1/responses = plain, one hand-off", c_pd_responses, ctx, sc)
+            check(f"{tag}: P/D /v1/messages = plain, one hand-off", c_pd_messages, ctx, sc)
+            check(f"{tag}: P/D /inference/v1/generate = plain, one hand-off", c_pd_generate, ctx, sc)
+            check(f"{tag}: P/D streaming", c_pd_stream, ctx, sc)
+            check(f"{tag}: 8 P/D requests at once", c_pd_concurrent, ctx, sc)
+            check(f"{tag}: client leaves mid-stream -> decoder aborts", c_client_leaves_mid_stream, ctx, sc)
+            check(f"{tag}: pass-through without prefiller header", c_passthrough, ctx, sc)
+            check(f"{tag}: latency", c_latency, ctx, sc)
     except CheckFailed as e:
-        report("FAIL", "nixlv2 sidecar", str(e))
+        report("FAIL", f"{tag} sidecar", str(e))
+
+    try:
+        # The default -prefill-abandon-grace (500ms) lets a prefill that finishes soon run on and
+        # hands its blocks to the decoder; how soon depends on the machine. 0 closes at once.
+        with ctx.sidecar("nixlv2", extra=["-prefill-abandon-grace=0"]) as sc:
+            check(f"{tag} -prefill-abandon-grace=0: client leaves during a long prefill -> prefiller aborts, KV freed",
+                  c_client_leaves_during_prefill, ctx, sc)
+    except CheckFailed as e:
+        report("FAIL", "abandon-grace sidecar", str(e))
 
     try:
         # -v=5 (trace: the legs' bodies) on both, so that logging weighs the same on each TTFT.
@@ -808,8 +696,6 @@ def main():
 
     report("SKIP", "client leaves after prefill, decode queued", "not provoked: the tiny model's decode is admitted in "
            "milliseconds, so the window cannot be hit reliably; vllm-sim tests (tests/cancel.rs) cover it")
-    report("SKIP", "lmcache", "needs LMCache in both vLLM servers (not installed: the servers run NixlConnector); "
-           "without it the decoder would just recompute, which the nixl row already shows")
 
     if args.skip_decoder_down:
         report("SKIP", "decoder-down", "--skip-decoder-down")
@@ -823,15 +709,14 @@ def main():
             check("after all: P/D still works", c_pd_completion, ctx, sc)
     except CheckFailed as e:
         report("FAIL", "after all", str(e))
+    return finish(args, ctx)
 
+
+def finish(args, ctx):
     if args.figures:
         with open(args.figures, "w") as f:
             json.dump(ctx.figures, f, indent=2)
-    passed = sum(1 for r in RESULTS if r[0] == "PASS")
-    failed = sum(1 for r in RESULTS if r[0] == "FAIL")
-    skipped = sum(1 for r in RESULTS if r[0] == "SKIP")
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":
