@@ -19,6 +19,9 @@
 #   REPEAT=3             runs per scenario and side (alternating); the table shows medians
 #   BUSY_POLL=200us      -busy-poll window of the second sidecar used by pd_c1_busy
 #   ONLY="pd_c1 ..."     run only these scenarios
+#   PACED_STREAMS=512    concurrent streams of the paced scenario (64 events 20 ms apart)
+#   NGINX=nginx          the one-hop reference (Debian: apt-get install nginx-light); runs
+#                        without it when it is not installed (NGINX= to turn it off)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -34,6 +37,8 @@ TOOLS_TARGET=${BENCH_TOOLS_TARGET:-${HOME:-/tmp}/.cache/sidecar-bench}
 ONLY=${ONLY:-}
 REPEAT=${REPEAT:-3}
 BUSY_POLL=${BUSY_POLL:-200us}
+PACED_STREAMS=${PACED_STREAMS:-512}
+NGINX=${NGINX-nginx}
 
 die() { echo "bench: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 is required (free ports, tables)"
@@ -138,6 +143,60 @@ SIDECAR_ARGS="$SIDECAR_ARGS -busy-poll=$BUSY_POLL" start_bench_sidecar sidecar-b
 BUSY_PID=$SC_PID
 BUSY_PORT=$SC_PORT
 
+# nginx, one hop in front of the same decoder, pinned like the sidecar: one worker process,
+# keep-alive to the decoder, no buffering either way (as the sidecar streams).
+NGINX_PID=""
+start_nginx() { # NAME DECODER_PORT: sets NG_PORT and NG_PID (the worker's, whose CPU is counted)
+    local name=$1 dport=$2 conf
+    NG_PORT=$(free_ports 1)
+    mkdir -p "$WORK/$name"
+    conf=$WORK/$name/nginx.conf
+    cat >"$conf" <<NGX
+worker_processes 1;
+daemon off;
+pid $WORK/$name/nginx.pid;
+error_log $WORK/$name/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/$name/body;
+    proxy_temp_path $WORK/$name/proxy;
+    fastcgi_temp_path $WORK/$name/fcgi;
+    uwsgi_temp_path $WORK/$name/uwsgi;
+    scgi_temp_path $WORK/$name/scgi;
+    client_max_body_size 32m;
+    client_body_buffer_size 1m;
+    upstream decoder { server 127.0.0.1:$dport; keepalive 256; }
+    server {
+        listen 127.0.0.1:$NG_PORT backlog=4096;
+        location / {
+            proxy_pass http://decoder;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 60s;
+        }
+    }
+}
+NGX
+    "${PIN_SIDECAR[@]}" "$NGINX_BIN" -e "$WORK/$name/error.log" -c "$conf" >"$WORK/$name/out.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$NG_PORT/health" "nginx"
+    NG_PID=$(pgrep -P "$(cat "$WORK/$name/nginx.pid")" | head -1)
+    [ -n "$NG_PID" ] || die "nginx started no worker process"
+}
+NGINX_BIN=$(command -v "${NGINX:-none}" 2>/dev/null || true)
+if [ -z "$NGINX_BIN" ] && [ -x /usr/sbin/nginx ] && [ -n "$NGINX" ]; then NGINX_BIN=/usr/sbin/nginx; fi
+if [ -n "$NGINX_BIN" ]; then
+    start_nginx nginx "$DEC_PORT"
+    NGINX_PID=$NG_PID
+    NGINX_URL=http://127.0.0.1:$NG_PORT/v1/completions
+    echo "nginx reference: $("$NGINX_BIN" -v 2>&1) on 127.0.0.1:$NG_PORT" >&2
+else
+    echo "bench: no nginx (Debian: apt-get install nginx-light): the one-hop reference column stays empty" >&2
+fi
+
 # --- bodies ----------------------------------------------------------------------------------
 python3 - "$WORK" <<'PY'
 import json, sys
@@ -148,6 +207,11 @@ def put(name, **kw):
 put("small", max_tokens=16)
 put("stream", max_tokens=64, stream=True)
 put("idle", max_tokens=2, stream=True)
+# Paced: 64 events 20 ms apart (fakevllm reads fake_token_delay_ms from the body).
+put("paced", max_tokens=64, stream=True, fake_token_delay_ms=20)
+# A multimodal-sized request: 20 MiB of JSON (inline images are base64 strings like this).
+huge = {"model": "fake-model", "prompt": "x" * (20 * 1024 * 1024 - 64), "max_tokens": 16}
+open(f"{w}/big20m.json", "w").write(json.dumps(huge))
 big = {"model": "fake-model", "prompt": ("lorem ipsum dolor sit amet " * 16000)[:400_000], "max_tokens": 16}
 open(f"{w}/big.json", "w").write(json.dumps(big))
 PY
@@ -164,17 +228,18 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 load() {
     local scenario=$1 side=$2 url=$3 body=$4 n=$5 c=$6; shift 6
     local t0 t1 w0 w1 warm=$((n / 10 < 500 ? n / 10 : 500))
+    local pid=${PROXY_PID:-$SIDECAR_PID}
     w0=$(date +%s%N)
-    t0=$(cpu_ticks "$SIDECAR_PID")
+    t0=$(cpu_ticks "$pid")
     "${PIN_LOAD[@]}" "$PDLOAD" --url "$url" --body-file "$WORK/$body.json" -n "$n" -c "$c" \
         --warmup "$warm" --max-secs "$MAX_SECS" --label "$scenario/$side" "$@" >"$WORK/run.json"
-    t1=$(cpu_ticks "$SIDECAR_PID")
+    t1=$(cpu_ticks "$pid")
     w1=$(date +%s%N)
     python3 - "$WORK/run.json" "$scenario" "$side" "$((t1 - t0))" "$(getconf CLK_TCK)" "$warm" \
         "$(((w1 - w0) / 1000))" >>"$RESULTS" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-# Sidecar CPU time over the whole pdload run (warm-up included), and that run's wall time.
+# The proxy's CPU time over the whole pdload run (warm-up included), and that run's wall time.
 r.update(scenario=sys.argv[2], side=sys.argv[3],
          sidecar_cpu_s=int(sys.argv[4]) / int(sys.argv[5]), warmup=int(sys.argv[6]),
          wall_s=int(sys.argv[7]) / 1e6)
@@ -203,6 +268,8 @@ for _ in $(seq "$REPEAT"); do
         n=$([ "$c" = 1 ] && echo 3000 || echo 40000)
         load "pd_c$c" direct "$DIRECT" small "$n" "$c"
         load "pd_c$c" sidecar "$THROUGH" small "$n" "$c" "${PD_HEADER[@]}"
+        # nginx: one hop (it cannot run P/D), the floor a proxy's per-request cost is held to.
+        [ -z "$NGINX_PID" ] || PROXY_PID=$NGINX_PID load "pd_c$c" nginx "$NGINX_URL" small "$n" "$c"
     done
     if want pd_c1_busy; then
         load pd_c1_busy direct "$DIRECT" small 3000 1
@@ -212,6 +279,7 @@ for _ in $(seq "$REPEAT"); do
     if want pass_c16; then
         load pass_c16 direct "$DIRECT" small 40000 16
         load pass_c16 sidecar "$THROUGH" small 40000 16
+        [ -z "$NGINX_PID" ] || PROXY_PID=$NGINX_PID load pass_c16 nginx "$NGINX_URL" small 40000 16
     fi
     if want stream_c16; then
         load stream_c16 direct "$DIRECT" stream 20000 16 --stream
@@ -220,8 +288,34 @@ for _ in $(seq "$REPEAT"); do
     if want big400k_c4; then
         load big400k_c4 direct "$DIRECT" big 2000 4
         load big400k_c4 sidecar "$THROUGH" big 2000 4 "${PD_HEADER[@]}"
+        [ -z "$NGINX_PID" ] || PROXY_PID=$NGINX_PID load big400k_c4 nginx "$NGINX_URL" big 2000 4
+    fi
+    # Paced streams: what a proxy spends per relayed event when events come one at a time.
+    if want paced_c$PACED_STREAMS; then
+        n=$((PACED_STREAMS * 2))
+        load "paced_c$PACED_STREAMS" direct "$DIRECT" paced "$n" "$PACED_STREAMS" --stream
+        load "paced_c$PACED_STREAMS" sidecar "$THROUGH" paced "$n" "$PACED_STREAMS" --stream "${PD_HEADER[@]}"
+        [ -z "$NGINX_PID" ] || PROXY_PID=$NGINX_PID load "paced_c$PACED_STREAMS" nginx "$NGINX_URL" paced "$n" \
+            "$PACED_STREAMS" --stream
     fi
 done
+
+# big20m_c2: 20 MiB bodies through P/D, two at a time, on a fresh sidecar whose peak RSS
+# (VmHWM) is compared with its RSS before: the growth per request in flight, against the body.
+if want big20m_c2; then
+    for _ in $(seq "$REPEAT"); do
+        load big20m_c2 direct "$DIRECT" big20m 60 2
+        start_bench_sidecar sidecar-big "$DEC_PORT"
+        rss0=$(rss_kib "$SC_PID")
+        SIDECAR_PID=$SC_PID load big20m_c2 sidecar "http://127.0.0.1:$SC_PORT/v1/completions" big20m 60 2 \
+            "${PD_HEADER[@]}"
+        hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$SC_PID/status")
+        printf '{"scenario":"big20m_c2","side":"peak","rss0_kib":%s,"hwm_kib":%s,"body_kib":%s,"in_flight":2}\n' \
+            "$rss0" "$hwm" "$(($(stat -c %s "$WORK/big20m.json") / 1024))" >>"$RESULTS"
+        kill "$SC_PID" 2>/dev/null || true
+        if [ -n "$NGINX_PID" ]; then PROXY_PID=$NGINX_PID load big20m_c2 nginx "$NGINX_URL" big20m 60 2; fi
+    done
+fi
 
 # Memory: a fresh sidecar in front of a decoder that sends one token, then waits 20 s for the
 # next; IDLE_STREAMS streams are opened at once and the sidecar's VmRSS compared before/after.
@@ -256,9 +350,38 @@ if want idle_streams; then
     printf '{"scenario":"idle_streams","side":"sidecar","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
         "$opened" "$rss0" "$rss1" >>"$RESULTS"
     kill "$SC_PID" 2>/dev/null || true
+    if [ -n "$NGINX_BIN" ]; then
+        # The same for a fresh nginx worker (one hop: client and decoder connections).
+        start_nginx nginx-mem "$SLOW_PORT"
+        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$NG_PORT/v1/completions" \
+            --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" >/dev/null
+        sleep 0.5
+        rss0=$(rss_kib "$NG_PID")
+        stream0=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"])')
+        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$NG_PORT/v1/completions" \
+            --body-file "$WORK/idle.json" -n "$IDLE_STREAMS" -c "$IDLE_STREAMS" --stream \
+            --max-secs "$MAX_SECS" >/dev/null 2>&1 &
+        HOLDER=$!
+        PIDS+=("$HOLDER")
+        opened=0
+        for _ in $(seq $((MAX_SECS * 20))); do
+            opened=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
+                python3 -c "import json,sys; print(json.load(sys.stdin)['stream'] - $stream0)")
+            [ "$opened" -ge "$IDLE_STREAMS" ] && break
+            sleep 0.05
+        done
+        sleep 1
+        rss1=$(for _ in 1 2 3; do rss_kib "$NG_PID"; sleep 0.5; done | sort -n | sed -n 2p)
+        kill "$HOLDER" 2>/dev/null || true
+        wait "$HOLDER" 2>/dev/null || true
+        echo "  idle_streams (nginx): $opened open, worker VmRSS ${rss0} KiB -> ${rss1} KiB" >&2
+        printf '{"scenario":"idle_streams","side":"nginx","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
+            "$opened" "$rss0" "$rss1" >>"$RESULTS"
+    fi
 fi
 
 # --- report ----------------------------------------------------------------------------------
 mkdir -p "$(dirname "$BENCH_OUT")"
-python3 "$REPO/scripts/bench_table.py" "$RESULTS" "$SIDECAR_ARGS" "$MAX_SECS" | tee "$BENCH_OUT"
+PACED_STREAMS=$PACED_STREAMS python3 "$REPO/scripts/bench_table.py" "$RESULTS" "$SIDECAR_ARGS" "$MAX_SECS" | tee "$BENCH_OUT"
 echo "written to $BENCH_OUT" >&2
