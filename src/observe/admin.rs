@@ -20,25 +20,13 @@ use crate::body::{self, ProxyBody};
 use crate::observe::metrics::Metrics;
 use crate::readiness::Readiness;
 
-/// Serves `listener` forever, without `/readyz` (404). The caller ends it by dropping
-/// (aborting) the task; there is nothing to drain, a scrape is one small response.
-pub async fn serve(listener: TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    serve_admin(listener, metrics, None).await
-}
-
-/// As [`serve`], answering `/readyz` and `/readiness` from `readiness` ([`crate::App::readiness`]).
+/// Serves `listener` forever, answering `/readyz` and `/readiness` from `readiness`
+/// ([`crate::App::readiness`]). The caller ends it by dropping (aborting) the task; there is
+/// nothing to drain, a scrape is one small response.
 pub async fn serve_with_readiness(
     listener: TcpListener,
     metrics: Metrics,
     readiness: Readiness,
-) -> std::io::Result<()> {
-    serve_admin(listener, metrics, Some(readiness)).await
-}
-
-async fn serve_admin(
-    listener: TcpListener,
-    metrics: Metrics,
-    readiness: Option<Readiness>,
 ) -> std::io::Result<()> {
     info!(addr = %listener.local_addr()?, "admin listener serving /metrics, /health and /readyz");
     loop {
@@ -54,7 +42,7 @@ async fn serve_admin(
         let (metrics, readiness) = (metrics.clone(), readiness.clone());
         let service = service_fn(move |req| {
             let (metrics, readiness) = (metrics.clone(), readiness.clone());
-            async move { Ok::<_, Infallible>(handle(&req, &metrics, readiness.as_ref())) }
+            async move { Ok::<_, Infallible>(handle(&req, &metrics, &readiness)) }
         });
         // One admin connection: bounded by its header timeout; no request of the proxy owns it.
         #[allow(clippy::disallowed_methods)]
@@ -73,7 +61,7 @@ async fn serve_admin(
 fn handle(
     req: &Request<Incoming>,
     metrics: &Metrics,
-    readiness: Option<&Readiness>,
+    readiness: &Readiness,
 ) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return status(StatusCode::METHOD_NOT_ALLOWED);
@@ -86,10 +74,7 @@ fn handle(
             resp
         }
         "/health" => status(StatusCode::OK),
-        "/readyz" | "/readiness" => match readiness {
-            Some(readiness) => readiness.response(),
-            None => status(StatusCode::NOT_FOUND),
-        },
+        "/readyz" | "/readiness" => readiness.response(),
         _ => status(StatusCode::NOT_FOUND),
     }
 }

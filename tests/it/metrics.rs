@@ -2,60 +2,11 @@
 //! clients that leave in each phase. Scrapes are taken after a synchronising event (the full
 //! response, or `/sim/wait`), never after a sleep.
 
-use std::net::SocketAddr;
-
+use crate::support::observed::Observed;
 use crate::support::*;
-use sidecar::observe::metrics::Metrics;
-use sidecar::{App, Config, Connector};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use sidecar::Connector;
+use std::net::SocketAddr;
 use vllm_sim::SimServer;
-
-/// A sidecar in front of `decoder`, with its admin listener.
-struct Observed {
-    sidecar: Sidecar,
-    admin: SocketAddr,
-    admin_task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        self.admin_task.abort();
-    }
-}
-
-impl Observed {
-    async fn start(decoder: SocketAddr, connector: Connector) -> Observed {
-        Observed::with(Config::new(&decoder.to_string(), connector).expect("config")).await
-    }
-
-    async fn with(config: Config) -> Observed {
-        let app = App::build(config).await.expect("the sidecar assembles");
-        let metrics: Metrics = app.metrics().clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = listener.local_addr().expect("addr");
-        let admin_task = tokio::spawn(sidecar::observe::admin::serve(listener, metrics));
-        Observed {
-            sidecar: Sidecar::serve(app).await,
-            admin,
-            admin_task,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.sidecar.addr
-    }
-
-    async fn scrape(&self) -> String {
-        let (resp, body) = call(self.admin, get("/metrics")).await;
-        assert_eq!(resp.status(), 200);
-        assert_eq!(
-            resp.headers()["content-type"],
-            "text/plain; version=0.0.4; charset=utf-8"
-        );
-        String::from_utf8(body.to_vec()).expect("UTF-8")
-    }
-}
 
 /// The value of one series (`name{labels}`), if exposed.
 fn value(text: &str, series: &str) -> Option<f64> {

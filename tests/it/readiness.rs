@@ -14,49 +14,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use sidecar::observe::metrics::Metrics;
 use sidecar::{App, Config};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
+use crate::support::observed::Observed;
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-d-routing-sidecar");
 
-/// A sidecar with its admin listener (serving `/readyz` too).
-struct Observed {
-    sidecar: Sidecar,
-    admin: SocketAddr,
-    metrics: Metrics,
-    admin_task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        self.admin_task.abort();
-    }
-}
-
 impl Observed {
-    async fn start(mut config: Config) -> Observed {
-        config.readiness_interval = Duration::from_millis(50);
-        let app = App::build(config).await.expect("the sidecar assembles");
-        let metrics = app.metrics().clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = listener.local_addr().expect("addr");
-        let admin_task = tokio::spawn(sidecar::observe::admin::serve_with_readiness(
-            listener,
-            metrics.clone(),
-            app.readiness().clone(),
-        ));
-        Observed {
-            sidecar: Sidecar::serve(app).await,
-            admin,
-            metrics,
-            admin_task,
-        }
-    }
-
     /// Both ports, both names.
     fn probes(&self) -> [(SocketAddr, &'static str); 4] {
         [
@@ -66,6 +32,12 @@ impl Observed {
             (self.admin, "/readiness"),
         ]
     }
+}
+
+/// The sidecar and its admin listener, with readiness checked every 50 ms.
+async fn observed(mut config: Config) -> Observed {
+    config.readiness_interval = Duration::from_millis(50);
+    Observed::with(config).await
 }
 
 /// `GET path` at `addr`: the status and the JSON body.
@@ -109,7 +81,7 @@ fn reason(body: &Value) -> &str {
 async fn readiness_follows_the_decoders_health_on_both_ports() {
     let d = sim(|_| {}).await;
     let decoder = d.api_addr();
-    let s = Observed::start(config(decoder)).await;
+    let s = observed(config(decoder)).await;
     for (addr, path) in s.probes() {
         let body = until(addr, path, 200).await;
         assert_eq!(body, serde_json::json!({"status": "ready"}));

@@ -3,6 +3,7 @@
 //! raw recording upstream for byte-level assertions.
 
 pub mod fake_kube;
+pub mod observed;
 pub mod otlp;
 pub mod recorder;
 
