@@ -150,22 +150,6 @@ fn a_port_that_cannot_be_bound_exits_1_with_one_line() {
     }
 }
 
-/// Starts the binary with `args` (plain HTTP, loopback, no admin port) and returns it with the
-/// port its readiness line announced.
-async fn spawn(args: &[String]) -> (std::process::Child, std::net::SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["-port=0", "-bind-address=127.0.0.1", "-metrics-port=0"])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let event = readiness(&mut child).await;
-    let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
-    (child, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
 fn signal(child: &std::process::Child, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
@@ -178,7 +162,7 @@ fn signal(child: &std::process::Child, name: &str) {
 async fn sighup_is_ignored_and_streams_go_on() {
     let p = sim(|_| {}).await;
     let d = sim(|c| c.itl_ms = 20).await;
-    let (mut child, addr) = spawn(&[
+    let (mut child, addr) = spawn_binary(&[
         "-vllm-host=127.0.0.1".into(),
         format!("-vllm-port={}", d.api_addr().port()),
     ])

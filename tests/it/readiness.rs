@@ -5,7 +5,7 @@
 //! Every wait polls for the state it needs, within a deadline.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,8 +19,6 @@ use tokio::net::TcpListener;
 
 use crate::support::observed::Observed;
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_llm-d-routing-sidecar");
 
 impl Observed {
     /// Both ports, both names.
@@ -310,20 +308,14 @@ impl Child {
 /// Starts the binary (plain HTTP, loopback, no admin port) in front of `decoder` with `args`;
 /// returns it with its port, once it is ready.
 async fn spawn_ready(decoder: SocketAddr, args: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["-port=0", "-bind-address=127.0.0.1", "-metrics-port=0"])
-        .args(["-vllm-host=127.0.0.1", "-readiness-interval=100ms"])
-        .arg(format!("-vllm-port={}", decoder.port()))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let event = readiness(&mut child).await;
+    let mut all = vec![
+        "-vllm-host=127.0.0.1".to_owned(),
+        "-readiness-interval=100ms".to_owned(),
+        format!("-vllm-port={}", decoder.port()),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let (child, addr) = spawn_binary(&all).await;
     let child = Child(Some(child));
-    let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     until(addr, "/readyz", 200).await;
     (child, addr)
 }

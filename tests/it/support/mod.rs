@@ -363,6 +363,22 @@ pub async fn readiness(child: &mut std::process::Child) -> Value {
     serde_json::from_str(&line).unwrap_or_default()
 }
 
+/// Starts the sidecar's binary with `args` after plain HTTP on a loopback port the OS picks and
+/// no admin port, and returns it with the port its readiness line announced.
+pub async fn spawn_binary(args: &[String]) -> (std::process::Child, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llm-d-routing-sidecar"))
+        .args(["-port=0", "-bind-address=127.0.0.1", "-metrics-port=0"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let event = readiness(&mut child).await;
+    let port = u16::try_from(event["port"].as_u64().unwrap()).unwrap();
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// An HTTP/2 (prior knowledge, h2c) client connection to `addr`.
 pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.expect("connect");
