@@ -317,67 +317,56 @@ if want big20m_c2; then
     done
 fi
 
-# Memory: a fresh sidecar in front of a decoder that sends one token, then waits 20 s for the
-# next; IDLE_STREAMS streams are opened at once and the sidecar's VmRSS compared before/after.
-if want idle_streams; then
-    start_fake slow --listen "127.0.0.1:$SLOW_PORT" --token-delay-ms 20000
-    wait_http "http://127.0.0.1:$SLOW_PORT/health" "fakevllm (slow decoder)"
-    start_bench_sidecar sidecar-mem "$SLOW_PORT"
-    # Warm the sidecar with a few complete requests so the baseline includes its steady state.
-    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
-        --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" "${PD_HEADER[@]}" >/dev/null
+# The streams the slow decoder has been asked for so far.
+slow_streams() {
+    curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"])'
+}
+
+# hold_streams SIDE PID PORT [pdload args...]: warms the proxy at PORT (process PID) with a few
+# complete requests so the baseline includes its steady state, opens IDLE_STREAMS streams to
+# the slow decoder through it at once, and records its VmRSS before and with them open.
+hold_streams() {
+    local side=$1 pid=$2 port=$3 rss0 rss1 stream0 opened=0 holder
+    shift 3
+    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$port/v1/completions" \
+        --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" "$@" >/dev/null
     sleep 0.5
-    rss0=$(rss_kib "$SC_PID")
-    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
+    rss0=$(rss_kib "$pid")
+    stream0=$(slow_streams)
+    "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$port/v1/completions" \
         --body-file "$WORK/idle.json" -n "$IDLE_STREAMS" -c "$IDLE_STREAMS" --stream \
-        --max-secs "$MAX_SECS" "${PD_HEADER[@]}" >/dev/null 2>&1 &
-    HOLDER=$!
-    PIDS+=("$HOLDER")
-    opened=0
+        --max-secs "$MAX_SECS" "$@" >/dev/null 2>&1 &
+    holder=$!
+    PIDS+=("$holder")
     for _ in $(seq $((MAX_SECS * 20))); do
-        opened=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"])')
+        opened=$(($(slow_streams) - stream0))
         [ "$opened" -ge "$IDLE_STREAMS" ] && break
         sleep 0.05
     done
     # Let the last streams' first tokens through and transient buffers go, then take the
     # median of three samples.
     sleep 1
-    rss1=$(for _ in 1 2 3; do rss_kib "$SC_PID"; sleep 0.5; done | sort -n | sed -n 2p)
-    kill "$HOLDER" 2>/dev/null || true
-    wait "$HOLDER" 2>/dev/null || true
-    echo "  idle_streams: $opened open, sidecar VmRSS ${rss0} KiB -> ${rss1} KiB" >&2
-    printf '{"scenario":"idle_streams","side":"sidecar","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
-        "$opened" "$rss0" "$rss1" >>"$RESULTS"
+    rss1=$(for _ in 1 2 3; do rss_kib "$pid"; sleep 0.5; done | sort -n | sed -n 2p)
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    echo "  idle_streams ($side): $opened open, VmRSS ${rss0} KiB -> ${rss1} KiB" >&2
+    printf '{"scenario":"idle_streams","side":"%s","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
+        "$side" "$opened" "$rss0" "$rss1" >>"$RESULTS"
+}
+
+# Memory: a fresh sidecar in front of a decoder that sends one token, then waits 20 s for the
+# next; IDLE_STREAMS streams are opened at once and the sidecar's VmRSS compared before/after.
+if want idle_streams; then
+    start_fake slow --listen "127.0.0.1:$SLOW_PORT" --token-delay-ms 20000
+    wait_http "http://127.0.0.1:$SLOW_PORT/health" "fakevllm (slow decoder)"
+    start_bench_sidecar sidecar-mem "$SLOW_PORT"
+    hold_streams sidecar "$SC_PID" "$SC_PORT" "${PD_HEADER[@]}"
     kill "$SC_PID" 2>/dev/null || true
     if [ -n "$NGINX_BIN" ]; then
         # The same for a fresh nginx worker (one hop: client and decoder connections).
         start_nginx nginx-mem "$SLOW_PORT"
-        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$NG_PORT/v1/completions" \
-            --body-file "$WORK/small.json" -n 200 -c 4 --max-secs "$MAX_SECS" >/dev/null
-        sleep 0.5
-        rss0=$(rss_kib "$NG_PID")
-        stream0=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"])')
-        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$NG_PORT/v1/completions" \
-            --body-file "$WORK/idle.json" -n "$IDLE_STREAMS" -c "$IDLE_STREAMS" --stream \
-            --max-secs "$MAX_SECS" >/dev/null 2>&1 &
-        HOLDER=$!
-        PIDS+=("$HOLDER")
-        opened=0
-        for _ in $(seq $((MAX_SECS * 20))); do
-            opened=$(curl -fsS --max-time 1 "http://127.0.0.1:$SLOW_PORT/stats" |
-                python3 -c "import json,sys; print(json.load(sys.stdin)['stream'] - $stream0)")
-            [ "$opened" -ge "$IDLE_STREAMS" ] && break
-            sleep 0.05
-        done
-        sleep 1
-        rss1=$(for _ in 1 2 3; do rss_kib "$NG_PID"; sleep 0.5; done | sort -n | sed -n 2p)
-        kill "$HOLDER" 2>/dev/null || true
-        wait "$HOLDER" 2>/dev/null || true
-        echo "  idle_streams (nginx): $opened open, worker VmRSS ${rss0} KiB -> ${rss1} KiB" >&2
-        printf '{"scenario":"idle_streams","side":"nginx","open":%s,"rss0_kib":%s,"rss1_kib":%s}\n' \
-            "$opened" "$rss0" "$rss1" >>"$RESULTS"
+        hold_streams nginx "$NG_PID" "$NG_PORT"
     fi
 fi
 

@@ -1,6 +1,7 @@
 """What every `make e2e-vllm` check script shares: loopback HTTP with a timeout on every request,
 vLLM's Prometheus metrics, server logs read from a mark, the sidecar process, SSE streams,
 request bodies, and the PASS/FAIL/SKIP report. Stdlib only."""
+import concurrent.futures
 import http.client
 import json
 import os
@@ -112,6 +113,20 @@ def wait_for(pred, timeout, interval=0.2):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def pd_at_once(port, prefill_port, path, bodies):
+    """Sends every body as a P/D request through the sidecar at `port`, all at once; returns
+    their output texts (in order) and the wall time in seconds. Each must answer 200."""
+    def one(body):
+        status, _, reply, raw = post_json(port, path, body, pd_headers(prefill_port))
+        need(status == 200, f"{status} {raw[:200]!r}")
+        return text_of(reply)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        texts = list(pool.map(one, bodies))
+    return texts, time.perf_counter() - t0
 
 
 def free_port():

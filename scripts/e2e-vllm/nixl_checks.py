@@ -21,7 +21,6 @@ expected degradation, what happens to the prefiller's blocks when the decoder is
 INFO lines with what was measured.
 """
 import argparse
-import concurrent.futures
 import http.client
 import json
 import os
@@ -32,13 +31,16 @@ import time
 
 from common import (EXPECTED_VLLM, EXTERNAL, EXTERNAL_LABELS, GEN_TOKENS, KV_USAGE, MIN_PROMPT_TOKENS, MODEL, RUNNING, SUCCESS,
                     TIMEOUT, WAITING, CheckFailed, CheckSkipped, Log, Sidecar, Stream, chat_body, check,
-                    completion_body, free_port, metric, need, pd_headers, post_json, report, request, summary,
+                    completion_body, free_port, metric, need, pd_at_once, pd_headers, post_json, report, request,
+                    summary,
                     text_of, wait_for)
 from common import c_vllm_version
 
 # Counts completed NIXL KV transfers on the side that moved the blocks (one per P/D request).
 XFER = "vllm:nixl_xfer_time_seconds_count"
 FAILED_XFER = "vllm:nixl_num_failed_transfers_total"
+# What fresh prompts are grown with, a sentence at a time, to the length a check needs.
+FILLER = " The cable cars climbed past the old brick warehouses as the bay lights came on."
 
 # ---------------------------------------------------------------- the checks
 
@@ -68,13 +70,12 @@ class Ctx:
         to be transferred rather than recomputed, under one 128-token CPU block (no full block is
         cached locally, so the plain comparison recomputes it), and far inside the 512 context."""
         text = self.prompt(what)
-        filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
         for _ in range(20):
             n = self.count_tokens(text)
             if n >= low:
                 need(n <= high, f"prompt of {n} tokens, more than {high}")
                 return text
-            text += filler
+            text += FILLER
         raise CheckFailed(f"no prompt of {low} tokens")
 
     def count_tokens(self, text, port=None):
@@ -115,9 +116,14 @@ class Handoff:
         return (metric(self.ctx.decode, EXTERNAL, **EXTERNAL_LABELS) - self.ext0,
                 metric(self.ctx.mover, XFER) - self.xfer0)
 
+    def arrived(self):
+        """Whether the counters show external KV and all `n` transfers (one scrape of each side)."""
+        ext, xfer = self.deltas()
+        return ext > 0 and xfer >= self.n
+
     def check(self, label, prompt_tokens=None):
         # vLLM updates its Prometheus counters a moment after the reply: poll, then settle.
-        wait_for(lambda: self.deltas()[0] > 0 and self.deltas()[1] >= self.n, 10)
+        wait_for(self.arrived, 10)
         time.sleep(0.3)
         ext, xfer = self.deltas()
         other = metric(self.ctx.other, XFER) - self.other0
@@ -287,10 +293,9 @@ def c_client_leaves_during_prefill(ctx, sc, want_tokens=1900):
     here): the abort lands between two of them. Run with -prefill-abandon-grace=0, so the
     sidecar closes the leg as soon as the client leaves."""
     text = ctx.prompt("leave during prefill")
-    filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
     base = ctx.count_tokens(text, ctx.prefill)
-    per = (ctx.count_tokens(text + filler * 10, ctx.prefill) - base) / 10
-    text += filler * int((want_tokens - base) / per)
+    per = (ctx.count_tokens(text + FILLER * 10, ctx.prefill) - base) / 10
+    text += FILLER * int((want_tokens - base) / per)
     n = ctx.count_tokens(text, ctx.prefill)
     need(want_tokens * 0.9 <= n <= 2000, f"a {n}-token prompt, wanted about {want_tokens} (the context is 2048)")
     rid = f"e2e-leave-prefill-{int(time.time() * 1000)}"
@@ -330,9 +335,8 @@ def c_pd_multi_block(ctx, sc):
     """A prompt over two full 128-token blocks: every block is handed over (needs the decoder's
     prefix cache off, as the push pair runs, so that the plain reference recomputes)."""
     text = ctx.prompt("three blocks")
-    filler = " The cable cars climbed past the old brick warehouses as the bay lights came on."
     while ctx.count_tokens(text) < 290:
-        text += filler
+        text += FILLER
     reply, proof = pd_matches_plain(ctx, sc, "/v1/completions", completion_body(text), "three blocks")
     return f"{reply['usage']['prompt_tokens']}-token prompt (3 blocks) = plain; {proof}"
 
@@ -342,16 +346,7 @@ def c_pd_concurrent(ctx, sc, n=8):
     prompts = [ctx.pd_prompt(f"concurrent {i}") for i in range(n)]
     tokens = sum(ctx.count_tokens(p) for p in prompts)
     handoff = Handoff(ctx, n)
-
-    def one(p):
-        status, _, reply, raw = post_json(sc.port, "/v1/completions", completion_body(p), pd_headers(ctx.prefill))
-        need(status == 200, f"{status} {raw[:200]!r}")
-        return text_of(reply)
-
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        texts = list(pool.map(one, prompts))
-    wall = time.perf_counter() - t0
+    texts, wall = pd_at_once(sc.port, ctx.prefill, "/v1/completions", [completion_body(p) for p in prompts])
     proof = handoff.check(f"{n} at once", tokens)
     bad = [i for i, (p, t) in enumerate(zip(prompts, texts)) if t != text_of(ctx.plain("/v1/completions", completion_body(p)))]
     need(not bad, f"P/D text != plain for request(s) {bad} of {n}")
@@ -639,33 +634,31 @@ def main():
     tag = "nixlv2" if args.mode == "pull" else "nixlv2 (push)"
 
     check(f"vLLM is the version these checks expect ({EXPECTED_VLLM})", c_vllm_version, ctx)
+    # The checks on one default sidecar; push runs the ones its pair is set up for.
+    completion = ("P/D completion = plain, one hand-off", c_pd_completion)
+    chat = ("P/D chat completion = plain, one hand-off", c_pd_chat)
+    stream = ("P/D streaming", c_pd_stream)
+    at_once = ("8 P/D requests at once", c_pd_concurrent)
+    passthrough = ("pass-through without prefiller header", c_passthrough)
     if args.mode == "push":
-        try:
-            with ctx.sidecar("nixlv2") as sc:
-                check(f"{tag}: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
-                check(f"{tag}: P/D of a 3-block prompt = plain, every block handed over", c_pd_multi_block, ctx, sc)
-                check(f"{tag}: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
-                check(f"{tag}: P/D streaming", c_pd_stream, ctx, sc)
-                check(f"{tag}: 8 P/D requests at once", c_pd_concurrent, ctx, sc)
-                check(f"{tag}: pass-through without prefiller header", c_passthrough, ctx, sc)
-        except CheckFailed as e:
-            report("FAIL", f"{tag} sidecar", str(e))
-        return finish(args, ctx)
-
+        group = [completion, ("P/D of a 3-block prompt = plain, every block handed over", c_pd_multi_block),
+                 chat, stream, at_once, passthrough]
+    else:
+        group = [completion, chat,
+                 ("P/D /v1/responses = plain, one hand-off", c_pd_responses),
+                 ("P/D /v1/messages = plain, one hand-off", c_pd_messages),
+                 ("P/D /inference/v1/generate = plain, one hand-off", c_pd_generate),
+                 stream, at_once,
+                 ("client leaves mid-stream -> decoder aborts", c_client_leaves_mid_stream),
+                 passthrough, ("latency", c_latency)]
     try:
         with ctx.sidecar("nixlv2") as sc:
-            check(f"{tag}: P/D completion = plain, one hand-off", c_pd_completion, ctx, sc)
-            check(f"{tag}: P/D chat completion = plain, one hand-off", c_pd_chat, ctx, sc)
-            check(f"{tag}: P/D /v1/responses = plain, one hand-off", c_pd_responses, ctx, sc)
-            check(f"{tag}: P/D /v1/messages = plain, one hand-off", c_pd_messages, ctx, sc)
-            check(f"{tag}: P/D /inference/v1/generate = plain, one hand-off", c_pd_generate, ctx, sc)
-            check(f"{tag}: P/D streaming", c_pd_stream, ctx, sc)
-            check(f"{tag}: 8 P/D requests at once", c_pd_concurrent, ctx, sc)
-            check(f"{tag}: client leaves mid-stream -> decoder aborts", c_client_leaves_mid_stream, ctx, sc)
-            check(f"{tag}: pass-through without prefiller header", c_passthrough, ctx, sc)
-            check(f"{tag}: latency", c_latency, ctx, sc)
+            for name, fn in group:
+                check(f"{tag}: {name}", fn, ctx, sc)
     except CheckFailed as e:
         report("FAIL", f"{tag} sidecar", str(e))
+    if args.mode == "push":
+        return finish(args, ctx)
 
     try:
         # The default -prefill-abandon-grace (500ms) lets a prefill that finishes soon run on and

@@ -26,7 +26,6 @@ tamper check swaps one prompt's stored KV for another's and sees the answer chan
 Prints one line per check and "N passed, N failed, N skipped"; exit status 1 on a failure.
 """
 import argparse
-import concurrent.futures
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import sys
 import time
 
 from common import (BY_SOURCE, EXPECTED_VLLM, MODEL, SUCCESS, CheckFailed, Log, Sidecar, Stream,
-                    c_vllm_version, chat_body, check, completion_body, free_port, metric, need, pd_headers, post_json, report,
+                    c_vllm_version, chat_body, check, completion_body, free_port, metric, need, pd_at_once, pd_headers, post_json, report,
                     request, summary, text_of, wait_for)
 
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
@@ -255,16 +254,8 @@ def c_concurrent(ctx, sc, n=8, max_tokens=8):
     ctx.store.mark()
     ext0 = ctx.sources()[0]
 
-    def one(p):
-        status, _, reply, raw = post_json(sc.port, "/v1/completions", completion_body(p[0], max_tokens),
-                                          pd_headers(ctx.prefill))
-        need(status == 200, f"{status} {raw[:200]!r}")
-        return text_of(reply)
-
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        texts = list(pool.map(one, prompts))
-    wall = time.perf_counter() - t0
+    texts, wall = pd_at_once(sc.port, ctx.prefill, "/v1/completions",
+                             [completion_body(p, max_tokens) for p, _ in prompts])
     ext = ctx.sources()[0] - ext0
     want = [ctx.store.stored_tokens(c) for _, c in prompts]
     need(ext == sum(want), f"decoder external_kv_transfer +{ext:.0f}, expected +{sum(want)}")
