@@ -22,6 +22,9 @@
 #   PACED_STREAMS=512    concurrent streams of the paced scenario (64 events 20 ms apart)
 #   NGINX=nginx          the one-hop reference (Debian: apt-get install nginx-light); runs
 #                        without it when it is not installed (NGINX= to turn it off)
+#   VALGRIND=valgrind    counts the sidecar's instructions per request under callgrind (the
+#                        `instructions` scenario: the same count run after run, so A/B
+#                        comparisons need no repeats); VALGRIND= to skip it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -39,6 +42,7 @@ REPEAT=${REPEAT:-3}
 BUSY_POLL=${BUSY_POLL:-200us}
 PACED_STREAMS=${PACED_STREAMS:-512}
 NGINX=${NGINX-nginx}
+VALGRIND=${VALGRIND-valgrind}
 
 die() { echo "bench: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 is required (free ports, tables)"
@@ -368,6 +372,38 @@ if want idle_streams; then
         start_nginx nginx-mem "$SLOW_PORT"
         hold_streams nginx "$NG_PID" "$NG_PORT"
     fi
+fi
+
+# instructions: the sidecar's user-space instructions per request, counted by callgrind (a
+# count, not a time: the same figure whatever else the machine does). One sidecar under
+# valgrind; each route is warmed, the counters zeroed, INSTR_REQUESTS requests sent at c=16,
+# and the counters dumped.
+INSTR_REQUESTS=${INSTR_REQUESTS:-2000}
+if want instructions && [ -n "$VALGRIND" ] && command -v "$VALGRIND" >/dev/null &&
+    command -v callgrind_control >/dev/null; then
+    pinned=("${PIN_SIDECAR[@]}")
+    PIN_SIDECAR+=("$VALGRIND" --tool=callgrind -q "--callgrind-out-file=$WORK/callgrind.%p")
+    start_bench_sidecar sidecar-cg "$DEC_PORT"
+    PIN_SIDECAR=("${pinned[@]}")
+    part=0
+    for route in pd pass; do
+        hdr=(); [ "$route" = pass ] || hdr=("${PD_HEADER[@]}")
+        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
+            --body-file "$WORK/small.json" -n 300 -c 16 --max-secs 60 --label warm "${hdr[@]}" >/dev/null
+        callgrind_control -z "$SC_PID" >/dev/null
+        "${PIN_LOAD[@]}" "$PDLOAD" --url "http://127.0.0.1:$SC_PORT/v1/completions" \
+            --body-file "$WORK/small.json" -n "$INSTR_REQUESTS" -c 16 --max-secs 120 \
+            --label "instructions/$route" "${hdr[@]}" >"$WORK/run.json"
+        callgrind_control -d "$SC_PID" >/dev/null
+        part=$((part + 1))
+        for _ in $(seq 100); do [ -s "$WORK/callgrind.$SC_PID.$part" ] && break; sleep 0.05; done
+        total=$(awk '/^summary:/ {print $2}' "$WORK/callgrind.$SC_PID.$part")
+        ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ok"])' "$WORK/run.json")
+        echo "  instructions/$route: ${total:-?} in $ok requests" >&2
+        printf '{"scenario":"instructions","side":"%s","instructions":%s,"requests":%s}\n' \
+            "$route" "${total:-0}" "$ok" >>"$RESULTS"
+    done
+    kill "$SC_PID" 2>/dev/null || true
 fi
 
 # --- report ----------------------------------------------------------------------------------

@@ -187,6 +187,13 @@ def main():
                      f"{mem['rss1_kib']:,} KiB with {mem['open']} streams open: "
                      f"{per * 1000 / 1024:.1f} MiB per 1,000 idle streams")
 
+    # callgrind's count of the sidecar's user-space instructions (kernel time not included).
+    for route, label in (("pd", "P/D"), ("pass", "pass-through")):
+        ins = runs.get(("instructions", route))
+        if ins and ins["requests"]:
+            rows.append((f"instructions per request, {label} c=16 (callgrind)", "",
+                         f"{ins['instructions'] / ins['requests']:,.0f}", "", "", "", "", ""))
+
     out = []
     out.append(f"sidecar bench, {time.strftime('%Y-%m-%d %H:%M')}, git {git_rev()}, "
                f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} "

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 use crate::body::{self, CollectError};
 use crate::error::{describe, ProxyError};
@@ -79,7 +79,7 @@ pub async fn run(cx: Encode<'_>, request: &JsonObject<'_>) -> Result<Option<Byte
     let started = Instant::now();
     let calls = items.iter().enumerate().map(|(i, item)| {
         let encoder = &cx.encoders[i % cx.encoders.len()];
-        call(&cx, request, encoder, i, item).instrument(info_span!("encode", item = i))
+        call(&cx, request, encoder, i, item).instrument(debug_span!("encode", item = i))
     });
     let all = futures_util::future::try_join_all(calls);
     let replies = match crate::runtime::within(cx.timeout, all).await {

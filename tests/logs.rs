@@ -101,3 +101,97 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
         "{text}"
     );
 }
+
+/// The text format (the default): each request line starts with the request span's fields,
+/// then the message, then the event's fields; a leg's lines name the leg's span too.
+#[tokio::test]
+async fn text_logs_carry_the_request_span_fields_then_the_message() {
+    let sink = Capture::default();
+    let writer = sink.clone();
+    let _guard = tracing::subscriber::set_default(logging::subscriber(
+        LogSettings {
+            level: LogLevel::Verbosity(4),
+            format: LogFormat::Text,
+            time: LogTime::Epoch,
+        },
+        false,
+        move || writer.clone(),
+    ));
+    let p = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
+    let mut req = post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#);
+    req.headers_mut()
+        .insert("x-request-id", "req-42".parse().unwrap());
+    req.headers_mut()
+        .insert("traceparent", TRACEPARENT.parse().unwrap());
+    let (resp, _) = call(sidecar.addr, req).await;
+    assert_eq!(resp.status(), 200);
+
+    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+    let span = format!(
+        "request{{route=pd method=POST path=/v1/completions prefiller={} \
+         request_id=\"req-42\" trace_id=4bf92f3577b34da6a3ce929d0e0e4736}}",
+        p.api_addr()
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("decode started"))
+        .unwrap_or_else(|| panic!("no decode line: {text}"));
+    let (_, after) = line
+        .split_once(&span)
+        .unwrap_or_else(|| panic!("{span} not in {line}"));
+    assert!(after.starts_with(": decode started prefill_ms="), "{line}");
+    assert!(line.contains(" status=200"), "{line}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("{span}:prefill: "))),
+        "{text}"
+    );
+}
+
+/// At the default level the legs open no span of their own, yet a leg's lines still name the
+/// request: the leg runs in the request's task, inside its span.
+#[tokio::test]
+async fn a_legs_info_lines_carry_the_request_span_at_the_default_level() {
+    let sink = Capture::default();
+    let writer = sink.clone();
+    let _guard = tracing::subscriber::set_default(logging::subscriber(
+        LogSettings {
+            level: LogLevel::Verbosity(0),
+            format: LogFormat::Text,
+            time: LogTime::Epoch,
+        },
+        false,
+        move || writer.clone(),
+    ));
+    let p1 = sim(|_| {}).await;
+    sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
+    let p2 = sim(|_| {}).await;
+    let d = sim(|_| {}).await;
+    let (sidecar, _metrics) = sidecar_configured(d.api_addr(), |c| {
+        c.prefill_retry.max_retries = 1;
+        c.prefill_retry.backoff = std::time::Duration::from_millis(1);
+    })
+    .await;
+    let (resp, _) = call_naming(
+        sidecar.addr,
+        &format!("{},{}", p1.api_addr(), p2.api_addr()),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+
+    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+    let line = text
+        .lines()
+        .find(|l| l.contains("prefill failed before pinning KV blocks"))
+        .unwrap_or_else(|| panic!("no retry line: {text}"));
+    assert!(
+        line.contains(&format!(
+            "request{{route=pd method=POST path=/v1/completions prefiller={} request_id=",
+            p1.api_addr()
+        )),
+        "{line}"
+    );
+    assert!(!line.contains(":prefill:"), "{line}");
+}

@@ -120,7 +120,7 @@ where
         .with_timer(settings.time)
         .with_target(false);
     match settings.format {
-        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).fmt_fields(text_fields()).finish()),
         // The span list carries the request span's ids on lines logged inside a leg's span.
         LogFormat::Json => Box::new(
             builder
@@ -131,4 +131,16 @@ where
                 .finish(),
         ),
     }
+}
+
+/// `name=value` fields, the event's message first without its name, as the default formatter
+/// writes them but without its styling pass per field: every request's span is formatted
+/// whether or not a line is logged, so this is on every request's path.
+fn text_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| match field.name() {
+        "message" => write!(w, "{value:?}"),
+        name => write!(w, "{name}={value:?}"),
+    })
+    .delimited(" ")
 }

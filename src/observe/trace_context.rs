@@ -24,10 +24,10 @@ pub fn request_span(
 ) -> Span {
     let span = tracing::info_span!(
         "request",
-        route = route.as_str(),
+        route = %route.as_str(),
         method = %method,
-        path,
-        prefiller,
+        path = %path,
+        prefiller = prefiller.map(tracing::field::display),
         request_id = Empty,
         trace_id = Empty,
     );
@@ -37,7 +37,7 @@ pub fn request_span(
             span.record("request_id", id);
         }
         if let Some(trace_id) = headers.get(TRACEPARENT).and_then(trace_id) {
-            span.record("trace_id", trace_id);
+            span.record("trace_id", tracing::field::display(trace_id));
         }
     }
     span
@@ -46,11 +46,14 @@ pub fn request_span(
 /// Records the ids both P/D legs carry on the request's span (passed in, not taken from
 /// `Span::current()`, so it does not matter which span the caller runs in).
 pub fn record_ids(span: &Span, request_id: &HeaderValue, trace_id: &str) {
-    span.record(
-        "request_id",
-        String::from_utf8_lossy(request_id.as_bytes()).as_ref(),
-    );
-    span.record("trace_id", trace_id);
+    match request_id.to_str() {
+        Ok(id) => span.record("request_id", id),
+        Err(_) => span.record(
+            "request_id",
+            String::from_utf8_lossy(request_id.as_bytes()).as_ref(),
+        ),
+    };
+    span.record("trace_id", tracing::field::display(trace_id));
 }
 
 /// Makes sure `headers` carry a valid `traceparent` and returns its trace id.
@@ -68,9 +71,12 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
     }
     let trace = crate::runtime::ids::next_hex::<16>();
     let parent = crate::runtime::ids::next_hex::<8>();
-    let value = format!("00-{trace}-{parent}-01");
-    // Lowercase hex and dashes are always a valid header value.
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut value = String::with_capacity(55);
+    for part in ["00-", &trace, "-", &parent, "-01"] {
+        value.push_str(part);
+    }
+    // Lowercase hex and dashes are always a valid header value; taken without a copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(TRACEPARENT, v);
     }
     headers.remove(TRACESTATE);

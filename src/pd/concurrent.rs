@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::request::Parts;
 use http::Response;
 use http_body_util::BodyExt;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 use super::prefill::{self, Attempts, Prefilled};
 use super::{leg, Abandoned, PdContext, RetryPolicy};
@@ -74,14 +74,14 @@ pub(super) async fn serve(
                 }
             }
         }
-        .instrument(info_span!("prefill"))
+        .instrument(debug_span!("prefill"))
     };
     // Boxed: it may outlive this function (step 2).
     let mut prefill = Box::pin(prefill);
     let decode = cx
         .decoder
         .send(leg(&decode_head, decode_uri, body::spliced(decode_body)))
-        .instrument(info_span!("decode"));
+        .instrument(debug_span!("decode"));
     tokio::pin!(decode);
 
     // 1. Whichever answers first: a failed prefill ends the request here.
@@ -113,11 +113,15 @@ pub(super) async fn serve(
     // The prefill's connection may still carry the transfer: let it finish (bounded by the
     // prefill timeout), but no longer than the client's response lives.
     #[allow(clippy::disallowed_methods)]
-    let rest = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = prefill.await {
-            debug!(error = %e, "prefill failed after the decode started");
+    let rest = AbortOnDrop(tokio::spawn(
+        async move {
+            if let Err(e) = prefill.await {
+                debug!(error = %e, "prefill failed after the decode started");
+            }
         }
-    }));
+        // Its lines still name the request (the leg's own span is opened only at debug).
+        .in_current_span(),
+    ));
     // The first frame, already read, goes back in front; the body holds the prefill's
     // task, so the prefill is aborted when the client's response ends early.
     Ok(Response::from_parts(

@@ -6,8 +6,9 @@
 //! a decoder seeing the request (and then being closed) makes it free; a decode never sent
 //! strands them until vLLM's lease expires (30 s to 480 s, by version).
 //!
-//! - Both legs of a P/D request run in a [`LegTask`]: a spawned task whose handle the request
-//!   owns. Dropped before it resolved, the task is handed to its [`OnAbandon`] policy.
+//! - Both legs of a P/D request run in a [`LegTask`], polled by the request's own task (no
+//!   task per leg, no wake-up hop between them). Dropped before it resolved, the leg is moved
+//!   into a task of its own, whose handle goes to its [`OnAbandon`] policy.
 //! - The prefill's policy ([`PrefillAbandoned`]): abort it, unless the connector pins blocks
 //!   and vLLM has the whole request; then let it run on for `-prefill-abandon-grace`, then
 //!   half-close the connection (vLLM aborts the prefill) and read on for
@@ -17,11 +18,13 @@
 //!   and admitted, then close it.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
 use http::{Request, Response};
@@ -30,7 +33,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use super::leg_parts;
 use super::prefill::Prefilled;
@@ -55,40 +58,49 @@ pub trait OnAbandon<T>: Send + 'static {
     fn abandon(self, pending: JoinHandle<T>);
 }
 
-/// A leg running in its own task, owned by the request: [`LegTask::result`] awaits it;
-/// dropping it first hands the task to the `A` policy.
+/// A leg owned by the request: [`LegTask::result`] polls it to its end in the request's task;
+/// dropping it first moves it into a task of its own and hands that to the `A` policy.
 pub struct LegTask<T: Send + 'static, A: OnAbandon<T>> {
-    /// `None` once the result was taken: nothing left to abandon.
-    pending: Option<JoinHandle<T>>,
+    /// `None` once it resolved: nothing left to abandon.
+    leg: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
     on_abandon: Option<A>,
+    /// The request's span, for the leg's logs once it runs without the request.
+    span: tracing::Span,
 }
 
 impl<T: Send + 'static, A: OnAbandon<T>> LegTask<T, A> {
-    fn spawn(leg: impl Future<Output = T> + Send + 'static, on_abandon: A) -> Self {
-        // Outlives the request by design: the abandon policy decides when it ends.
-        #[allow(clippy::disallowed_methods)]
-        let pending = tokio::spawn(leg);
+    fn start(leg: impl Future<Output = T> + Send + 'static, on_abandon: A) -> Self {
         Self {
-            pending: Some(pending),
+            leg: Some(Box::pin(leg)),
             on_abandon: Some(on_abandon),
+            span: tracing::Span::current(),
         }
     }
 
-    /// The leg's output; an error only if its task panicked.
+    /// The leg's output; an error only if it panicked.
     pub async fn result(mut self) -> Result<T, String> {
-        let Some(pending) = self.pending.as_mut() else {
+        let Some(leg) = self.leg.as_mut() else {
             return Err("the leg's result was already taken".into());
         };
-        let joined = pending.await;
-        self.pending = None;
-        joined.map_err(|e| format!("leg task failed: {e}"))
+        // As a task of its own would, a panicking leg fails its request, not the connection.
+        let out = std::panic::AssertUnwindSafe(leg.as_mut())
+            .catch_unwind()
+            .await;
+        self.leg = None;
+        out.map_err(|_| "the leg panicked".to_string())
     }
 }
 
 impl<T: Send + 'static, A: OnAbandon<T>> Drop for LegTask<T, A> {
     fn drop(&mut self) {
-        if let (Some(pending), Some(on_abandon)) = (self.pending.take(), self.on_abandon.take()) {
-            on_abandon.abandon(pending);
+        let (Some(leg), Some(on_abandon)) = (self.leg.take(), self.on_abandon.take()) else {
+            return;
+        };
+        // Without a runtime (it is shutting down) there is nothing left to run the leg on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let span = std::mem::replace(&mut self.span, tracing::Span::none());
+            // Outlives the request by design: the abandon policy decides when it ends.
+            on_abandon.abandon(runtime.spawn(leg.instrument(span)));
         }
     }
 }
@@ -197,7 +209,7 @@ pub fn send_prefill(
     abandoned: Abandoned,
     grace: Duration,
 ) -> PrefillTask {
-    LegTask::spawn(
+    LegTask::start(
         leg,
         PrefillAbandoned {
             release,
@@ -315,7 +327,7 @@ pub fn deliver_then_close(
     let (body, sent) = SentSignal::new(body);
     let req = Request::from_parts(parts, body::boxed(body));
     let upstream = upstream.clone();
-    LegTask::spawn(
+    LegTask::start(
         async move { upstream.send(Leg::Decode, req).await },
         CloseWhenAdmitted { sent, grace },
     )

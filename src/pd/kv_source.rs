@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 use super::{leg, parse, read_request, with_request_id, PdContext};
 use crate::body::{self, ProxyBody};
@@ -38,7 +38,7 @@ pub async fn serve(
     let resp = cx
         .decoder
         .send(leg(&parts, uri, body::spliced(body)))
-        .instrument(info_span!("decode"))
+        .instrument(debug_span!("decode"))
         .await?;
     Ok(with_request_id(from_upstream(resp), request_id))
 }

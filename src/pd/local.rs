@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tracing::{info_span, Instrument};
+use tracing::{debug_span, Instrument};
 
 use super::{chunked, encode_stage, leg, parse, read_request, with_request_id, PdContext};
 use crate::body::{self, ProxyBody};
@@ -36,14 +36,14 @@ pub async fn serve(
             pinned: false,
         };
         let resp = chunked::decode(cx, parts, uri, original, first, chunking)
-            .instrument(info_span!("chunked_decode"))
+            .instrument(debug_span!("chunked_decode"))
             .await?;
         return Ok(with_request_id(resp, request_id));
     }
     let resp = cx
         .decoder
         .send(leg(&parts, uri, body::full(original)))
-        .instrument(info_span!("decode"))
+        .instrument(debug_span!("decode"))
         .await?;
     Ok(with_request_id(from_upstream(resp), request_id))
 }

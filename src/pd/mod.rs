@@ -31,7 +31,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::{debug, info_span, trace, warn, Instrument};
+use tracing::{debug, debug_span, trace, warn, Instrument};
 
 use crate::api::Api;
 use crate::body::{self, CollectError, ProxyBody};
@@ -155,7 +155,7 @@ pub async fn serve(
     if flow == Flow::DecodeFirst {
         guard.decode_first();
         let tried = decode_first::try_decode(cx, &parts, &original, decode_uri.clone());
-        match tried.instrument(info_span!("decode_first")).await? {
+        match tried.instrument(debug_span!("decode_first")).await? {
             decode_first::Tried::Answered(resp) => return Ok(with_request_id(resp, request_id)),
             decode_first::Tried::BelowThreshold => {
                 guard.decode_refused();
@@ -248,7 +248,7 @@ pub async fn serve(
             })
             .await
         }
-        .instrument(info_span!("prefill"))
+        .instrument(debug_span!("prefill"))
     };
     let watch = abandoned.clone();
     let pending = handoff::send_prefill(prefill_leg, release, abandoned, cx.late_reply_window);
@@ -331,7 +331,7 @@ pub async fn serve(
             pinned,
         };
         let resp = chunked::decode(cx, parts, decode_uri, original.clone(), first, chunking)
-            .instrument(info_span!("chunked_decode"))
+            .instrument(debug_span!("chunked_decode"))
             .await?;
         return Ok(with_request_id(degraded(resp, recompute), request_id));
     }
@@ -344,7 +344,7 @@ pub async fn serve(
         );
         cx.decoder
             .within_deadline(sent.response())
-            .instrument(info_span!("decode"))
+            .instrument(debug_span!("decode"))
             .await
             .inspect_err(|_| {
                 // vLLM offers no call to free them (handing the decode to the prefiller
@@ -354,7 +354,7 @@ pub async fn serve(
     } else {
         cx.decoder
             .send(leg(&parts, decode_uri, body::spliced(plan.body)))
-            .instrument(info_span!("decode"))
+            .instrument(debug_span!("decode"))
             .await?
     };
     // Per request, so debug: at info the sidecar logs only what needs attention.
