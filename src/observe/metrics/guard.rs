@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, Span};
@@ -157,8 +158,7 @@ impl RequestGuard {
     pub fn count_request<B>(&self, body: B) -> CountedRequest<B> {
         CountedRequest {
             inner: body,
-            metrics: self.metrics.clone(),
-            route: self.route,
+            bytes: self.metrics.bytes_counter(self.route, "request"),
         }
     }
 
@@ -185,6 +185,7 @@ impl RequestGuard {
             parts.headers.append(SERVER_TIMING, timing);
         }
         let tracked = Tracked {
+            bytes: self.metrics.bytes_counter(self.route, "response"),
             inner: body,
             status: parts.status,
             guard: self,
@@ -300,6 +301,8 @@ struct Tracked {
     guard: RequestGuard,
     inner: ProxyBody,
     status: StatusCode,
+    /// `relayed_bytes_total{direction="response"}` of the request's route.
+    bytes: Counter,
 }
 
 impl Tracked {
@@ -322,7 +325,7 @@ impl Tracked {
             }
         }
         t.phase = Phase::Streaming;
-        t.metrics.bytes(t.route, "response", data.len());
+        self.bytes.inc_by(data.len() as u64);
     }
 }
 
@@ -382,8 +385,7 @@ impl Drop for Tracked {
 /// A request body that counts its bytes; see [`RequestGuard::count_request`].
 pub struct CountedRequest<B> {
     inner: B,
-    metrics: Metrics,
-    route: Route,
+    bytes: Counter,
 }
 
 impl<B> Body for CountedRequest<B>
@@ -401,7 +403,7 @@ where
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                this.metrics.bytes(this.route, "request", data.len());
+                this.bytes.inc_by(data.len() as u64);
             }
         }
         polled
