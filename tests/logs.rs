@@ -25,31 +25,32 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("lock").clone()).expect("UTF-8")
     }
 }
 
-/// `#[tokio::test]` runs every task on this thread, so a thread-local subscriber sees the
-/// sidecar's and the simulators' logs.
-#[tokio::test]
-async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
+/// This thread's subscriber at `level` in `format`, writing to a sink the test reads back.
+/// `#[tokio::test]` runs every task on this thread, so it sees the sidecar's and the
+/// simulators' logs.
+fn capture(level: LogLevel, format: LogFormat) -> (Capture, tracing::subscriber::DefaultGuard) {
     let sink = Capture::default();
     let writer = sink.clone();
-    let _guard = tracing::subscriber::set_default(logging::subscriber(
-        LogSettings {
-            level: LogLevel::Verbosity(4),
-            format: LogFormat::Json,
-            time: LogTime::Rfc3339,
-        },
-        false,
-        move || writer.clone(),
-    ));
+    let settings = LogSettings {
+        level,
+        format,
+        time: LogTime::Epoch,
+    };
+    let guard = tracing::subscriber::set_default(logging::subscriber(settings, false, move || {
+        writer.clone()
+    }));
+    (sink, guard)
+}
+
+/// One P/D completion carrying the client's `x-request-id` (req-42) and [`TRACEPARENT`];
+/// returns the prefiller's address.
+async fn pd_call_with_ids() -> std::net::SocketAddr {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
     let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
@@ -60,8 +61,24 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
         .insert("traceparent", TRACEPARENT.parse().unwrap());
     let (resp, _) = call(sidecar.addr, req).await;
     assert_eq!(resp.status(), 200);
+    p.api_addr()
+}
 
-    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
+    let (sink, _guard) = capture(LogLevel::Verbosity(4), LogFormat::Json);
+    pd_call_with_ids().await;
+    let text = sink.text();
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -106,33 +123,13 @@ async fn json_logs_carry_the_request_and_trace_ids_on_every_request_line() {
 /// then the message, then the event's fields; a leg's lines name the leg's span too.
 #[tokio::test]
 async fn text_logs_carry_the_request_span_fields_then_the_message() {
-    let sink = Capture::default();
-    let writer = sink.clone();
-    let _guard = tracing::subscriber::set_default(logging::subscriber(
-        LogSettings {
-            level: LogLevel::Verbosity(4),
-            format: LogFormat::Text,
-            time: LogTime::Epoch,
-        },
-        false,
-        move || writer.clone(),
-    ));
-    let p = sim(|_| {}).await;
-    let d = sim(|_| {}).await;
-    let sidecar = Sidecar::for_decoder(d.api_addr(), Connector::NixlV2).await;
-    let mut req = post("/v1/completions", Some(p.api_addr()), r#"{"prompt":"p"}"#);
-    req.headers_mut()
-        .insert("x-request-id", "req-42".parse().unwrap());
-    req.headers_mut()
-        .insert("traceparent", TRACEPARENT.parse().unwrap());
-    let (resp, _) = call(sidecar.addr, req).await;
-    assert_eq!(resp.status(), 200);
-
-    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+    let (sink, _guard) = capture(LogLevel::Verbosity(4), LogFormat::Text);
+    let p = pd_call_with_ids().await;
+    let text = sink.text();
     let span = format!(
         "request{{route=pd method=POST path=/v1/completions prefiller={} \
          request_id=\"req-42\" trace_id=4bf92f3577b34da6a3ce929d0e0e4736}}",
-        p.api_addr()
+        p
     );
     let line = text
         .lines()
@@ -154,17 +151,7 @@ async fn text_logs_carry_the_request_span_fields_then_the_message() {
 /// request: the leg runs in the request's task, inside its span.
 #[tokio::test]
 async fn a_legs_info_lines_carry_the_request_span_at_the_default_level() {
-    let sink = Capture::default();
-    let writer = sink.clone();
-    let _guard = tracing::subscriber::set_default(logging::subscriber(
-        LogSettings {
-            level: LogLevel::Verbosity(0),
-            format: LogFormat::Text,
-            time: LogTime::Epoch,
-        },
-        false,
-        move || writer.clone(),
-    ));
+    let (sink, _guard) = capture(LogLevel::Verbosity(0), LogFormat::Text);
     let p1 = sim(|_| {}).await;
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
@@ -181,7 +168,7 @@ async fn a_legs_info_lines_carry_the_request_span_at_the_default_level() {
     .await;
     assert_eq!(resp.status(), 200);
 
-    let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("UTF-8");
+    let text = sink.text();
     let line = text
         .lines()
         .find(|l| l.contains("prefill failed before pinning KV blocks"))
