@@ -218,6 +218,9 @@ def main():
         out.append("|---|---|---|---|---|---|---|---|")
         for r in cpu_rows:
             out.append("| " + " | ".join(r) + " |")
+    if any(r[-1] == "FAIL" for r in rows + cpu_rows):
+        notes.append("FAIL rows: docs/performance.md (\"Against issue 18's targets, and where the "
+                     "rest goes\") has the profile of each missed target and what meeting it needs")
     out.append("")
     for n in notes:
         out.append(f"- {n}")
