@@ -156,11 +156,7 @@ async fn a_legs_info_lines_carry_the_request_span_at_the_default_level() {
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _metrics) = sidecar_configured(d.api_addr(), |c| {
-        c.prefill_retry.max_retries = 1;
-        c.prefill_retry.backoff = std::time::Duration::from_millis(1);
-    })
-    .await;
+    let (sidecar, _metrics) = sidecar_configured(d.api_addr(), fast_retries(1)).await;
     let (resp, _) = call_naming(
         sidecar.addr,
         &format!("{},{}", p1.api_addr(), p2.api_addr()),

@@ -10,7 +10,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 use sidecar::observe::metrics::Metrics;
-use sidecar::Config;
 
 fn retries(metrics: &Metrics, reason: &str) -> u64 {
     metric(
@@ -19,20 +18,13 @@ fn retries(metrics: &Metrics, reason: &str) -> u64 {
     )
 }
 
-fn fast(max_retries: u32) -> impl FnOnce(&mut Config) {
-    move |c: &mut Config| {
-        c.prefill_retry.max_retries = max_retries;
-        c.prefill_retry.backoff = Duration::from_millis(20);
-    }
-}
-
 #[tokio::test]
 async fn a_503_prefill_is_retried_on_the_next_prefiller() {
     let p1 = sim(|_| {}).await;
     sim_config(&p1, r#"{"faults":["prefill_http_503"]}"#).await;
     let p2 = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast_retries(1)).await;
     let (resp, body) = call_naming(
         sidecar.addr,
         &format!("{},{}", p1.api_addr(), p2.api_addr()),
@@ -50,7 +42,7 @@ async fn retries_stop_at_the_limit_and_the_last_failure_is_answered() {
     let p = sim(|_| {}).await;
     sim_config(&p, r#"{"faults":["prefill_http_502"]}"#).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(2)).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast_retries(2)).await;
     let (resp, body) = call_naming(sidecar.addr, &p.api_addr().to_string()).await;
     assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
     // One prefiller in the list: every attempt goes to it.
@@ -79,7 +71,7 @@ async fn what_may_have_pinned_blocks_is_not_retried() {
         sim_config(&p1, &format!(r#"{{"faults":["{fault}"]}}"#)).await;
         let p2 = sim(|_| {}).await;
         let d = sim(|_| {}).await;
-        let (sidecar, _) = sidecar_configured(d.api_addr(), fast(3)).await;
+        let (sidecar, _) = sidecar_configured(d.api_addr(), fast_retries(3)).await;
         let (resp, _) = call_naming(
             sidecar.addr,
             &format!("{},{}", p1.api_addr(), p2.api_addr()),
@@ -99,7 +91,7 @@ async fn a_prefiller_that_refuses_connections_is_skipped() {
     let dead = dead_addr().await;
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (sidecar, metrics) = sidecar_configured(d.api_addr(), fast_retries(1)).await;
     let (resp, body) = call_naming(sidecar.addr, &format!("{dead}, {}", p.api_addr())).await;
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(prefills(&p).await, 1);
@@ -227,7 +219,7 @@ async fn a_retry_waiting_out_its_backoff_is_not_sent_once_the_client_left() {
 async fn a_malformed_entry_counts_only_if_picked() {
     let p = sim(|_| {}).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar_configured(d.api_addr(), fast(2)).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), fast_retries(2)).await;
     let (resp, _) = call_naming(sidecar.addr, &format!("{}, bad:port", p.api_addr())).await;
     assert_eq!(
         resp.status(),
@@ -248,7 +240,7 @@ async fn after_a_retry_errors_name_the_prefiller_that_answered() {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 4\r\n\r\nnope";
     let p2 = crate::support::recorder::Recorder::start(html).await;
     let d = sim(|_| {}).await;
-    let (sidecar, _) = sidecar_configured(d.api_addr(), fast(1)).await;
+    let (sidecar, _) = sidecar_configured(d.api_addr(), fast_retries(1)).await;
     let (resp, body) = call_naming(sidecar.addr, &format!("{},{}", p1.api_addr(), p2.addr)).await;
     assert_eq!(resp.status(), 502);
     let message = json(&body)["error"]["message"]
