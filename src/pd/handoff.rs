@@ -64,8 +64,6 @@ pub struct LegTask<T: Send + 'static, A: OnAbandon<T>> {
     /// `None` once it resolved: nothing left to abandon.
     leg: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
     on_abandon: Option<A>,
-    /// The request's span, for the leg's logs once it runs without the request.
-    span: tracing::Span,
 }
 
 impl<T: Send + 'static, A: OnAbandon<T>> LegTask<T, A> {
@@ -73,7 +71,6 @@ impl<T: Send + 'static, A: OnAbandon<T>> LegTask<T, A> {
         Self {
             leg: Some(Box::pin(leg)),
             on_abandon: Some(on_abandon),
-            span: tracing::Span::current(),
         }
     }
 
@@ -98,9 +95,11 @@ impl<T: Send + 'static, A: OnAbandon<T>> Drop for LegTask<T, A> {
         };
         // Without a runtime (it is shutting down) there is nothing left to run the leg on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let span = std::mem::replace(&mut self.span, tracing::Span::none());
+            // The request's future is dropped inside its span (`Instrumented` enters it to
+            // drop), so the leg's lines keep naming the request once it runs alone.
+            let leg = leg.in_current_span();
             // Outlives the request by design: the abandon policy decides when it ends.
-            on_abandon.abandon(runtime.spawn(leg.instrument(span)));
+            on_abandon.abandon(runtime.spawn(leg));
         }
     }
 }
